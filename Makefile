@@ -1,0 +1,48 @@
+# inference-server — `make run` serves, `make test` runs every test tier (what CI runs).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(wildcard plugins/*/pyproject.toml) | cksum | cut -d' ' -f1)
+
+.PHONY: install run test test-fast upstreams lint fmt check-config bench clean
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	rm -f $(VENV)/.installed-*
+	# Core and plugins in ONE pip command: an unrelated 'inference-server' exists on PyPI.
+	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' $(foreach p,$(PLUGINS),-e $(p))
+	touch $@
+
+install: $(STAMP)
+
+run: install
+	$(PY) -m inference_server
+
+check-config: install
+	$(PY) -m inference_server --check-config
+
+# Real upstream servers used by the test tiers (each in its own venv, built once, then cached).
+upstreams:
+	bash scripts/install-llama-server.sh
+
+test: install upstreams
+	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not real"
+
+lint: install
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
+	$(PY) -m mypy inference_server plugins/*/src tests bench
+
+fmt: install
+	$(PY) -m ruff format .
+	$(PY) -m ruff check --fix .
+
+bench: install
+	bash bench/run.sh
+
+clean:
+	rm -rf build dist *.egg-info plugins/*/src/*.egg-info .mypy_cache .ruff_cache

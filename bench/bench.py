@@ -1,0 +1,970 @@
+"""Benchmark harness: measure what the gateway adds on top of the unavoidable.
+
+One run starts every arm (direct upstream, nginx proxy, bare aiohttp
+pass-through, the gateway, optionally LiteLLM) against the same local
+upstreams, then measures them in interleaved rounds (every arm once per round,
+order rotated) so that drift on a shared 2-core machine hits all arms alike.
+Numbers are medians over rounds with their spread; "added" numbers are paired
+per round against the direct arm. The report goes to stdout and --out. Nothing
+here asserts on timings: it is a measuring tool, not a test.
+
+Run it through bench/run.sh, which installs nginx, wrk and Go first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import http.client
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parent.parent
+HERE = REPO / "bench"
+AUTH = "Bearer sk-bench"
+BASELINES = ("direct", "passthrough")  # every ratio needs them, so they always run
+SERVER_CPU, LOADGEN_CPU = ("taskset", "-c", "1"), ("taskset", "-c", "0")  # for --pin
+_MESSAGES = [{"role": "user", "content": "Say hello."}]
+CHAT_BODY = json.dumps({"model": "bench-model", "messages": _MESSAGES, "max_tokens": 16})
+STREAM_BODY = json.dumps(
+    {"model": "bench-model", "messages": _MESSAGES, "max_tokens": 16, "stream": True}
+)
+_COMPACT = (",", ":")
+COMPLETION = json.dumps(
+    {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1700000000,
+        "model": "bench-model",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! How can I help?"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 7, "total_tokens": 16},
+    },
+    separators=_COMPACT,
+)
+MODELS = json.dumps(
+    {"object": "list", "data": [{"id": "bench-model", "object": "model"}]},
+    separators=_COMPACT,
+)
+
+
+Stats = dict[str, float]
+K = TypeVar("K")
+CHAT_ARMS = ("direct", "nginx", "passthrough", "gateway", "gateway-w2", "litellm")
+STREAM_ARMS = ("direct", "nginx", "passthrough", "gateway", "litellm")
+RATE_FRACTIONS = (0.25, 0.5, 0.75)
+STREAM_CONCURRENCY = (1, 64)
+SAT_CONNS = 32
+RSS_FLAT_MB = 5.0  # growth first->last round still called "flat" (allocator noise)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything a run depends on, fixed after argument parsing."""
+
+    rounds: int
+    duration: int
+    only: frozenset[str]
+    pin: bool
+    stream_chunks: int
+    stream_interval_ms: float
+    out: Path
+    quick: bool
+    argv: tuple[str, ...]
+
+
+def _lists() -> defaultdict[Any, list[Stats]]:
+    return defaultdict(list)
+
+
+@dataclasses.dataclass
+class Results:
+    """Raw samples; every list holds one entry per round, in round order."""
+
+    latency: dict[str, list[Stats]] = dataclasses.field(default_factory=_lists)
+    saturation: dict[str, list[Stats]] = dataclasses.field(default_factory=_lists)
+    open_loop: dict[tuple[str, float], list[Stats]] = dataclasses.field(default_factory=_lists)
+    stream: dict[tuple[str, int], list[Stats]] = dataclasses.field(default_factory=_lists)
+    rss_idle: dict[str, float] = dataclasses.field(default_factory=dict)
+    rss_peak: dict[str, float] = dataclasses.field(default_factory=lambda: defaultdict(float))
+    rss_after: dict[str, list[float]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    rates: dict[float, float] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass
+class Target:
+    """A running arm: where to send requests and whose process tree to weigh."""
+
+    arm: str
+    origin: str
+    pid: int | None = None
+    proc: str = ""  # name in Processes, for servers the harness started
+
+    def url(self, path: str = "/v1/chat/completions") -> str:
+        """Return the full URL of a request path on this arm."""
+        return self.origin + path
+
+
+def say(msg: str) -> None:
+    """Print progress to stderr, so stdout stays the report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------- processes
+
+
+class Processes:
+    """Own every server the run starts, so one finally-block tears all down.
+
+    Each child gets its own session (Ctrl-C reaches only the harness, which then
+    stops children in order) and is killed by process group, which also takes
+    any workers it forked. With pin=True servers run on CPU 1 only.
+    """
+
+    def __init__(self, workdir: Path, pin: bool) -> None:
+        """Log files go to workdir."""
+        self.workdir = workdir
+        self.pin = pin
+        self.children: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    def start(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> int:
+        """Start a server with its output in <workdir>/<name>.log; return its pid."""
+        # setpriv: the child gets SIGTERM should the harness die without cleaning up
+        cmd = ["setpriv", "--pdeathsig", "TERM", *(SERVER_CPU if self.pin else ()), *argv]
+        with (self.workdir / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=REPO,
+                start_new_session=True,
+            )
+        self.children.append((name, proc))
+        return proc.pid
+
+    def check_alive(self, only: str | None = None) -> None:
+        """Raise with the log tail if any server (or just the one named) has exited."""
+        for name, proc in self.children:
+            if proc.poll() is not None and only in (None, name):
+                log = (self.workdir / f"{name}.log").read_text(errors="replace")
+                tail = "\n".join(log.splitlines()[-15:])
+                raise RuntimeError(f"{name} exited with {proc.returncode}:\n{tail}")
+
+    def stop(self, only: str | None = None) -> None:
+        """SIGTERM the process groups (all, or the one named), allow 5 s, then SIGKILL."""
+        chosen = [(n, p) for n, p in self.children if only in (None, n)]
+        for _, proc in reversed(chosen):
+            if proc.poll() is None:
+                _killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        for _, proc in chosen:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=5)
+        self.children = [c for c in self.children if c not in chosen]
+
+
+def _killpg(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pgid, sig)
+
+
+def free_port() -> int:
+    """Pick an unused 127.0.0.1 port (racy until bound; readiness would catch it)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_ready(url: str, procs: Processes, name: str, timeout: float = 90.0) -> None:
+    """Poll url until it answers 200; fail fast if the server named has died."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        procs.check_alive(name or None)
+        try:
+            with urllib.request.urlopen(url, timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except (OSError, http.client.HTTPException):
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} not ready after {timeout:.0f} s")
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Sum VmRSS over pid and its descendants (the gateway's workers), in MB.
+
+    Pages shared between workers count once per process, so with --workers
+    this overstates the footprint; it is what process monitors show.
+    """
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                stat = (entry / "stat").read_text()
+                children[int(stat[stat.rindex(")") + 2 :].split()[1])].append(int(entry.name))
+    total_kb, todo = 0, [pid]
+    while todo:
+        current = todo.pop()
+        todo.extend(children.get(current, []))
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{current}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total_kb += int(line.split()[1])
+    return total_kb / 1024
+
+
+# ----------------------------------------------------------------------- servers
+
+
+def start_nginx(procs: Processes, workdir: Path, name: str, servers: str) -> None:
+    """Run one foreground nginx with its own pid file, logs and temp paths."""
+    base = workdir / name
+    temp = ""
+    for sub in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
+        (base / sub).mkdir(parents=True)
+        (base / sub).chmod(0o777)  # workers drop to 'nobody' when started as root
+        temp += f"    {sub}_temp_path {base / sub};\n"
+    conf = base / "nginx.conf"
+    conf.write_text(
+        f"""worker_processes 1;
+daemon off;
+pid {base}/nginx.pid;
+error_log {base}/error.log warn;
+events {{ worker_connections 8192; }}
+http {{
+    access_log off;
+    default_type application/json;
+    keepalive_requests 1000000;
+{temp}{servers}
+}}
+"""
+    )
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    procs.start(name, [nginx, "-p", str(base), "-c", str(conf), "-e", "stderr"])
+
+
+def upstream_servers(port: int) -> str:
+    """Describe the fixed-response upstream: nginx 'return 200' costs ~nothing."""
+    return f"""
+    server {{
+        listen 127.0.0.1:{port};
+        location = / {{ return 200 '{{"message":"Ok"}}'; }}
+        location ~ /chat/completions$ {{ return 200 '{COMPLETION}'; }}
+        location ~ /models$ {{ return 200 '{MODELS}'; }}
+        location / {{ return 404; }}
+    }}"""
+
+
+def proxy_server(name: str, port: int, upstream: int, buffering: str) -> str:
+    """Describe nginx as keepalive reverse proxy: the compiled-proxy reference."""
+    return f"""
+    upstream {name} {{ server 127.0.0.1:{upstream}; keepalive 64; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://{name};
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering {buffering};
+        }}
+    }}"""
+
+
+@dataclasses.dataclass(frozen=True)
+class Gateway:
+    """How to start the gateway (argv template), or why it cannot be started."""
+
+    argv: tuple[str, ...] | None
+    label: str
+
+
+def find_gateway() -> Gateway:
+    """Use BENCH_GATEWAY_CMD if set, else .venv if it imports inference_server.
+
+    The override is a command template with {python} {repo} {port} {origin}
+    {base_url} and optionally {workers} (without it the 2-worker arm is
+    skipped). A gateway that is missing is reported missing, never faked.
+    """
+    override = os.environ.get("BENCH_GATEWAY_CMD", "").strip()
+    if override:
+        return Gateway(tuple(shlex.split(override)), f"stand-in: {override}")
+    python = REPO / ".venv" / "bin" / "python"
+    if not python.exists():
+        return Gateway(None, "missing (no .venv/bin/python)")
+    probe = [str(python), "-c", "import inference_server"]
+    if subprocess.run(probe, cwd=REPO, capture_output=True, timeout=60, check=False).returncode:
+        return Gateway(None, "missing (.venv/bin/python cannot import inference_server)")
+    argv = f"{python} -m inference_server --host 127.0.0.1 --port {{port}} --workers {{workers}}"
+    return Gateway(tuple(argv.split()), "inference_server from .venv")
+
+
+def start_gateway(
+    procs: Processes, gateway: Gateway, arm: str, name: str, origin: str, workers: int
+) -> Target | None:
+    """Start the gateway (or stand-in) on a free port; None if it cannot run so."""
+    if gateway.argv is None:
+        return None
+    template = list(gateway.argv)
+    if "{workers}" not in " ".join(template):
+        if workers > 1:
+            return None
+    elif workers == 1 and "--workers" in template:  # production default: no flag
+        del template[template.index("--workers") : template.index("--workers") + 2]
+    port = free_port()
+    values = {
+        "{python}": sys.executable,
+        "{repo}": str(REPO),
+        "{port}": str(port),
+        "{origin}": origin,
+        "{base_url}": origin + "/v1",
+        "{workers}": str(workers),
+    }
+
+    def fill(part: str) -> str:
+        for key, value in values.items():
+            part = part.replace(key, value)
+        return part
+
+    argv = [fill(part) for part in template]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
+    env |= {
+        "INFERENCE_INFERENCE_PROVIDER": "lmstudio",
+        "INFERENCE_INFERENCE_BASE_URL": origin + "/v1",
+        "INFERENCE_INFERENCE_DEFAULT_MODEL": "bench-model",
+        "INFERENCE_LOGGING_LEVEL": "info",
+        "RUN_ENV": "production",
+    }
+    return Target(arm, f"http://127.0.0.1:{port}", procs.start(name, argv, env), name)
+
+
+def start_litellm(procs: Processes, name: str, origin: str) -> Target | None:
+    """Start LiteLLM proxy, one worker, routing an openai/ model to our upstream."""
+    exe = REPO / ".venv-litellm" / "bin" / "litellm"
+    if not exe.exists():
+        return None
+    conf = procs.workdir / f"{name}.yaml"
+    conf.write_text(
+        "model_list:\n  - model_name: bench-model\n    litellm_params:\n"
+        f"      model: openai/bench-model\n      api_base: {origin}/v1\n"
+        "      api_key: sk-upstream\ngeneral_settings:\n  master_key: sk-bench\n"
+    )
+    port = free_port()
+    env = dict(os.environ, LITELLM_LOCAL_MODEL_COST_MAP="True", LITELLM_LOG="ERROR")
+    argv = f"{exe} --config {conf} --host 127.0.0.1 --port {port} --num_workers 1"
+    pid = procs.start(name, argv.split(), env)
+    return Target("litellm", f"http://127.0.0.1:{port}", pid, name)
+
+
+def start_all(
+    cfg: Config, procs: Processes, gateway: Gateway, notes: list[str]
+) -> tuple[dict[str, Target], dict[str, Target]]:
+    """Start both upstreams and every selected arm; return chat and stream targets.
+
+    A gateway or LiteLLM that fails to come up is stopped and left out (with
+    its log tail in the notes) so the other arms still get measured.
+    """
+    up, stream_up, px_chat, px_stream = (free_port() for _ in range(4))
+    start_nginx(procs, procs.workdir, "nginx-upstream", upstream_servers(up))
+    script = HERE / "stream_upstream.py"
+    procs.start(
+        "stream-upstream",
+        f"{sys.executable} {script} --port {stream_up} --chunks {cfg.stream_chunks} "
+        f"--interval-ms {cfg.stream_interval_ms}".split(),
+    )
+    origins = {
+        "chat": f"http://127.0.0.1:{up}",
+        "stream": f"http://127.0.0.1:{stream_up}",
+    }
+    arms: dict[str, dict[str, Target]] = {
+        kind: {"direct": Target("direct", origin)} for kind, origin in origins.items()
+    }
+    if "nginx" in cfg.only:
+        servers = proxy_server("chat_up", px_chat, up, "on")
+        servers += proxy_server("stream_up", px_stream, stream_up, "off")
+        start_nginx(procs, procs.workdir, "nginx-proxy", servers)
+        arms["chat"]["nginx"] = Target("nginx", f"http://127.0.0.1:{px_chat}")
+        arms["stream"]["nginx"] = Target("nginx", f"http://127.0.0.1:{px_stream}")
+    for kind, origin in origins.items():
+        port = free_port()
+        script = HERE / "passthrough.py"
+        argv = f"{sys.executable} {script} --port {port} --upstream {origin}"
+        name = f"passthrough-{kind}"
+        pid = procs.start(name, argv.split())
+        arms[kind]["passthrough"] = Target("passthrough", f"http://127.0.0.1:{port}", pid, name)
+        gw = None
+        if "gateway" in cfg.only:
+            gw = start_gateway(procs, gateway, "gateway", f"gateway-{kind}", origin, 1)
+        if gw:
+            arms[kind]["gateway"] = gw
+        if "litellm" in cfg.only and (ll := start_litellm(procs, f"litellm-{kind}", origin)):
+            arms[kind]["litellm"] = ll
+    w2 = "gateway-w2" in cfg.only and not cfg.pin
+    if w2 and (gw := start_gateway(procs, gateway, "gateway-w2", "gateway-w2", origins["chat"], 2)):
+        arms["chat"]["gateway-w2"] = gw
+    for kind, targets in arms.items():
+        for arm, target in list(targets.items()):
+            ready = "/health/liveliness" if arm == "litellm" else "/"
+            try:
+                wait_ready(target.origin + ready, procs, target.proc)
+            except RuntimeError as exc:
+                if arm in BASELINES or arm == "nginx":
+                    raise
+                notes.append(f"{arm} ({kind}) left out, it did not start: {exc}")
+                say(notes[-1])
+                procs.stop(target.proc)
+                del targets[arm]
+    return arms["chat"], arms["stream"]
+
+
+# ----------------------------------------------------------------------- load tools
+
+
+def wrk(cfg: Config, url: str, conns: int, weigh: int | None = None) -> tuple[Stats, float]:
+    """Closed-loop load with wrk; one thread, so the servers keep the other core.
+
+    Returns wrk's summary and the peak RSS (MB) of the weigh pid's tree during it.
+    """
+    lua = HERE / "post.lua"
+    argv = f"wrk -t1 -c{conns} -d{cfg.duration}s --timeout 10s -s {lua} {url}"
+    cmd = [*(LOADGEN_CPU if cfg.pin else ()), *argv.split()]
+    env = dict(os.environ, BENCH_BODY=CHAT_BODY, BENCH_AUTH=AUTH)
+    peak, deadline = 0.0, time.monotonic() + cfg.duration + 60
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if weigh is not None:
+                peak = max(peak, tree_rss_mb(weigh))
+            time.sleep(0.25)
+        if proc.poll() is None:
+            proc.kill()
+        out, err = (b.decode(errors="replace") for b in proc.communicate(timeout=30))
+    line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_JSON ")), None)
+    if proc.returncode or line is None:
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {err.strip()[-500:]}")
+    raw: dict[str, float] = json.loads(line.removeprefix("BENCH_JSON "))
+    return {
+        "rps": raw["requests"] / (raw["duration_us"] / 1e6),
+        "p50_us": raw["p50_us"],
+        "p99_us": raw["p99_us"],
+        "errors": sum(v for k, v in raw.items() if k.endswith("errors") or k == "timeouts"),
+    }, peak
+
+
+def loadgen(cfg: Config, binary: Path, **flags: object) -> Stats:
+    """Run bench/loadgen.go's binary with -key=value flags; return its numbers."""
+    duration = flags.pop("duration", cfg.duration)
+    argv = [str(binary), *(f"-{k}={v}" for k, v in flags.items())]
+    argv += [f"-auth={AUTH}", f"-duration={duration}s"]
+    cmd = [*(LOADGEN_CPU if cfg.pin else ()), *argv]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=cfg.duration + 90, check=False
+    )
+    if proc.returncode:
+        raise RuntimeError(f"loadgen failed ({proc.returncode}): {proc.stderr[-500:]}")
+    summary: dict[str, object] = json.loads(proc.stdout)
+    return {k: float(v) for k, v in summary.items() if isinstance(v, int | float)}
+
+
+def build_loadgen(workdir: Path) -> Path:
+    """Compile bench/loadgen.go offline: it uses the Go standard library only."""
+    binary = workdir / "loadgen"
+    env = dict(os.environ, GOPROXY="off", GOFLAGS="", CGO_ENABLED="0")
+    argv = ["go", "build", "-o", str(binary), str(HERE / "loadgen.go")]
+    proc = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=600, check=False)
+    if proc.returncode:
+        raise RuntimeError(f"go build failed: {proc.stderr[-1000:]}")
+    return binary
+
+
+# ----------------------------------------------------------------------- phases
+
+
+def rotated(arms: Sequence[str], round_no: int) -> list[str]:
+    """Start round r at arm r, so no arm always runs first (cold) or last (warm)."""
+    k = round_no % len(arms)
+    return [*arms[k:], *arms[:k]]
+
+
+def phase_closed_loop(cfg: Config, procs: Processes, chat: dict[str, Target], res: Results) -> None:
+    """Latency at 1 connection and saturation at SAT_CONNS; RSS after each round."""
+    arms = [a for a in CHAT_ARMS if a in chat]
+    say("warm-up")
+    for arm in arms:
+        wrk(dataclasses.replace(cfg, duration=1), chat[arm].url(), 8)
+    for arm in arms:
+        if (pid := chat[arm].pid) is not None:
+            res.rss_idle[arm] = tree_rss_mb(pid)
+    for r in range(cfg.rounds):
+        for arm in rotated(arms, r):
+            procs.check_alive()
+            target = chat[arm]
+            say(f"round {r + 1}/{cfg.rounds}: {arm}: latency @1, load @{SAT_CONNS}")
+            if arm != "gateway-w2":
+                res.latency[arm].append(wrk(cfg, target.url(), 1)[0])
+            stats, peak = wrk(cfg, target.url(), SAT_CONNS, target.pid)
+            res.saturation[arm].append(stats)
+            if target.pid is not None:
+                res.rss_peak[arm] = max(res.rss_peak[arm], peak)
+                res.rss_after[arm].append(tree_rss_mb(target.pid))
+
+
+def phase_open_loop(
+    cfg: Config, procs: Processes, binary: Path, chat: dict[str, Target], res: Results
+) -> None:
+    """Offer fixed arrival rates at fractions of the pass-through's saturation."""
+    floor = [s["rps"] for s in res.saturation.get("passthrough", [])]
+    if not floor:
+        res.notes.append("open loop skipped: no pass-through saturation measured")
+        return
+    res.rates = {f: round(statistics.median(floor) * f) for f in RATE_FRACTIONS}
+    arms = [a for a in CHAT_ARMS if a in chat and a != "gateway-w2"]
+    for r in range(cfg.rounds):
+        for frac, rate in res.rates.items():
+            for arm in rotated(arms, r):
+                procs.check_alive()
+                say(f"round {r + 1}/{cfg.rounds}: {arm}: open loop {rate:.0f} req/s")
+                stats = loadgen(
+                    cfg,
+                    binary,
+                    mode="rate",
+                    url=chat[arm].url(),
+                    rate=rate,
+                    body=CHAT_BODY,
+                )
+                res.open_loop[(arm, frac)].append(stats)
+
+
+def phase_stream(
+    cfg: Config, procs: Processes, binary: Path, stream: dict[str, Target], res: Results
+) -> None:
+    """Time to first chunk and inter-chunk gaps at 1 and 64 concurrent streams."""
+    arms = [a for a in STREAM_ARMS if a in stream]
+    for arm in arms:  # warm-up
+        url = stream[arm].url()
+        loadgen(cfg, binary, mode="stream", url=url, conns=4, body=STREAM_BODY, duration=1)
+    for r in range(cfg.rounds):
+        for conns in STREAM_CONCURRENCY:
+            for arm in rotated(arms, r):
+                procs.check_alive()
+                say(f"round {r + 1}/{cfg.rounds}: {arm}: {conns} concurrent streams")
+                url = stream[arm].url()
+                stats = loadgen(cfg, binary, mode="stream", url=url, conns=conns, body=STREAM_BODY)
+                res.stream[(arm, conns)].append(stats)
+
+
+# ----------------------------------------------------------------------- report
+
+
+def spread(values: Sequence[float], fmt: str = "{:.0f}") -> str:
+    """Format as 'median [min-max]' (NaN dropped; a single value stands alone)."""
+    vals = [v for v in values if not math.isnan(v)]
+    if not vals:
+        return "n/a"
+    med = fmt.format(statistics.median(vals))
+    if len(vals) == 1:
+        return med
+    return f"{med} [{fmt.format(min(vals))} to {fmt.format(max(vals))}]"
+
+
+def paired(samples: Mapping[K, list[Stats]], arm: K, base: K, key: str) -> list[float]:
+    """Per-round arm minus baseline: same round, so slow drift cancels out."""
+    pairs = zip(samples.get(arm, []), samples.get(base, []), strict=False)
+    return [a[key] - b[key] for a, b in pairs]
+
+
+def ratio(nums: Sequence[float], dens: Sequence[float]) -> list[float]:
+    """Per-round ratios; a non-positive denominator (noise) gives NaN, shown as n/a."""
+    return [n / d if d > 0 else math.nan for n, d in zip(nums, dens, strict=False)]
+
+
+def table(header: str, rows: Sequence[Sequence[str]]) -> str:
+    """Render a markdown table; header is 'col|col|...'."""
+    cols = header.split("|")
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def request_table(res: Results) -> str:
+    """Latency at 1 connection and saturation, per arm."""
+    rows = []
+    for arm in (a for a in CHAT_ARMS if a in res.saturation):
+        lat = res.latency.get(arm, [])
+        added = [spread(paired(res.latency, arm, "direct", k)) for k in ("p50_us", "p99_us")]
+        rows.append(
+            [
+                arm,
+                spread([s["p50_us"] for s in lat]),
+                spread([s["p99_us"] for s in lat]),
+                *(["-", "-"] if arm == "direct" else added),
+                spread([s["rps"] for s in res.saturation[arm]]),
+                f"{sum(s['errors'] for s in res.saturation[arm]):.0f}",
+            ]
+        )
+    header = "arm|p50 µs @1 conn|p99 µs @1 conn|added p50 µs|added p99 µs"
+    return table(f"{header}|req/s @{SAT_CONNS} conns|errors", rows)
+
+
+def open_loop_table(res: Results) -> str:
+    """p99 and error count per arm at each fixed arrival rate."""
+    header = "arm|" + "|".join(
+        f"{frac:.0%} = {rate:.0f}/s: p99 µs, errors" for frac, rate in res.rates.items()
+    )
+    rows = []
+    for arm in CHAT_ARMS:
+        runs = [res.open_loop.get((arm, frac), []) for frac in res.rates]
+        if all(runs):
+            rows.append(
+                [arm]
+                + [
+                    f"{spread([s['p99_us'] for s in r])}, "
+                    f"{sum(s['errors'] + s['dropped'] for s in r):.0f}"
+                    for r in runs
+                ]
+            )
+    return table(header, rows)
+
+
+def unbuffered(cfg: Config, res: Results, arm: str, conns: int) -> str:
+    """Say whether client-side chunk timing tracks the upstream's send interval.
+
+    A buffering proxy shows gaps near 0 (chunks arrive in bursts) and a TTFT
+    near the whole stream's length, so both are checked in every round.
+    """
+    interval = cfg.stream_interval_ms * 1000
+    verdicts = [
+        0.5 * interval <= s["gap_p50_us"] <= 1.5 * interval
+        and s["ttft_p50_us"] - d["ttft_p50_us"] < interval
+        and s["chunks_per_stream_median"] == cfg.stream_chunks
+        for s, d in zip(
+            res.stream.get((arm, conns), []),
+            res.stream.get(("direct", conns), []),
+            strict=False,
+        )
+    ]
+    if not verdicts:
+        return "n/a"
+    return "yes" if all(verdicts) else f"NO ({verdicts.count(False)}/{len(verdicts)} rounds)"
+
+
+def stream_table(cfg: Config, res: Results) -> str:
+    """TTFT and inter-chunk gaps per arm and concurrency, with the buffering check."""
+    rows = []
+    for conns in STREAM_CONCURRENCY:
+        for arm in STREAM_ARMS:
+            runs = res.stream.get((arm, conns), [])
+            if not runs:
+                continue
+            keys = ("ttft_p50_us", "gap_p50_us", "gap_p99_us")
+            added = [spread(paired(res.stream, (arm, conns), ("direct", conns), k)) for k in keys]
+            rows.append(
+                [
+                    f"{arm} x{conns}",
+                    f"{sum(s['streams'] for s in runs):.0f}",
+                    f"{sum(s['errors'] for s in runs):.0f}",
+                    spread([s["ttft_p50_us"] for s in runs]),
+                    spread([s["gap_p50_us"] for s in runs]),
+                    *(["-"] * 3 if arm == "direct" else added),
+                    "-" if arm == "direct" else unbuffered(cfg, res, arm, conns),
+                ]
+            )
+    header = "arm x streams|streams|errors|TTFT p50 µs|gap p50 µs|added TTFT p50 µs"
+    return table(f"{header}|added gap p50 µs|added gap p99 µs|unbuffered", rows)
+
+
+def memory_table(res: Results) -> str:
+    """VmRSS idle, peak under load and after each round."""
+    rows = []
+    for arm in (a for a in CHAT_ARMS if a in res.rss_idle):
+        after = res.rss_after.get(arm, [])
+        rows.append(
+            [
+                arm,
+                f"{res.rss_idle[arm]:.1f}",
+                f"{res.rss_peak.get(arm, 0.0):.1f}",
+                " / ".join(f"{v:.1f}" for v in after),
+                f"{after[-1] - after[0]:+.1f}" if len(after) > 1 else "n/a",
+            ]
+        )
+    return table("arm|idle|peak under load|after each round|growth first to last", rows)
+
+
+def budget_rows(res: Results, gateway_label: str) -> list[list[str]]:
+    """Check the gateway against its budget, relative to the pass-through floor."""
+    if "gateway" not in res.saturation:
+        return [["all", "n/a", "-", f"gateway not measured: {gateway_label}"]]
+
+    def row(
+        name: str, vals: list[float], limit: str, ok: Callable[[float], bool], fmt: str
+    ) -> list[str]:
+        clean = [v for v in vals if not math.isnan(v)]
+        verdict = ("PASS" if ok(statistics.median(clean)) else "FAIL") if clean else "n/a"
+        return [name, spread(vals, fmt), limit, verdict]
+
+    def rps(arm: str) -> list[float]:
+        return [s["rps"] for s in res.saturation.get(arm, [])]
+
+    added = ratio(
+        paired(res.latency, "gateway", "direct", "p50_us"),
+        paired(res.latency, "passthrough", "direct", "p50_us"),
+    )
+    sat = ratio(rps("gateway"), rps("passthrough"))
+    ttft = [v / 1000 for v in paired(res.stream, ("gateway", 1), ("direct", 1), "ttft_p50_us")]
+    idle = [res.rss_idle.get("gateway", math.nan)]
+    after = res.rss_after.get("gateway", [])
+    growth = [after[-1] - after[0]] if len(after) > 1 else []
+    runs75 = res.open_loop.get(("gateway", 0.75), [])
+    err75 = [sum(s["errors"] + s["dropped"] for s in runs75)] if runs75 else []
+    flat = f"flat (≤ +{RSS_FLAT_MB:g})"
+    rows = [
+        row(
+            "added p50, gateway / passthrough",
+            added,
+            "≤ 1.5",
+            lambda v: v <= 1.5,
+            "{:.2f}",
+        ),
+        row(
+            "saturation, gateway / passthrough",
+            sat,
+            "≥ 0.6",
+            lambda v: v >= 0.6,
+            "{:.2f}",
+        ),
+        row("streaming added TTFT p50 @1 (ms)", ttft, "≤ 1", lambda v: v <= 1, "{:.2f}"),
+        row("RSS idle (MB)", idle, "≤ 80", lambda v: v <= 80, "{:.1f}"),
+        row(
+            "RSS growth, first to last round (MB)",
+            growth,
+            flat,
+            lambda v: v <= RSS_FLAT_MB,
+            "{:+.1f}",
+        ),
+        row("errors at 75% rate, all rounds", err75, "0", lambda v: v == 0, "{:.0f}"),
+    ]
+    if "gateway-w2" in res.saturation:
+        w2 = ratio(rps("gateway-w2"), rps("gateway"))
+        rows.append(["saturation, --workers 2 / 1", spread(w2, "{:.2f}"), "info", "-"])
+    return rows
+
+
+def machine_info(gateway_label: str) -> list[tuple[str, str]]:
+    """Collect what the numbers depend on, for the report header."""
+
+    def first_line(argv: list[str]) -> str:
+        try:
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+        except OSError:
+            return "not found"
+        lines = (proc.stdout + proc.stderr).strip().splitlines()
+        return lines[0] if lines else "?"
+
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
+    return [
+        ("date (UTC)", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M")),
+        ("nproc", str(len(os.sched_getaffinity(0)))),
+        ("CPU", models[0] if models else platform.processor()),
+        ("kernel", platform.release()),
+        ("load average at start", " ".join(f"{x:.2f}" for x in os.getloadavg())),
+        ("python", f"{platform.python_version()} ({sys.executable})"),
+        ("aiohttp / uvloop", f"{version('aiohttp')} / {version('uvloop')}"),
+        ("nginx", first_line(["nginx", "-v"])),
+        ("wrk", first_line(["wrk", "-v"]).split(" [")[0]),
+        ("go (builds bench/loadgen.go)", first_line(["go", "version"])),
+        ("gateway", gateway_label),
+    ]
+
+
+def render(cfg: Config, res: Results, gateway_label: str, info: list[tuple[str, str]]) -> str:
+    """Build the whole report as markdown (printed, and written to --out)."""
+    env = sorted((k, v) for k, v in os.environ.items() if k.startswith("BENCH_"))
+    overrides = [f"{k}={shlex.quote(v)}" for k, v in env if k != "BENCH_LAUNCHER"]
+    launcher = os.environ.get("BENCH_LAUNCHER", "python bench/bench.py")
+    command = " ".join([*overrides, launcher, *map(shlex.quote, cfg.argv)])
+    pinning = "; load generators pinned to CPU 0, servers to CPU 1" if cfg.pin else ""
+    parts = [
+        "# Benchmarks" + (" (quick smoke run: too short to trust)" if cfg.quick else ""),
+        "",
+        (
+            "Written by `bench/bench.py`; bench/README.md explains the arms, the "
+            "measures and how to read the ratios. Cells are `median [min to max]` "
+            "over rounds; `added` is paired per round against the direct arm."
+        ),
+        "",
+        "## Machine",
+        "",
+        *[f"- {k}: {v}" for k, v in info],
+        "",
+        "## Command",
+        "",
+        f"```\n{command}\n```",
+        "",
+        (
+            f"{cfg.rounds} rounds of {cfg.duration} s per measurement, arm order "
+            f"rotated every round{pinning}."
+        ),
+        "",
+        "## Budget: the gateway against the bare aiohttp pass-through",
+        "",
+        table("check|measured|budget|verdict", budget_rows(res, gateway_label)),
+        "",
+        "## Request/response (wrk, 1 thread, POST with JSON body)",
+        "",
+        request_table(res),
+    ]
+    if res.rates:
+        parts += ["", "## Open loop (fixed arrival rate, bench/loadgen.go)", ""]
+        parts += [open_loop_table(res)]
+    parts += [
+        "",
+        f"## Streaming ({cfg.stream_chunks} chunks, {cfg.stream_interval_ms:g} ms gap)",
+        "",
+        stream_table(cfg, res),
+        "",
+        "## Memory (VmRSS MB, summed over the process tree)",
+        "",
+        memory_table(res),
+    ]
+    if res.notes:
+        parts += ["", "## Notes", "", *[f"- {n}" for n in res.notes]]
+    return "\n".join(parts) + "\n"
+
+
+# ----------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str]) -> Config:
+    """Parse flags; --quick is a smoke run (2 rounds of 1 s), not a measurement."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 rounds of 1 s (smoke run)")
+    parser.add_argument("--rounds", type=int, help="rounds (default 3; quick 2)")
+    parser.add_argument("--duration", type=int, help="seconds per measurement (default 5)")
+    parser.add_argument(
+        "--only",
+        help=f"comma list of {','.join(CHAT_ARMS)}; direct and passthrough always run",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="taskset load generators to CPU 0 and servers to CPU 1 (drops gateway-w2)",
+    )
+    parser.add_argument("--stream-chunks", type=int, default=20)
+    parser.add_argument("--stream-interval-ms", type=float, default=10.0)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks.md")
+    args = parser.parse_args(argv)
+    only = {a.strip() for a in (args.only or ",".join(CHAT_ARMS)).split(",") if a.strip()}
+    if unknown := only - set(CHAT_ARMS):
+        parser.error(f"unknown arms: {', '.join(sorted(unknown))}")
+    if os.environ.get("BENCH_LITELLM") != "1":
+        only.discard("litellm")
+    rounds = args.rounds or (2 if args.quick else 3)
+    duration = args.duration or (1 if args.quick else 5)
+    if not (1 <= rounds <= 50 and 1 <= duration <= 600 and args.stream_chunks >= 2):
+        parser.error("need 1 <= rounds <= 50, 1 <= duration <= 600, stream-chunks >= 2")
+    return Config(
+        rounds=rounds,
+        duration=duration,
+        only=frozenset(only | set(BASELINES)),
+        pin=args.pin and len(os.sched_getaffinity(0)) >= 2,
+        stream_chunks=args.stream_chunks,
+        stream_interval_ms=args.stream_interval_ms,
+        out=args.out,
+        quick=args.quick,
+        argv=tuple(argv),
+    )
+
+
+@contextlib.contextmanager
+def signals_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM and SIGHUP like Ctrl-C so the finally-block tears servers down."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: Sequence[str]) -> int:
+    """Start everything, run the three phases, report; always tear down."""
+    cfg = parse_args(argv)
+    gateway = find_gateway()
+    say(f"gateway: {gateway.label}")
+    res = Results()
+    if gateway.argv is None:
+        res.notes.append(f"gateway {gateway.label}")
+    elif "{workers}" not in " ".join(gateway.argv):
+        res.notes.append("gateway-w2 skipped: the gateway command has no {workers}")
+    if cfg.pin:
+        res.notes.append("gateway-w2 skipped: --pin leaves the servers one core")
+    if "litellm" in cfg.only and not (REPO / ".venv-litellm/bin/litellm").exists():
+        res.notes.append("litellm skipped: .venv-litellm missing (run.sh installs it)")
+    info = machine_info(gateway.label)
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp, signals_as_interrupt():
+        workdir = Path(tmp)
+        workdir.chmod(0o755)  # nginx workers run as 'nobody'
+        procs = Processes(workdir, cfg.pin)
+        try:
+            binary = build_loadgen(workdir)
+            chat, stream = start_all(cfg, procs, gateway, res.notes)
+            say(f"arms: {', '.join(chat)}; streaming: {', '.join(stream)}")
+            phase_closed_loop(cfg, procs, chat, res)
+            phase_open_loop(cfg, procs, binary, chat, res)
+            phase_stream(cfg, procs, binary, stream, res)
+        except KeyboardInterrupt:
+            say("interrupted: stopping servers")
+            return 130
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            say(f"benchmark failed: {exc}")
+            return 1
+        finally:
+            procs.stop()
+    report = render(cfg, res, gateway.label, info)
+    print(report)
+    cfg.out.parent.mkdir(parents=True, exist_ok=True)
+    cfg.out.write_text(report)
+    say(f"wrote {cfg.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,93 @@
+"""``create_app``: the one place the application is assembled.
+
+Order matters: settings first; then resources in ``cleanup_ctx`` order of dependency (telemetry,
+the single shared ClientSession, the providers that borrow it, health and retries that use the
+providers); then middlewares (outermost first) and routes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from inference_server import logs
+from inference_server.health import HealthMonitor
+from inference_server.keys import HEALTH, HTTP_SESSION, REGISTRY, RETRIER, SETTINGS, TELEMETRY
+from inference_server.middlewares import error_envelope, request_context
+from inference_server.providers.base import Provider
+from inference_server.registry import Registry
+from inference_server.resilience import Retrier
+from inference_server.routes import setup_routes
+from inference_server.settings import Settings
+from inference_server.telemetry import Telemetry
+
+
+def _dumps(obj: object) -> str:
+    return orjson.dumps(obj).decode()
+
+
+async def _http_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The one pooled ClientSession every provider shares (keep-alive, limits from settings)."""
+    hc = app[SETTINGS].http_client
+    connector = aiohttp.TCPConnector(
+        limit=hc.pool_size,
+        limit_per_host=hc.pool_size_per_host,
+        keepalive_timeout=hc.keepalive_timeout_secs,
+        ttl_dns_cache=int(hc.dns_cache_secs) or None,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        json_serialize=_dumps,
+        timeout=aiohttp.ClientTimeout(total=None),  # each call sets its own limits
+        trust_env=False,
+    )
+    app[HTTP_SESSION] = session
+    yield
+    await session.close()
+
+
+async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Build every configured provider through its plugin's factory, with the shared session."""
+    settings = app[SETTINGS]
+    session = app[HTTP_SESSION]
+    providers: dict[str, Provider] = {}
+    for name, config in settings.providers.items():
+        plugin = settings.plugins[config.plugin].plugin
+        providers[name] = plugin.factory(session, config)
+    registry = Registry(settings, providers)
+    health = HealthMonitor(
+        providers,
+        max_age_secs=settings.health_probe_max_age_secs,
+        probe_timeout_secs=settings.health_probe_timeout_secs,
+    )
+    app[REGISTRY] = registry
+    app[HEALTH] = health
+    yield
+    await health.aclose()
+    await registry.aclose()
+
+
+async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
+    telemetry = Telemetry(app[SETTINGS].traces)
+    app[TELEMETRY] = telemetry
+    yield
+    telemetry.shutdown()
+    await logs.complete()
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Assemble the gateway for already-validated ``settings``."""
+    app = web.Application(
+        middlewares=[request_context, error_envelope],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app[SETTINGS] = settings
+    app[RETRIER] = Retrier(settings.retry)
+    app.cleanup_ctx.append(_telemetry_ctx)
+    app.cleanup_ctx.append(_http_session_ctx)
+    app.cleanup_ctx.append(_providers_ctx)
+    setup_routes(app)
+    return app

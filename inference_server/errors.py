@@ -1,0 +1,218 @@
+"""The gateway's one exception hierarchy and its one mapping to HTTP.
+
+Every failure the gateway can report is a :class:`GatewayError` subclass that knows its HTTP
+status, its OpenAI ``type``, its ``code`` (the seed's upper-case codes) and whether a retry or a
+fallback may help.  :func:`error_body` is the only place an error becomes a JSON body, so the
+non-streaming response, the terminal SSE event and the legacy flat shape can never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
+
+ErrorFormat = Literal["openai", "legacy"]
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway reports to a client."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    default_code: ClassVar[str] = "INTERNAL_ERROR"
+    #: True when the same request may succeed on another attempt or another deployment.
+    retryable: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code or self.default_code
+        self.param = param
+        self.retry_after = retry_after
+        self.headers: dict[str, str] = dict(headers or {})
+        if status is not None:
+            self.status_override: int | None = status
+        else:
+            self.status_override = None
+
+    @property
+    def http_status(self) -> int:
+        """The status sent to the client (a few errors carry the upstream's own status)."""
+        return self.status_override if self.status_override is not None else self.status
+
+    def response_headers(self) -> dict[str, str]:
+        """Headers that belong with this error (Retry-After, and a hint for SDK retries)."""
+        headers = dict(self.headers)
+        if self.retry_after is not None:
+            headers["Retry-After"] = str(max(1, round(self.retry_after)))
+        # openai-python retries 408/409/429/5xx on its own; say so explicitly for errors that
+        # cannot succeed on a retry so a deterministic failure is not sent three times.
+        headers.setdefault("x-should-retry", "true" if self.retryable else "false")
+        return headers
+
+
+# --- client errors -------------------------------------------------------------------------
+
+
+class InvalidRequest(GatewayError):
+    """The request body or parameters are invalid (400)."""
+
+    status = 400
+    type = "invalid_request_error"
+    default_code = "INVALID_REQUEST"
+
+
+class NotFound(GatewayError):
+    """No such route or resource (404)."""
+
+    status = 404
+    type = "invalid_request_error"
+    default_code = "NOT_FOUND"
+
+
+class ModelNotFound(NotFound):
+    """The model id is not served by this gateway (404)."""
+
+    default_code = "MODEL_NOT_FOUND"
+
+
+class MethodNotAllowed(GatewayError):
+    """The route exists but not for this HTTP method (405)."""
+
+    status = 405
+    type = "invalid_request_error"
+    default_code = "METHOD_NOT_ALLOWED"
+
+
+class RequestTooLarge(GatewayError):
+    """The body exceeds ``server.max_body_bytes`` (413)."""
+
+    status = 413
+    type = "invalid_request_error"
+    default_code = "REQUEST_TOO_LARGE"
+
+
+class UnsupportedMediaType(GatewayError):
+    """The body is not ``application/json`` (415)."""
+
+    status = 415
+    type = "invalid_request_error"
+    default_code = "UNSUPPORTED_MEDIA_TYPE"
+
+
+class ServiceUnavailable(GatewayError):
+    """The gateway itself cannot take the request now, e.g. while shutting down (503)."""
+
+    status = 503
+    type = "server_error"
+    default_code = "SERVICE_UNAVAILABLE"
+    retryable = True
+
+
+class InternalError(GatewayError):
+    """A bug in the gateway; the client sees a generic message, the log the traceback."""
+
+
+# --- upstream (provider) errors ------------------------------------------------------------
+
+
+class ProviderError(GatewayError):
+    """The provider failed with a server-side error (upstream 5xx) (502)."""
+
+    status = 502
+    type = "api_error"
+    default_code = "PROVIDER_ERROR"
+    retryable = True
+
+
+class ProviderConnectionFailed(ProviderError):
+    """The provider could not be reached at all (502)."""
+
+    default_code = "PROVIDER_CONNECTION_FAILED"
+
+
+class ProviderTimeout(ProviderError):
+    """The provider did not answer within the configured time (504)."""
+
+    status = 504
+    default_code = "PROVIDER_TIMEOUT"
+
+
+class ProviderBadResponse(ProviderError):
+    """The provider answered with something that is not its documented protocol (502)."""
+
+    default_code = "PROVIDER_BAD_RESPONSE"
+    retryable = False
+
+
+class ProviderAuthFailed(ProviderError):
+    """The provider refused the gateway's own credentials: an operator problem (502)."""
+
+    default_code = "PROVIDER_AUTH_FAILED"
+    retryable = False
+
+
+class ProviderRateLimited(ProviderError):
+    """The provider asked us to slow down (429, Retry-After kept)."""
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "RATE_LIMITED"
+
+
+class ProviderRejected(GatewayError):
+    """The provider rejected the request as invalid (its own 4xx status and message).
+
+    Not retryable: the same body would be rejected again.
+    """
+
+    status = 400
+    type = "invalid_request_error"
+    default_code = "PROVIDER_REJECTED"
+
+
+class StreamInterrupted(ProviderError):
+    """A stream failed after it had started; only an in-band error event can report it."""
+
+    default_code = "STREAM_INTERRUPTED"
+
+
+def error_body(err: GatewayError, fmt: ErrorFormat = "openai") -> dict[str, Any]:
+    """Render ``err`` as the OpenAI error envelope, or the seed's legacy flat shape."""
+    if fmt == "legacy":
+        return {"error": err.message, "code": err.code}
+    return {
+        "error": {
+            "message": err.message,
+            "type": err.type,
+            "param": err.param,
+            "code": err.code,
+        }
+    }
+
+
+_STATUS_TO_ERROR: dict[int, type[GatewayError]] = {
+    404: NotFound,
+    405: MethodNotAllowed,
+    413: RequestTooLarge,
+    415: UnsupportedMediaType,
+}
+
+
+def from_http_status(status: int, message: str) -> GatewayError:
+    """Map an aiohttp HTTP exception raised by the router (404, 405, ...) to our hierarchy."""
+    cls = _STATUS_TO_ERROR.get(status)
+    if cls is not None:
+        return cls(message)
+    if 400 <= status < 500:
+        return InvalidRequest(message, status=status)
+    return InternalError(message, status=status)

@@ -1,0 +1,24 @@
+"""Typed keys for everything stored on the aiohttp Application or Request (no module state)."""
+
+from __future__ import annotations
+
+from weakref import WeakSet
+
+import aiohttp
+from aiohttp import web
+
+from inference_server.context import RequestContext
+from inference_server.health import HealthMonitor
+from inference_server.registry import Registry
+from inference_server.resilience import Retrier
+from inference_server.settings import Settings
+from inference_server.telemetry import Telemetry
+
+SETTINGS = web.AppKey("settings", Settings)
+HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
+REGISTRY = web.AppKey("registry", Registry)
+HEALTH = web.AppKey("health", HealthMonitor)
+RETRIER = web.AppKey("retrier", Retrier)
+TELEMETRY = web.AppKey("telemetry", Telemetry)
+OPEN_STREAMS = web.AppKey("open_streams", WeakSet)
+CTX = web.RequestKey("ctx", RequestContext)

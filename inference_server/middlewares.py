@@ -1,0 +1,121 @@
+"""Transport concerns only: request id + access log + server span, and the error envelope.
+
+Business logic lives in pipeline.py.  The order matters and is fixed in app.py:
+``request_context`` (outermost: sees the final status, sets ``x-request-id`` on every response)
+then ``error_envelope`` (turns every exception into the JSON error body, in one place).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+import uuid
+
+import orjson
+from aiohttp import web
+from loguru import logger
+
+from inference_server.context import RequestContext
+from inference_server.errors import (
+    GatewayError,
+    InternalError,
+    RequestTooLarge,
+    error_body,
+    from_http_status,
+)
+from inference_server.keys import CTX, SETTINGS, TELEMETRY
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _request_id(request: web.Request) -> str:
+    given = request.headers.get("x-request-id")
+    if given and len(given) <= 200 and given.isprintable():
+        return given
+    return f"req_{uuid.uuid4().hex}"
+
+
+@web.middleware
+async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Create the request's context, time it, trace it and write its access-log line."""
+    rid = _request_id(request)
+    ctx = RequestContext(request_id=rid, log=logger.bind(request_id=rid))
+    request[CTX] = ctx
+    app = request.app
+    telemetry = app[TELEMETRY]
+    status = 500
+    try:
+        with telemetry.server_span(
+            f"{request.method} {request.match_info.route.resource.canonical if request.match_info.route.resource else 'unmatched'}",
+            request.headers,
+            {"http.request.method": request.method, "url.path": request.path},
+        ) as span:
+            ctx.trace_headers = {}
+            response = await handler(request)
+            status = response.status
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                if ctx.error_code:
+                    telemetry.record_error(span, ctx.error_code, ctx.error_code)
+        if not response.prepared:
+            response.headers["x-request-id"] = rid
+        return response
+    finally:
+        if app[SETTINGS].logging.access_log:
+            elapsed_ms = (time.perf_counter() - ctx.started) * 1000
+            ctx.log.info(
+                "{} {} {} {:.1f}ms model={} provider={} attempts={}{}",
+                request.method,
+                request.path,
+                ctx.status or status,
+                elapsed_ms,
+                ctx.model or "-",
+                ctx.provider or "-",
+                ctx.attempts,
+                f" error={ctx.error_code}" if ctx.error_code else "",
+            )
+
+
+def error_response(err: GatewayError, error_format: str) -> web.Response:
+    """The one place a ``GatewayError`` becomes an HTTP response."""
+    fmt = "legacy" if error_format == "legacy" else "openai"
+    return web.Response(
+        status=err.http_status,
+        body=orjson.dumps(error_body(err, fmt)),
+        content_type="application/json",
+        headers=err.response_headers(),
+    )
+
+
+@web.middleware
+async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every exception to the JSON error envelope; a bug becomes a logged generic 500."""
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        err = exc
+    except web.HTTPRequestEntityTooLarge as exc:
+        err = RequestTooLarge(
+            f"Request body too large: limit is {exc.max_size} bytes", param=None
+        )
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        reason = exc.reason
+        if exc.status == 404:
+            reason = f"Not found: {request.method} {request.path}"
+        elif exc.status == 405:
+            allowed = ", ".join(sorted(getattr(exc, "allowed_methods", ()) or ()))
+            reason = f"Method {request.method} not allowed for {request.path} (allowed: {allowed})"
+        err = from_http_status(exc.status, reason)
+    except Exception:
+        ctx = request.get(CTX)
+        (ctx.log if ctx else logger).exception("unhandled error")
+        err = InternalError("Internal server error")
+    ctx = request.get(CTX)
+    if ctx is not None:
+        ctx.error_code = err.code
+        ctx.status = err.http_status
+        if err.http_status >= 500:
+            ctx.log.warning("{} ({}): {}", err.http_status, err.code, err.message)
+    return error_response(err, request.app[SETTINGS].server.error_format)

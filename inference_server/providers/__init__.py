@@ -1,0 +1,70 @@
+"""The public API for provider plugins: import only from here.
+
+See docs/plugins.md for how to write, package and test a provider.
+"""
+
+from inference_server.errors import (
+    GatewayError,
+    InvalidRequest,
+    ProviderAuthFailed,
+    ProviderBadResponse,
+    ProviderConnectionFailed,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    StreamInterrupted,
+)
+from inference_server.providers.base import (
+    PROVIDER_API_VERSION,
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    HealthStatus,
+    ModelInfo,
+    Provider,
+    ProviderConfig,
+    ProviderFactory,
+    ProviderPlugin,
+    Setting,
+    Timeouts,
+)
+from inference_server.providers.openai_compat import (
+    OpenAICompatibleProvider,
+    map_client_exception,
+    map_upstream_status,
+    parse_retry_after,
+)
+from inference_server.providers.sse import SSEDecoder
+
+__all__ = [
+    "PROVIDER_API_VERSION",
+    "CallContext",
+    "ChatChunk",
+    "ChatRequest",
+    "ChatResponse",
+    "GatewayError",
+    "HealthStatus",
+    "InvalidRequest",
+    "ModelInfo",
+    "OpenAICompatibleProvider",
+    "Provider",
+    "ProviderAuthFailed",
+    "ProviderBadResponse",
+    "ProviderConfig",
+    "ProviderConnectionFailed",
+    "ProviderError",
+    "ProviderFactory",
+    "ProviderPlugin",
+    "ProviderRateLimited",
+    "ProviderRejected",
+    "ProviderTimeout",
+    "SSEDecoder",
+    "Setting",
+    "StreamInterrupted",
+    "Timeouts",
+    "map_client_exception",
+    "map_upstream_status",
+    "parse_retry_after",
+]

@@ -1,0 +1,158 @@
+"""The provider plugin interface: the one contract between the gateway and a model server.
+
+A plugin is a distribution that exposes a :class:`ProviderPlugin` under the entry-point group
+``inference_server.providers``.  The gateway builds one :class:`Provider` per configured provider
+instance by calling ``plugin.factory(session, config)`` with the app's single shared
+``aiohttp.ClientSession`` and that instance's validated settings.  Each plugin owns its wire
+format: it receives OpenAI-shaped requests and returns OpenAI-shaped responses and chunks.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import aiohttp
+
+#: Bumped when the interface changes incompatibly; the loader rejects other versions.
+PROVIDER_API_VERSION = 1
+
+#: An OpenAI chat.completions request body after validation (unknown fields ride along).
+ChatRequest = dict[str, Any]
+#: An OpenAI ``chat.completion`` object.
+ChatResponse = dict[str, Any]
+#: An OpenAI ``chat.completion.chunk`` object.
+ChatChunk = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """Declares one settings key: its type, default, bounds and whether it is a secret.
+
+    The core turns these into dynaconf ``Validator`` objects and into the known-key tree used to
+    report misspelled keys, so a plugin declares its keys once and gets both.
+    """
+
+    types: tuple[type, ...]
+    default: Any = None
+    gte: float | None = None
+    lte: float | None = None
+    choices: tuple[Any, ...] | None = None
+    secret: bool = False
+    nullable: bool = False
+    description: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    """Per-attempt time limits, in seconds.
+
+    Non-streaming calls use ``connect`` and ``total``; streams use ``connect``, ``first_byte``
+    (until the first chunk) and ``idle`` (between chunks) instead of a total, because a
+    generation may legitimately run for minutes while still making progress.
+    """
+
+    connect: float
+    total: float
+    first_byte: float
+    idle: float
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    """One provider instance's settings, as handed to the plugin's factory."""
+
+    name: str
+    plugin: str
+    base_url: str
+    api_key: str | None
+    timeouts: Timeouts
+    max_retries: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """What a provider needs to know about one upstream attempt besides the request body."""
+
+    request_id: str
+    upstream_model: str
+    timeouts: Timeouts
+    #: Headers to add to the upstream request (e.g. W3C ``traceparent``).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    #: The client asked for a final usage chunk (``stream_options.include_usage``).
+    include_usage: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """One model as the upstream lists it."""
+
+    id: str
+    owned_by: str | None = None
+    created: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class HealthStatus:
+    """Result of one health probe."""
+
+    healthy: bool
+    detail: str = ""
+
+
+class Provider(abc.ABC):
+    """One configured upstream.  Owns its wire format; never owns (or closes) the session."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: ProviderConfig) -> None:
+        self.session = session
+        self.config = config
+
+    @abc.abstractmethod
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
+        """Return a complete ``chat.completion``; raise a ``GatewayError`` subclass on failure."""
+
+    @abc.abstractmethod
+    def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        """Yield ``chat.completion.chunk`` objects as they arrive (implement as ``async def``).
+
+        Raise a ``GatewayError`` before the first yield for failures that may still be retried
+        or fall back; after it, raise :class:`~inference_server.errors.StreamInterrupted` (or any
+        ``GatewayError``) and the gateway ends the client's stream with an error event.  Do not
+        yield a usage-only chunk unless the upstream sent one: the gateway synthesises it.
+        """
+
+    @abc.abstractmethod
+    async def list_models(self) -> list[ModelInfo]:
+        """The models the upstream serves now."""
+
+    @abc.abstractmethod
+    async def health(self) -> HealthStatus:
+        """A cheap liveness probe of the upstream (must not raise for an unreachable upstream)."""
+
+    async def aclose(self) -> None:
+        """Release plugin resources.  Must not close the shared session."""
+        return None
+
+
+ProviderFactory = Callable[[aiohttp.ClientSession, ProviderConfig], Provider]
+Capability = Literal["chat", "stream"]
+
+
+def _no_settings() -> Mapping[str, Setting]:
+    return {}
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderPlugin:
+    """What an entry point in ``inference_server.providers`` must resolve to."""
+
+    name: str
+    factory: ProviderFactory
+    #: Plugin-specific keys allowed beside ``plugin``/``base_url``/``api_key`` in its section.
+    settings: Mapping[str, Setting] = field(default_factory=_no_settings)
+    #: Used when the provider section gives no ``base_url``.
+    default_base_url: str = ""
+    api_version: int = PROVIDER_API_VERSION

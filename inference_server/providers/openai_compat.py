@@ -1,0 +1,285 @@
+"""A reusable base for providers that speak the OpenAI HTTP API (LM Studio, OpenAI, vLLM, ...).
+
+Plugins subclass :class:`OpenAICompatibleProvider` and override only what differs (headers,
+parameter renames, error quirks).  It maps every transport failure and upstream status to the
+gateway's error hierarchy at this boundary, so nothing above it ever sees an aiohttp exception.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from inference_server.errors import (
+    GatewayError,
+    ProviderAuthFailed,
+    ProviderBadResponse,
+    ProviderConnectionFailed,
+    ProviderError,
+    ProviderRateLimited,
+    ProviderRejected,
+    ProviderTimeout,
+    StreamInterrupted,
+)
+from inference_server.providers.base import (
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    HealthStatus,
+    ModelInfo,
+    Provider,
+)
+from inference_server.providers.sse import SSEDecoder
+
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds form; HTTP dates are rare upstream)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _error_message(payload: Any, fallback: str) -> tuple[str, str | None, str | None]:
+    """Pull (message, code, param) out of the many error shapes upstreams use.
+
+    OpenAI sends ``{"error": {...}}``, LM Studio sometimes omits ``code``, llama.cpp uses an
+    integer ``code`` and Triton/LM Studio may send ``{"error": "text"}`` or plain text.
+    """
+    if isinstance(payload, dict):
+        err = payload.get("error", payload.get("detail"))
+        if isinstance(err, dict):
+            message = str(err.get("message") or fallback)
+            code = err.get("code")
+            param = err.get("param")
+            return (
+                message,
+                str(code) if code is not None and not isinstance(code, int) else None,
+                str(param) if param is not None else None,
+            )
+        if isinstance(err, str) and err:
+            return err, None, None
+    return fallback, None, None
+
+
+def map_upstream_status(
+    provider: str, status: int, body: bytes, headers: Mapping[str, str]
+) -> GatewayError:
+    """Turn an upstream HTTP error into the gateway error a client should see."""
+    try:
+        payload: Any = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        payload = body.decode("utf-8", "replace").strip()[:500]
+    fallback = payload if isinstance(payload, str) and payload else f"HTTP {status}"
+    message, code, param = _error_message(payload, fallback)
+    if status == 429:
+        return ProviderRateLimited(
+            f"Provider '{provider}' is rate limiting: {message}",
+            retry_after=parse_retry_after(headers.get("Retry-After")),
+        )
+    if status in (401, 403):
+        return ProviderAuthFailed(
+            f"Provider '{provider}' rejected the gateway's credentials ({status}): {message}"
+        )
+    if status >= 500:
+        return ProviderError(f"Provider '{provider}' failed ({status}): {message}")
+    if status == 404 and code in (None, "model_not_found"):
+        return ProviderRejected(message, code="MODEL_NOT_FOUND", param=param, status=404)
+    return ProviderRejected(message, code=code.upper() if code else None, param=param, status=status)
+
+
+def map_client_exception(provider: str, exc: BaseException) -> GatewayError:
+    """Translate an aiohttp/asyncio failure talking to the upstream into our hierarchy."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return ProviderConnectionFailed(
+            f"Connection failed: error sending request to provider '{provider}' ({exc.os_error})"
+        )
+    if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
+        return ProviderTimeout(f"Provider '{provider}' timed out")
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return ProviderError(f"Provider '{provider}' closed the connection")
+    return ProviderError(f"Provider '{provider}' failed: {type(exc).__name__}: {exc}")
+
+
+class OpenAICompatibleProvider(Provider):
+    """Talks to ``{base_url}/chat/completions`` and ``{base_url}/models``."""
+
+    def request_headers(self, ctx: CallContext | None = None) -> dict[str, str]:
+        """Headers for every upstream request; subclasses add auth or vendor headers."""
+        headers = dict(_JSON_HEADERS)
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        if ctx is not None:
+            headers["x-request-id"] = ctx.request_id
+            headers.update(ctx.headers)
+        return headers
+
+    def build_body(self, request: ChatRequest, ctx: CallContext, *, stream: bool) -> dict[str, Any]:
+        """The upstream body: the client's request with the upstream model id (a shallow copy)."""
+        body = dict(request)
+        body["model"] = ctx.upstream_model
+        if stream:
+            body["stream"] = True
+            if ctx.include_usage:
+                options = dict(body.get("stream_options") or {})
+                options["include_usage"] = True
+                body["stream_options"] = options
+        else:
+            body.pop("stream", None)
+            body.pop("stream_options", None)
+        return body
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/chat/completions"
+
+    @property
+    def models_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/models"
+
+    def _check_payload(self, payload: Any) -> None:
+        """Raise when a 200 body is an error in disguise (some servers do that)."""
+        if isinstance(payload, dict) and payload.get("error"):
+            message, code, param = _error_message(payload, "upstream reported an error")
+            raise ProviderError(
+                f"Provider '{self.config.name}' error: {message}", code=code.upper() if code else None
+            )
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
+        timeout = aiohttp.ClientTimeout(total=ctx.timeouts.total, sock_connect=ctx.timeouts.connect)
+        body = orjson.dumps(self.build_body(request, ctx, stream=False))
+        try:
+            async with self.session.post(
+                self.chat_url, data=body, headers=self.request_headers(ctx), timeout=timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise map_upstream_status(self.config.name, resp.status, raw, resp.headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise map_client_exception(self.config.name, exc) from exc
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ProviderBadResponse(
+                f"Provider '{self.config.name}' returned invalid JSON"
+            ) from exc
+        self._check_payload(payload)
+        if not isinstance(payload, dict) or "choices" not in payload:
+            raise ProviderBadResponse(
+                f"Provider '{self.config.name}' returned no 'choices' in its chat completion"
+            )
+        return payload
+
+    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        # No total timeout for streams: connect, then an idle limit per read (sock_read).
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=ctx.timeouts.connect, sock_read=ctx.timeouts.idle
+        )
+        body = orjson.dumps(self.build_body(request, ctx, stream=True))
+        name = self.config.name
+        try:
+            resp = await self.session.post(
+                self.chat_url, data=body, headers=self.request_headers(ctx), timeout=timeout
+            )
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise map_client_exception(name, exc) from exc
+        started = False
+        finished = False
+        try:
+            if resp.status >= 400:
+                raw = await resp.read()
+                raise map_upstream_status(name, resp.status, raw, resp.headers)
+            decoder = SSEDecoder()
+            async for data in resp.content.iter_any():
+                for event in decoder.feed(data):
+                    if event.startswith(b"[DONE]"):
+                        finished = True
+                        return
+                    chunk = self._decode_chunk(event, started)
+                    started = True
+                    yield chunk
+            for event in decoder.flush():
+                if event.startswith(b"[DONE]"):
+                    finished = True
+                    return
+                chunk = self._decode_chunk(event, started)
+                started = True
+                yield chunk
+            raise StreamInterrupted(f"Provider '{name}' ended the stream without [DONE]")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            err = map_client_exception(name, exc)
+            if started:
+                raise StreamInterrupted(f"Stream from provider '{name}' broke: {err.message}") from exc
+            raise err from exc
+        finally:
+            if finished:
+                resp.release()
+            else:
+                # Unfinished (error, or the client went away): drop the connection so the
+                # upstream stops generating at once instead of streaming into a dead pool slot.
+                resp.close()
+
+    def _decode_chunk(self, event: bytes, started: bool) -> ChatChunk:
+        try:
+            chunk = orjson.loads(event)
+        except orjson.JSONDecodeError as exc:
+            raise (StreamInterrupted if started else ProviderBadResponse)(
+                f"Provider '{self.config.name}' sent a non-JSON stream event"
+            ) from exc
+        if not isinstance(chunk, dict):
+            raise (StreamInterrupted if started else ProviderBadResponse)(
+                f"Provider '{self.config.name}' sent a stream event that is not an object"
+            )
+        if chunk.get("error"):
+            message, code, _ = _error_message(chunk, "upstream reported an error")
+            raise (StreamInterrupted if started else ProviderError)(
+                f"Provider '{self.config.name}' error: {message}", code=code.upper() if code else None
+            )
+        return chunk
+
+    async def list_models(self) -> list[ModelInfo]:
+        timeout = aiohttp.ClientTimeout(total=10, sock_connect=self.config.timeouts.connect)
+        try:
+            async with self.session.get(
+                self.models_url, headers=self.request_headers(), timeout=timeout
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    raise map_upstream_status(self.config.name, resp.status, raw, resp.headers)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise map_client_exception(self.config.name, exc) from exc
+        try:
+            payload = orjson.loads(raw)
+            entries = payload["data"]
+            return [
+                ModelInfo(
+                    id=str(m["id"]),
+                    owned_by=m.get("owned_by"),
+                    created=m.get("created") if isinstance(m.get("created"), int) else None,
+                )
+                for m in entries
+            ]
+        except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ProviderBadResponse(
+                f"Provider '{self.config.name}' returned an unreadable model list"
+            ) from exc
+
+    async def health(self) -> HealthStatus:
+        started = time.monotonic()
+        try:
+            await self.list_models()
+        except GatewayError as exc:
+            return HealthStatus(False, exc.message)
+        return HealthStatus(True, f"models listed in {1000 * (time.monotonic() - started):.0f} ms")

@@ -1,0 +1,89 @@
+"""Retries with ``backoff``: exponential with full jitter, Retry-After honoured up to a cap.
+
+Only errors whose class says ``retryable`` are retried, and only before anything was sent to the
+client (the pipeline calls this around a non-streaming call, or around opening a stream and
+reading its first chunk; never around the rest of a stream).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Awaitable, Callable, Generator
+from typing import Any, TypeVar
+
+import backoff
+from loguru import logger
+
+from inference_server.errors import GatewayError
+from inference_server.settings import RetrySettings
+
+T = TypeVar("T")
+
+
+def wait_times(
+    base: float, cap: float, retry_after_cap: float
+) -> Generator[float, BaseException | None, None]:
+    """backoff wait generator; backoff sends it each failure, so it can read Retry-After."""
+    attempt = 0
+    exc = yield 0.0  # backoff primes the generator with send(None)
+    while True:
+        retry_after = getattr(exc, "retry_after", None)
+        if isinstance(retry_after, (int, float)):
+            value = min(float(retry_after), retry_after_cap)
+        else:
+            value = random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 (jitter, not crypto)
+        attempt += 1
+        exc = yield value
+
+
+async def _run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    return await fn()
+
+
+class Retrier:
+    """Runs an upstream attempt with up to ``max_retries`` retries, per the settings."""
+
+    def __init__(self, settings: RetrySettings) -> None:
+        self.settings = settings
+        self._runners: dict[int, Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]] = {}
+
+    def _giveup(self, exc: Exception) -> bool:
+        if not isinstance(exc, GatewayError) or not exc.retryable:
+            return True
+        # A Retry-After beyond our cap: waiting that long inside a request helps nobody;
+        # the client gets the 429 with the header and decides.
+        return exc.retry_after is not None and exc.retry_after > self.settings.retry_after_max_secs
+
+    @staticmethod
+    def _log_backoff(details: Any) -> None:
+        exc = details.get("exception")
+        logger.warning(
+            "upstream attempt {} failed ({}); retrying in {:.3f}s",
+            details["tries"],
+            getattr(exc, "code", type(exc).__name__),
+            details["wait"],
+        )
+
+    def _runner(self, max_retries: int) -> Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]:
+        runner = self._runners.get(max_retries)
+        if runner is None:
+            s = self.settings
+            runner = backoff.on_exception(
+                wait_times,
+                GatewayError,
+                max_tries=max_retries + 1,
+                giveup=self._giveup,
+                jitter=None,
+                on_backoff=self._log_backoff,
+                logger=None,
+                base=s.backoff_base_secs,
+                cap=s.backoff_max_secs,
+                retry_after_cap=s.retry_after_max_secs,
+            )(_run)
+            self._runners[max_retries] = runner
+        return runner
+
+    async def call(self, fn: Callable[[], Awaitable[T]], *, max_retries: int) -> T:
+        """Await ``fn()``; on a retryable ``GatewayError`` wait and call it again."""
+        result: T = await self._runner(max_retries)(fn)
+        return result

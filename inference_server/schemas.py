@@ -1,0 +1,144 @@
+"""Request validation with marshmallow: only what the gateway acts on, the rest passes through.
+
+Schema instances are built once at import (building one per request costs ~3x; measured in
+shared/reference/style-python.md).  ``unknown=INCLUDE`` everywhere, because OpenAI keeps adding
+request fields and a gateway that rejects them breaks real clients.  Errors are flattened into
+one readable message plus a dotted ``param`` path (``messages.0.role``), always a 400.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validate, validates_schema
+
+from inference_server.errors import InvalidRequest
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+class _Base(Schema):
+    class Meta:
+        unknown = INCLUDE
+
+
+class StringOrList(fields.Field[Any]):
+    """``stop``: a string, or a list of at most 4 strings."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            if not 1 <= len(value) <= 4:
+                raise ValidationError("must be a string or a list of 1 to 4 strings")
+            return value
+        raise ValidationError("must be a string or a list of 1 to 4 strings")
+
+
+class MessageContent(fields.Field[Any]):
+    """Message ``content``: a string, a non-empty list of content parts, or null."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if value is None or isinstance(value, str):
+            return value
+        if isinstance(value, list):
+            if not value:
+                raise ValidationError("content parts must not be empty")
+            for i, part in enumerate(value):
+                if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+                    raise ValidationError(f"content part {i} must be an object with a 'type'")
+            return value
+        raise ValidationError("must be a string or a list of content parts")
+
+
+class MessageSchema(_Base):
+    role = fields.String(required=True, validate=validate.OneOf(ROLES))
+    content = MessageContent(load_default=None, allow_none=True)
+    name = fields.String(allow_none=True)
+    tool_call_id = fields.String(allow_none=True)
+
+    @validates_schema
+    def _content_rules(self, data: Mapping[str, Any], **kwargs: Any) -> None:
+        role = data.get("role")
+        if data.get("content") is None and role != "assistant":
+            raise ValidationError(f"a '{role}' message needs content", "content")
+        if (
+            role == "assistant"
+            and data.get("content") is None
+            and not data.get("tool_calls")
+            and not data.get("function_call")
+        ):
+            raise ValidationError("an assistant message needs content or tool_calls", "content")
+        if role == "tool" and not data.get("tool_call_id"):
+            raise ValidationError("a 'tool' message needs tool_call_id", "tool_call_id")
+
+
+class StreamOptionsSchema(_Base):
+    include_usage = fields.Boolean(allow_none=True)
+
+
+class ChatCompletionSchema(_Base):
+    model = fields.String(allow_none=True)
+    messages = fields.List(fields.Nested(MessageSchema), required=True)
+    temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
+    top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1))
+    frequency_penalty = fields.Float(allow_none=True, validate=validate.Range(-2, 2))
+    presence_penalty = fields.Float(allow_none=True, validate=validate.Range(-2, 2))
+    max_tokens = fields.Integer(allow_none=True, strict=True, validate=validate.Range(min=1))
+    max_completion_tokens = fields.Integer(
+        allow_none=True, strict=True, validate=validate.Range(min=1)
+    )
+    n = fields.Integer(allow_none=True, strict=True, validate=validate.Range(1, 128))
+    stop = StringOrList(allow_none=True)
+    stream = fields.Boolean(allow_none=True)
+    stream_options = fields.Nested(StreamOptionsSchema, allow_none=True)
+    seed = fields.Integer(allow_none=True, strict=True)
+
+
+CHAT_SCHEMA = ChatCompletionSchema()
+
+
+def _first_error(messages: Any, path: list[str]) -> tuple[list[str], str]:
+    """Depth-first: the path and text of the first leaf message of a marshmallow error dict."""
+    if isinstance(messages, Mapping):
+        # Field errors before schema-level ones so `param` is as specific as possible.
+        keys = sorted(messages, key=lambda k: (k == "_schema", str(k)))
+        for key in keys:
+            sub_path = path if key == "_schema" else [*path, str(key)]
+            return _first_error(messages[key], sub_path)
+    if isinstance(messages, list) and messages:
+        if all(isinstance(m, str) for m in messages):
+            return path, "; ".join(messages)
+        return _first_error(messages[0], path)
+    return path, str(messages)
+
+
+def validate_chat(body: Any) -> dict[str, Any]:
+    """Validate a chat.completions body; return it (unknown fields kept) or raise a 400."""
+    if not isinstance(body, dict):
+        raise InvalidRequest("Request body must be a JSON object", code="INVALID_REQUEST")
+    messages = body.get("messages")
+    if isinstance(messages, list) and not messages:
+        raise InvalidRequest(
+            "Messages array cannot be empty", code="EMPTY_MESSAGES", param="messages"
+        )
+    try:
+        data: dict[str, Any] = CHAT_SCHEMA.load(body)
+    except ValidationError as exc:
+        path, text = _first_error(exc.messages, [])
+        param = ".".join(path) or None
+        if text == "Missing data for required field.":
+            raise InvalidRequest(
+                f"Missing required parameter: '{param}'", code="MISSING_PARAMETER", param=param
+            ) from exc
+        raise InvalidRequest(
+            f"Invalid value for '{param}': {text}" if param else text,
+            code="INVALID_PARAMETER",
+            param=param,
+        ) from exc
+    # A null is "not given" for every optional OpenAI field: drop the ones we validated as null
+    # so upstreams that reject nulls (several local servers do) never see them.
+    for key in [k for k, v in data.items() if v is None]:
+        del data[key]
+    return data

@@ -1,0 +1,625 @@
+"""Layered settings: settings.yaml → RUN_ENV section → .secrets.yaml → ``INFERENCE_*`` variables.
+
+dynaconf does the layering; this module declares every key once (:data:`CORE_SCHEMA` plus each
+plugin's own keys), turns the declarations into dynaconf ``Validator`` objects, runs them all with
+``validate_all()`` (plain ``validate()`` stops at the first problem), reports keys nobody declared
+(dynaconf never does), resolves ``@secret NAME`` references, and hands the app a frozen, typed
+:class:`Settings`.  Nothing after this module ever sees dynaconf.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dynaconf import Dynaconf, ValidationError, Validator
+
+from inference_server import envvars
+from inference_server.providers.base import ProviderConfig, ProviderPlugin, Setting, Timeouts
+from inference_server.providers.loader import LoadedPlugin, PluginLoadError, load_plugins
+
+S = Setting
+_NUM = (int, float)
+LOG_LEVELS = ("trace", "debug", "info", "success", "warning", "error", "critical")
+
+#: Every core key with its type, default and bounds.  Defaults here equal settings.yaml's, so
+#: the server also runs without the file; docs/settings are checked against this tree by a test.
+CORE_SCHEMA: dict[str, Any] = {
+    "server": {
+        "host": S((str,), "127.0.0.1", description="interface to bind"),
+        "port": S((int,), 3000, gte=1, lte=65535),
+        "workers": S((int,), 1, gte=1, lte=64, description="processes sharing the port"),
+        "max_body_bytes": S((int,), 10 * 1024 * 1024, gte=1024),
+        "error_format": S((str,), "openai", choices=("openai", "legacy")),
+        "shutdown_timeout_secs": S(_NUM, 30, gte=0, lte=3600),
+    },
+    "inference": {
+        "provider": S((str,), "lmstudio", description="plugin of the one-provider shorthand"),
+        "base_url": S((str,), "http://127.0.0.1:1234/v1"),
+        "api_key": S((str,), None, secret=True, nullable=True),
+        "default_model": S((str,), "gpt-oss-20b"),
+        "timeout_secs": S(_NUM, 30, gte=0.001, lte=86400),
+        "connect_timeout_secs": S(_NUM, 30, gte=0.001, lte=3600),
+        "stream_first_byte_timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
+        "stream_idle_timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
+        "max_retries": S((int,), 3, gte=0, lte=10),
+        "retry_backoff_base_secs": S(_NUM, 0.25, gte=0, lte=60),
+        "retry_backoff_max_secs": S(_NUM, 8, gte=0, lte=600),
+        "retry_after_max_secs": S(_NUM, 30, gte=0, lte=3600),
+        "allowed_models": S((list,), []),
+        "models_cache_secs": S(_NUM, 10, gte=0, lte=3600),
+        "options": S((dict,), {}, description="plugin-specific keys for the shorthand provider"),
+    },
+    "http_client": {
+        "pool_size": S((int,), 1000, gte=1, lte=100000),
+        "pool_size_per_host": S((int,), 0, gte=0, lte=100000),
+        "keepalive_timeout_secs": S(_NUM, 30, gte=0, lte=3600),
+        "dns_cache_secs": S(_NUM, 300, gte=0, lte=86400),
+    },
+    "health": {
+        "probe_max_age_secs": S(_NUM, 2, gte=0, lte=3600),
+        "probe_timeout_secs": S(_NUM, 2, gte=0.001, lte=60),
+    },
+    "logging": {
+        "level": S((str,), "info", choices=LOG_LEVELS),
+        "format": S((str,), "pretty", choices=("pretty", "json")),
+        "output": S((str,), "stdout", choices=("stdout", "file")),
+        "access_log": S((bool,), True),
+        "file": {
+            "path": S((str,), "logs/inference-server.log"),
+            "rotation": S((str,), "100 MB"),
+            "retention": S((str,), "7 days"),
+        },
+    },
+    "telemetry": {
+        "traces": {
+            "exporter": S((str,), "none", choices=("none", "console", "otlp")),
+            "otlp_endpoint": S((str,), "http://127.0.0.1:4318/v1/traces"),
+            "service_name": S((str,), "inference-server"),
+            "sample_ratio": S(_NUM, 1.0, gte=0, lte=1),
+        },
+    },
+    # Named providers and the model table; their children are user-chosen names.
+    "providers": S((dict,), {}),
+    "models": S((dict,), {}),
+    "secrets": S((dict,), {}, secret=True),
+}
+
+#: Keys every provider section may have, besides its plugin's own.
+PROVIDER_SCHEMA: dict[str, Setting] = {
+    "plugin": S((str,), None, description="entry-point name of the provider plugin"),
+    "base_url": S((str,), None, nullable=True),
+    "api_key": S((str,), None, secret=True, nullable=True),
+    "timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
+    "connect_timeout_secs": S(_NUM, None, gte=0.001, lte=3600, nullable=True),
+    "stream_first_byte_timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
+    "stream_idle_timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
+    "max_retries": S((int,), None, gte=0, lte=10, nullable=True),
+}
+
+#: Keys of one entry of the model table.
+MODEL_SCHEMA: dict[str, Setting] = {
+    "provider": S((str,), None),
+    "upstream_model": S((str,), None, nullable=True),
+}
+
+SHORTHAND_PROVIDER = "local"
+_SECRET_REF = re.compile(r"^@secret\s+([A-Za-z0-9_.-]+)$")
+_SECRET_NAME = re.compile(r"(api_?key|secret|token|password)", re.IGNORECASE)
+
+
+class ConfigError(Exception):
+    """Settings are invalid; ``problems`` lists every one, each naming its key's path."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("invalid settings:\n" + "\n".join(f"  - {p}" for p in problems))
+        self.problems = problems
+
+
+# --- typed views ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    host: str
+    port: int
+    workers: int
+    max_body_bytes: int
+    error_format: str
+    shutdown_timeout_secs: float
+
+
+@dataclass(frozen=True, slots=True)
+class RetrySettings:
+    max_retries: int
+    backoff_base_secs: float
+    backoff_max_secs: float
+    retry_after_max_secs: float
+
+
+@dataclass(frozen=True, slots=True)
+class HttpClientSettings:
+    pool_size: int
+    pool_size_per_host: int
+    keepalive_timeout_secs: float
+    dns_cache_secs: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogFileSettings:
+    path: str
+    rotation: str
+    retention: str
+
+
+@dataclass(frozen=True, slots=True)
+class LoggingSettings:
+    level: str
+    format: str
+    output: str
+    access_log: bool
+    file: LogFileSettings
+
+
+@dataclass(frozen=True, slots=True)
+class TraceSettings:
+    exporter: str
+    otlp_endpoint: str
+    service_name: str
+    sample_ratio: float
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """A public model name served by one provider instance under an upstream model id."""
+
+    public: str
+    provider: str
+    upstream_model: str
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """The validated, frozen settings the app runs on."""
+
+    env: str
+    server: ServerSettings
+    default_model: str
+    allowed_models: tuple[str, ...]
+    models_cache_secs: float
+    #: The seed's ``http_config`` block of /health (the shorthand's or global timeouts).
+    http_config: Mapping[str, Any]
+    retry: RetrySettings
+    http_client: HttpClientSettings
+    health_probe_max_age_secs: float
+    health_probe_timeout_secs: float
+    logging: LoggingSettings
+    traces: TraceSettings
+    providers: Mapping[str, ProviderConfig]
+    models: Mapping[str, ModelRoute]
+    plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
+    raw: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def primary_provider(self) -> ProviderConfig:
+        """The provider reported by /health's ``provider`` field (the first one configured)."""
+        return next(iter(self.providers.values()))
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    if set(types) == {int, float}:
+        return "a number"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", dict: "a mapping"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def check_value(value: Any, spec: Setting) -> str | None:
+    """Why ``value`` does not fit ``spec``, or None when it does."""
+    if value is None:
+        return None if spec.nullable or spec.default is None else "must not be null"
+    ok = isinstance(value, spec.types) and not (
+        isinstance(value, bool) and bool not in spec.types
+    )
+    if not ok:
+        return f"must be {_type_name(spec.types)}, got {type(value).__name__} {value!r}"
+    if spec.choices is not None:
+        normalized = value.lower() if isinstance(value, str) else value
+        if normalized not in spec.choices:
+            return f"must be one of {', '.join(map(str, spec.choices))}, got {value!r}"
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if spec.gte is not None and value < spec.gte:
+            return f"must be >= {spec.gte}, got {value}"
+        if spec.lte is not None and value > spec.lte:
+            return f"must be <= {spec.lte}, got {value}"
+    return None
+
+
+def describe(spec: Setting) -> str:
+    """What a valid value looks like, in words (for messages and docs)."""
+    text = _type_name(spec.types)
+    if spec.choices is not None:
+        text = f"one of {', '.join(map(str, spec.choices))}"
+    elif spec.gte is not None and spec.lte is not None:
+        text += f" from {spec.gte:g} to {spec.lte:g}"
+    elif spec.gte is not None:
+        text += f" >= {spec.gte:g}"
+    if spec.nullable:
+        text += " (or null)"
+    return text
+
+
+def _validator(path: str, spec: Setting) -> Validator:
+    def condition(value: Any, spec: Setting = spec) -> bool:
+        return check_value(value, spec) is None
+
+    return Validator(
+        path,
+        condition=condition,
+        default=spec.default,
+        messages={"condition": f"{path}: must be {describe(spec)}, got {{value!r}}"},
+    )
+
+
+def _walk_schema(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, Setting]]:
+    for key, spec in schema.items():
+        path = f"{prefix}{key}"
+        if isinstance(spec, Mapping):
+            yield from _walk_schema(spec, f"{path}.")
+        else:
+            yield path, spec
+
+
+def _lower_keys(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k).lower(): _lower_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_lower_keys(v) for v in value]
+    return value
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _check_tree(
+    tree: Mapping[str, Any],
+    schema: Mapping[str, Any],
+    prefix: str,
+    problems: list[str],
+    *,
+    values: bool = True,
+) -> None:
+    """Report unknown keys (and, with ``values``, bad values) under ``prefix``."""
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        spec = schema.get(key)
+        if spec is None:
+            near = [k for k in schema if _close(k, key)]
+            hint = f" (did you mean '{prefix}{near[0]}'?)" if near else ""
+            problems.append(f"{path}: unknown key{hint}")
+        elif isinstance(spec, Mapping):
+            if isinstance(value, Mapping):
+                _check_tree(value, spec, f"{path}.", problems, values=values)
+            else:
+                problems.append(f"{path}: must be a mapping, got {type(value).__name__}")
+        elif values:
+            why = check_value(value, spec)
+            if why:
+                problems.append(f"{path}: {why}")
+
+
+def _close(a: str, b: str) -> bool:
+    """Cheap typo detector: same letters give or take one edit, or one is a prefix."""
+    if a.startswith(b) or b.startswith(a):
+        return min(len(a), len(b)) >= 3
+    if abs(len(a) - len(b)) > 1:
+        return False
+    diff = sum(x != y for x, y in zip(a, b, strict=False)) + abs(len(a) - len(b))
+    return diff <= 1 or sorted(a) == sorted(b)
+
+
+def _resolve_secrets(
+    tree: Any, secrets: Mapping[str, Any], path: str, problems: list[str]
+) -> Any:
+    """Replace ``"@secret NAME"`` strings with ``secrets.NAME`` (from .secrets.yaml or env)."""
+    if isinstance(tree, dict):
+        return {k: _resolve_secrets(v, secrets, f"{path}{k}.", problems) for k, v in tree.items()}
+    if isinstance(tree, str):
+        m = _SECRET_REF.match(tree.strip())
+        if m:
+            name = m.group(1).lower()
+            if name not in secrets:
+                problems.append(
+                    f"{path.rstrip('.')}: secret '{name}' is not defined (set secrets.{name} in "
+                    f".secrets.yaml or INFERENCE_SECRETS__{name.upper()} in the environment)"
+                )
+                return None
+            return secrets[name]
+    return tree
+
+
+def _provider_sections(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """Named provider sections, or the seed's ``inference:`` shorthand as provider 'local'."""
+    providers = tree.get("providers") or {}
+    if providers:
+        return {str(k): dict(v) if isinstance(v, Mapping) else v for k, v in providers.items()}
+    inf = tree.get("inference") or {}
+    section = {
+        "plugin": inf.get("provider"),
+        "base_url": inf.get("base_url"),
+        "api_key": inf.get("api_key"),
+        **{k: inf.get(k) for k in PROVIDER_SCHEMA if k.endswith("_secs") or k == "max_retries"},
+    }
+    section.update(inf.get("options") or {})
+    return {SHORTHAND_PROVIDER: section}
+
+
+def _num(v: Any, fallback: float) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else fallback
+
+
+def _build_provider(
+    name: str, section: Mapping[str, Any], inf: Mapping[str, Any], plugin: ProviderPlugin
+) -> ProviderConfig:
+    total = _num(section.get("timeout_secs"), float(inf["timeout_secs"]))
+    connect = _num(section.get("connect_timeout_secs"), float(inf["connect_timeout_secs"]))
+    first = _num(
+        section.get("stream_first_byte_timeout_secs"),
+        _num(inf.get("stream_first_byte_timeout_secs"), total),
+    )
+    idle = _num(
+        section.get("stream_idle_timeout_secs"), _num(inf.get("stream_idle_timeout_secs"), total)
+    )
+    retries = section.get("max_retries")
+    options = {k: v for k, v in section.items() if k not in PROVIDER_SCHEMA}
+    for key, spec in plugin.settings.items():
+        options.setdefault(key, spec.default)
+    return ProviderConfig(
+        name=name,
+        plugin=str(section["plugin"]),
+        base_url=str(section.get("base_url") or plugin.default_base_url),
+        api_key=section.get("api_key"),
+        timeouts=Timeouts(connect=connect, total=total, first_byte=first, idle=idle),
+        max_retries=int(retries) if isinstance(retries, int) else int(inf["max_retries"]),
+        options=options,
+    )
+
+
+def settings_files(config: str | os.PathLike[str] | None) -> list[str]:
+    """The settings file (``--config`` or ./settings.yaml) and the .secrets.yaml beside it."""
+    main = Path(config) if config else Path.cwd() / "settings.yaml"
+    return [str(main.resolve()), str((main.resolve().parent / ".secrets.yaml"))]
+
+
+def load_raw(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    env: str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[str, dict[str, Any], list[str]]:
+    """Run dynaconf's layering and core validators; return (env, lower-cased tree, problems)."""
+    problems: list[str] = []
+    if config is not None and not Path(config).is_file():
+        raise ConfigError([f"settings file not found: {config}"])
+    kwargs: dict[str, Any] = {}
+    if env is not None:
+        kwargs["force_env"] = env
+    dyn = Dynaconf(
+        settings_files=settings_files(config),
+        environments=True,
+        env_switcher="RUN_ENV",
+        envvar_prefix="INFERENCE",
+        merge_enabled=True,
+        loaders=["inference_server.envvars"],
+        **kwargs,
+    )
+    try:
+        current_env = str(dyn.current_env).lower()
+    except Exception as exc:  # a broken YAML file surfaces on first access
+        raise ConfigError([f"cannot read settings: {exc}"]) from exc
+    for path, value in (overrides or {}).items():
+        dyn.set(path, value)  # command-line flags beat every other layer
+    dyn.validators.register(*(_validator(p, s) for p, s in _walk_schema(CORE_SCHEMA)))
+    try:
+        dyn.validators.validate_all()
+    except ValidationError as exc:
+        problems.extend(str(message) for _, message in exc.details)
+    except Exception as exc:  # a broken YAML file surfaces on first access
+        raise ConfigError([f"cannot read settings: {exc}"]) from exc
+    tree = _lower_keys(dyn.as_dict())
+    for name in envvars.unresolved():
+        problems.append(f"environment variable {name}: does not name any setting")
+    return current_env, tree, problems
+
+
+def load_settings(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    env: str | None = None,
+    plugins: Mapping[str, ProviderPlugin] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load, validate everything (collecting every problem) and build :class:`Settings`.
+
+    ``plugins`` replaces entry-point discovery (tests register fakes explicitly this way).
+    """
+    current_env, tree, problems = load_raw(config, env=env, overrides=overrides)
+    core_tree = {k: v for k, v in tree.items() if k not in ("providers", "models", "secrets")}
+    # Values were checked by the dynaconf validators in load_raw; here: keys nobody declared.
+    _check_tree(core_tree, CORE_SCHEMA, "", problems, values=False)
+    for level_key in ("level",):
+        lvl = _get(tree, f"logging.{level_key}")
+        if isinstance(lvl, str):
+            tree["logging"][level_key] = lvl.lower()
+
+    secrets = tree.get("secrets") or {}
+    if not isinstance(secrets, Mapping):
+        problems.append("secrets: must be a mapping")
+        secrets = {}
+    resolved: dict[str, Any] = _resolve_secrets(
+        {k: v for k, v in tree.items() if k != "secrets"}, secrets, "", problems
+    )
+
+    sections = _provider_sections(resolved)
+    wanted: set[str] = set()
+    for name, section in sections.items():
+        if not isinstance(section, Mapping):
+            problems.append(f"providers.{name}: must be a mapping")
+            continue
+        plugin_name = section.get("plugin")
+        if not isinstance(plugin_name, str) or not plugin_name:
+            where = "inference.provider" if name == SHORTHAND_PROVIDER and not tree.get(
+                "providers") else f"providers.{name}.plugin"
+            problems.append(f"{where}: required (the provider plugin to use)")
+            continue
+        wanted.add(plugin_name)
+
+    loaded: dict[str, LoadedPlugin] = {}
+    if plugins is not None:
+        missing = sorted(wanted - plugins.keys())
+        if missing:
+            problems.append(
+                f"provider plugin(s) not installed: {', '.join(missing)} "
+                f"(installed: {', '.join(sorted(plugins)) or 'none'})"
+            )
+        loaded = {n: LoadedPlugin(p, "<given>", "") for n, p in plugins.items() if n in wanted}
+    else:
+        try:
+            loaded = load_plugins(wanted)
+        except PluginLoadError as exc:
+            problems.append(str(exc))
+
+    provider_configs: dict[str, ProviderConfig] = {}
+    inf = resolved.get("inference") or {}
+    shorthand = not tree.get("providers")
+    for name, section in sections.items():
+        if not isinstance(section, Mapping) or section.get("plugin") not in loaded:
+            continue
+        plugin = loaded[str(section["plugin"])].plugin
+        schema: dict[str, Any] = {**PROVIDER_SCHEMA, **plugin.settings}
+        if shorthand:
+            core_keys = {"plugin", "base_url", "api_key", *PROVIDER_SCHEMA}
+            opts = {k: v for k, v in section.items() if k not in core_keys}
+            _check_tree(opts, plugin.settings, "inference.options.", problems)
+        else:
+            _check_tree(section, schema, f"providers.{name}.", problems)
+        try:
+            provider_configs[name] = _build_provider(name, section, inf, plugin)
+        except (KeyError, TypeError, ValueError) as exc:
+            problems.append(f"providers.{name}: {exc}")
+
+    routes: dict[str, ModelRoute] = {}
+    models = resolved.get("models") or {}
+    if not isinstance(models, Mapping):
+        problems.append("models: must be a mapping of public model names")
+        models = {}
+    for public, entry in models.items():
+        if not isinstance(entry, Mapping):
+            problems.append(f"models.{public}: must be a mapping with 'provider'")
+            continue
+        _check_tree(entry, MODEL_SCHEMA, f"models.{public}.", problems)
+        provider = entry.get("provider")
+        if provider not in sections:
+            known = ", ".join(sorted(sections)) or "none"
+            problems.append(
+                f"models.{public}.provider: unknown provider {provider!r} (configured: {known})"
+            )
+            continue
+        routes[str(public)] = ModelRoute(
+            public=str(public),
+            provider=str(provider),
+            upstream_model=str(entry.get("upstream_model") or public),
+        )
+
+    if problems:
+        raise ConfigError(problems)
+
+    srv = resolved["server"]
+    log = resolved["logging"]
+    trc = resolved["telemetry"]["traces"]
+    hc = resolved["http_client"]
+    return Settings(
+        env=current_env,
+        server=ServerSettings(
+            host=srv["host"],
+            port=srv["port"],
+            workers=srv["workers"],
+            max_body_bytes=srv["max_body_bytes"],
+            error_format=srv["error_format"].lower(),
+            shutdown_timeout_secs=float(srv["shutdown_timeout_secs"]),
+        ),
+        default_model=inf["default_model"],
+        allowed_models=tuple(str(m) for m in inf["allowed_models"]),
+        models_cache_secs=float(inf["models_cache_secs"]),
+        http_config={
+            "timeout_secs": inf["timeout_secs"],
+            "connect_timeout_secs": inf["connect_timeout_secs"],
+            "max_retries": inf["max_retries"],
+        },
+        retry=RetrySettings(
+            max_retries=int(inf["max_retries"]),
+            backoff_base_secs=float(inf["retry_backoff_base_secs"]),
+            backoff_max_secs=float(inf["retry_backoff_max_secs"]),
+            retry_after_max_secs=float(inf["retry_after_max_secs"]),
+        ),
+        http_client=HttpClientSettings(
+            pool_size=hc["pool_size"],
+            pool_size_per_host=hc["pool_size_per_host"],
+            keepalive_timeout_secs=float(hc["keepalive_timeout_secs"]),
+            dns_cache_secs=float(hc["dns_cache_secs"]),
+        ),
+        health_probe_max_age_secs=float(resolved["health"]["probe_max_age_secs"]),
+        health_probe_timeout_secs=float(resolved["health"]["probe_timeout_secs"]),
+        logging=LoggingSettings(
+            level=log["level"],
+            format=log["format"].lower(),
+            output=log["output"].lower(),
+            access_log=bool(log["access_log"]),
+            file=LogFileSettings(**log["file"]),
+        ),
+        traces=TraceSettings(
+            exporter=trc["exporter"].lower(),
+            otlp_endpoint=trc["otlp_endpoint"],
+            service_name=trc["service_name"],
+            sample_ratio=float(trc["sample_ratio"]),
+        ),
+        providers=provider_configs,
+        models=routes,
+        plugins=loaded,
+        raw=tree,
+    )
+
+
+def masked(tree: Any, schema: Any = CORE_SCHEMA, key: str = "") -> Any:
+    """A copy of the settings tree safe to print: secrets replaced by ``"***"``."""
+    if isinstance(tree, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in tree.items():
+            sub = schema.get(k) if isinstance(schema, Mapping) else None
+            if isinstance(sub, Setting) and sub.secret or _SECRET_NAME.search(str(k)):
+                out[k] = "***" if v not in (None, "", {}) else v
+            elif k in ("providers", "models") and not isinstance(sub, Mapping):
+                out[k] = {n: masked(s, PROVIDER_SCHEMA) for n, s in (v or {}).items()}
+            else:
+                out[k] = masked(v, sub, k)
+        return out
+    return tree
+
+
+def describe_schema() -> list[tuple[str, Setting]]:
+    """Every core key path with its declaration (used by docs tests and --print-config)."""
+    return list(_walk_schema(CORE_SCHEMA))
+

@@ -1,0 +1,165 @@
+"""Writing SSE to the client: chunks as they arrive, usage at the end, errors in-band.
+
+The pipeline has already read the first chunk before calling :func:`relay`, so the 200 status is
+only sent once the upstream has produced something.  After that, every failure ends the stream
+with exactly one ``data: {"error": ...}`` event and no ``[DONE]``: the openai SDK raises on it,
+where a silent cut would look like a complete (truncated) answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from inference_server.context import RequestContext
+from inference_server.errors import GatewayError, InternalError, error_body
+from inference_server.providers.base import ChatChunk
+
+DONE = b"data: [DONE]\n\n"
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",
+}
+
+
+def sse_event(obj: Any) -> bytes:
+    """One data-only SSE event (no ``event:`` line: older openai SDKs mis-handle named events)."""
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def estimate_prompt_tokens(request: dict[str, Any]) -> int:
+    """Estimate prompt tokens when the upstream does not report usage.
+
+    ~4 characters per token plus ~4 tokens of chat framing per message: the usual rule of thumb
+    for BPE vocabularies.  Only used when the upstream sends no usage (see ARCHITECTURE.md).
+    """
+    chars = 0
+    messages = request.get("messages") or []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            chars += len(content)
+        elif isinstance(content, list):
+            for part in content:
+                text = part.get("text") if isinstance(part, dict) else None
+                if isinstance(text, str):
+                    chars += len(text)
+    return math.ceil(chars / 4) + 4 * len(messages) + 3
+
+
+class UsageTracker:
+    """Follows a stream to produce the final usage chunk the client asked for."""
+
+    __slots__ = ("completion_deltas", "seen_usage", "usage_chunk_sent")
+
+    def __init__(self) -> None:
+        self.completion_deltas = 0
+        self.seen_usage: dict[str, Any] | None = None
+        self.usage_chunk_sent = False
+
+    def observe(self, chunk: ChatChunk) -> None:
+        usage = chunk.get("usage")
+        if usage:
+            self.seen_usage = usage
+        for choice in chunk.get("choices") or ():
+            delta = choice.get("delta") or {}
+            if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+                self.completion_deltas += 1
+
+    def final_usage(self, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+        """(usage, estimated): the upstream's numbers when it sent any, else an estimate."""
+        if self.seen_usage is not None:
+            return self.seen_usage, False
+        prompt = estimate_prompt_tokens(request)
+        # Local servers stream one token per delta, so the delta count is a token count there.
+        completion = self.completion_deltas
+        return (
+            {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion},
+            True,
+        )
+
+
+async def relay(
+    request: web.Request,
+    response: web.StreamResponse,
+    ctx: RequestContext,
+    body: dict[str, Any],
+    first: ChatChunk,
+    chunks: AsyncIterator[ChatChunk],
+    *,
+    include_usage: bool,
+    error_format: str,
+) -> None:
+    """Forward ``first`` and the rest of ``chunks``; end with usage + [DONE] or an error event."""
+    tracker = UsageTracker()
+    template: dict[str, Any] = {
+        "id": first.get("id"),
+        "object": "chat.completion.chunk",
+        "created": first.get("created") or int(time.time()),
+        "model": first.get("model"),
+    }
+    write = response.write
+    chunk: ChatChunk | None = first
+    try:
+        while chunk is not None:
+            tracker.observe(chunk)
+            is_usage_only = not chunk.get("choices") and chunk.get("usage")
+            if is_usage_only:
+                if include_usage:
+                    tracker.usage_chunk_sent = True
+                    await write(sse_event(chunk))
+            else:
+                if include_usage and "usage" not in chunk:
+                    chunk["usage"] = None
+                await write(sse_event(chunk))
+            chunk = await anext(chunks, None)
+        usage, estimated = tracker.final_usage(body)
+        ctx.usage = usage
+        if include_usage and not tracker.usage_chunk_sent:
+            await write(sse_event({**template, "choices": [], "usage": usage}))
+        if estimated:
+            ctx.log.debug("stream usage estimated: {}", usage)
+        await write(DONE)
+    except asyncio.CancelledError:
+        # The client left (handler cancellation) or shutdown hit its deadline.  Tell a client
+        # that is still connected why its stream ends; then let the cancellation proceed.
+        if request.transport is not None and not request.transport.is_closing():
+            err = GatewayError("The server is shutting down", code="SERVER_SHUTDOWN")
+            await _write_error(response, err, error_format)
+        ctx.error_code = "CLIENT_DISCONNECTED"
+        raise
+    except GatewayError as exc:
+        ctx.error_code = exc.code
+        ctx.log.warning("stream failed after it started: {} ({})", exc.message, exc.code)
+        await _write_error(response, exc, error_format)
+    except (ConnectionResetError, web.HTTPException):
+        ctx.error_code = "CLIENT_DISCONNECTED"
+    except Exception as exc:  # a bug: still end the stream honestly
+        ctx.log.exception("unexpected error while streaming")
+        ctx.error_code = "INTERNAL_ERROR"
+        await _write_error(response, InternalError(f"Internal error: {type(exc).__name__}"),
+                           error_format)
+    finally:
+        await _aclose(chunks)
+
+
+async def _write_error(response: web.StreamResponse, err: GatewayError, error_format: str) -> None:
+    body = error_body(err, "legacy" if error_format == "legacy" else "openai")
+    try:
+        await response.write(sse_event(body))
+    except (ConnectionResetError, RuntimeError):
+        return
+
+
+async def _aclose(chunks: AsyncIterator[ChatChunk]) -> None:
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

@@ -1,0 +1,1 @@
+"""Tests against real upstream servers (llama.cpp via llama-cpp-python)."""
