@@ -7,7 +7,9 @@ providers); then middlewares (outermost first) and routes.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import orjson
@@ -15,7 +17,15 @@ from aiohttp import web
 
 from inference_server import logs
 from inference_server.health import HealthMonitor
-from inference_server.keys import HEALTH, HTTP_SESSION, REGISTRY, RETRIER, SETTINGS, TELEMETRY
+from inference_server.keys import (
+    HEALTH,
+    HTTP_SESSION,
+    OPEN_STREAMS,
+    REGISTRY,
+    RETRIER,
+    SETTINGS,
+    TELEMETRY,
+)
 from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
 from inference_server.registry import Registry
@@ -78,6 +88,24 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await logs.complete()
 
 
+async def _cut_streams_at_deadline(app: web.Application) -> None:
+    """on_shutdown: streams still open just before the shutdown deadline get cut cleanly.
+
+    aiohttp waits ``shutdown_timeout`` for handlers, then cancels them and closes their sockets in
+    the same tick, which would leave a stream silently truncated.  Cancelling them a little
+    earlier ourselves lets each one write its in-band error event and finish the HTTP message.
+    """
+    timeout = app[SETTINGS].server.shutdown_timeout_secs
+    margin = min(0.5, timeout / 10)
+
+    def cut() -> None:
+        for task in list(app[OPEN_STREAMS]):
+            task.cancel()
+
+    if app[OPEN_STREAMS]:
+        asyncio.get_running_loop().call_later(max(0.0, timeout - margin), cut)
+
+
 def create_app(settings: Settings) -> web.Application:
     """Assemble the gateway for already-validated ``settings``."""
     app = web.Application(
@@ -86,6 +114,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[RETRIER] = Retrier(settings.retry)
+    open_streams: set[asyncio.Task[Any]] = set()
+    app[OPEN_STREAMS] = open_streams
+    app.on_shutdown.append(_cut_streams_at_deadline)
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(_providers_ctx)

@@ -53,14 +53,14 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def _serve(settings: Settings, reuse_port: bool) -> None:
     """Run one worker: logging, uvloop, the app, graceful shutdown on SIGTERM/SIGINT."""
-    import uvloop  # noqa: PLC0415 (only the serving path needs it)
-    from aiohttp import web  # noqa: PLC0415
+    import uvloop
+    from aiohttp import web
 
-    from inference_server.app import create_app  # noqa: PLC0415
-    from inference_server.logs import setup_logging  # noqa: PLC0415
+    from inference_server.app import create_app
+    from inference_server.logs import setup_logging
 
     setup_logging(settings.logging)
-    from loguru import logger  # noqa: PLC0415
+    from loguru import logger
 
     logger.info(
         "inference-server {} (env {}) on http://{}:{} pid {} providers: {}",
@@ -88,12 +88,17 @@ def _serve(settings: Settings, reuse_port: bool) -> None:
 def _run_workers(settings: Settings) -> int:
     """Fork ``workers`` processes on one port; forward SIGTERM/SIGINT; exit when all exit."""
     ctx = multiprocessing.get_context("fork")
-    procs = [ctx.Process(target=_serve, args=(settings, True), daemon=False)
-             for _ in range(settings.server.workers)]
+    procs = [
+        ctx.Process(target=_serve, args=(settings, True), daemon=False)
+        for _ in range(settings.server.workers)
+    ]
     for proc in procs:
         proc.start()
 
+    forwarded: set[int] = set()
+
     def forward(signum: int, _frame: object) -> None:
+        forwarded.add(signum)
         for proc in procs:
             if proc.pid is not None and proc.is_alive():
                 os.kill(proc.pid, signum)
@@ -103,7 +108,11 @@ def _run_workers(settings: Settings) -> int:
     code = 0
     for proc in procs:
         proc.join()
-        code = code or (proc.exitcode or 0)
+        exitcode = proc.exitcode or 0
+        # A worker still starting up when we forwarded SIGTERM dies of it: that is a clean stop.
+        if exitcode < 0 and -exitcode in forwarded:
+            exitcode = 0
+        code = code or exitcode
     return code
 
 
@@ -112,15 +121,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings(args.config, overrides=_overrides(args))
     except ConfigError as exc:
-        print(f"configuration error(s) in env '{os.environ.get('RUN_ENV', 'development')}':",
-              file=sys.stderr)
+        print(
+            f"configuration error(s) in env '{os.environ.get('RUN_ENV', 'development')}':",
+            file=sys.stderr,
+        )
         for problem in exc.problems:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     if args.print_config:
         tree = masked(settings.raw)
-        sys.stdout.write(orjson.dumps({"env": settings.env, **tree},
-                                      option=orjson.OPT_INDENT_2).decode() + "\n")
+        sys.stdout.write(
+            orjson.dumps({"env": settings.env, **tree}, option=orjson.OPT_INDENT_2).decode() + "\n"
+        )
         return 0
     if args.check_config:
         print(f"configuration OK (env {settings.env})")

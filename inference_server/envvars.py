@@ -22,7 +22,7 @@ DYNAMIC_SECTIONS = frozenset({"providers", "models", "secrets"})
 
 
 def _known_tree() -> Mapping[str, Any]:
-    from inference_server.settings import CORE_SCHEMA  # noqa: PLC0415 (avoids an import cycle)
+    from inference_server.settings import CORE_SCHEMA
 
     return CORE_SCHEMA
 
@@ -67,8 +67,12 @@ def unresolved(environ: Mapping[str, str] | None = None) -> list[str]:
 
 
 def _plain(value: Any) -> Any:
-    to_dict = getattr(value, "to_dict", None)
-    return copy.deepcopy(to_dict() if callable(to_dict) else value)
+    """A deep plain-dict copy of a dynaconf box (so a leaf can be replaced without merging)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return copy.copy(value)
 
 
 def load(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from weakref import WeakSet
+import asyncio
+from typing import Any
 
 import aiohttp
 from aiohttp import web
@@ -20,5 +21,6 @@ REGISTRY = web.AppKey("registry", Registry)
 HEALTH = web.AppKey("health", HealthMonitor)
 RETRIER = web.AppKey("retrier", Retrier)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
-OPEN_STREAMS = web.AppKey("open_streams", WeakSet)
+#: Handler tasks relaying a stream right now (cut with an error event at the shutdown deadline).
+OPEN_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("open_streams")
 CTX = web.RequestKey("ctx", RequestContext)

@@ -59,9 +59,7 @@ def _json_format(record: Record) -> str:
         if key not in _RESERVED and key != "logger_name":
             obj[key] = value
     if record["exception"] is not None:
-        obj["exception"] = "".join(
-            __import__("traceback").format_exception(*record["exception"])
-        )
+        obj["exception"] = "".join(__import__("traceback").format_exception(*record["exception"]))
     extra["_json"] = orjson.dumps(obj, default=str).decode()
     return "{extra[_json]}\n"
 

@@ -24,7 +24,15 @@ from inference_server.errors import (
     ProviderTimeout,
     UnsupportedMediaType,
 )
-from inference_server.keys import CTX, HEALTH, REGISTRY, RETRIER, SETTINGS, TELEMETRY
+from inference_server.keys import (
+    CTX,
+    HEALTH,
+    OPEN_STREAMS,
+    REGISTRY,
+    RETRIER,
+    SETTINGS,
+    TELEMETRY,
+)
 from inference_server.providers.base import CallContext, ChatChunk
 from inference_server.registry import Target
 from inference_server.schemas import validate_chat
@@ -174,16 +182,24 @@ async def stream(
         await _aclose(chunks)
         raise
     ctx.status = 200
-    await relay(
-        request,
-        response,
-        ctx,
-        body,
-        first,
-        chunks,
-        include_usage=include_usage,
-        error_format=request.app[SETTINGS].server.error_format,
-    )
+    open_streams = request.app[OPEN_STREAMS]
+    task = asyncio.current_task()
+    if task is not None:
+        open_streams.add(task)
+    try:
+        await relay(
+            request,
+            response,
+            ctx,
+            body,
+            first,
+            chunks,
+            include_usage=include_usage,
+            error_format=request.app[SETTINGS].server.error_format,
+        )
+    finally:
+        if task is not None:
+            open_streams.discard(task)
     return response
 
 

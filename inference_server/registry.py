@@ -48,8 +48,7 @@ class Registry:
             route = routes.get(model)
             if route is None:
                 raise ModelNotFound(
-                    f"The model '{model}' does not exist. Available models: "
-                    + ", ".join(routes),
+                    f"The model '{model}' does not exist. Available models: " + ", ".join(routes),
                     param="model",
                 )
             provider = self.providers[route.provider]
@@ -82,7 +81,10 @@ class Registry:
             return cached[1]
         async with self._models_lock:
             cached = self._models_cache
-            if cached is not None and time.monotonic() - cached[0] < self.settings.models_cache_secs:
+            if (
+                cached is not None
+                and time.monotonic() - cached[0] < self.settings.models_cache_secs
+            ):
                 return cached[1]
             infos = await self._default.list_models()
             models = [self._entry(i.id, self._default.config.name, i.created) for i in infos]

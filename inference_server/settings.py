@@ -216,8 +216,14 @@ class Settings:
 def _type_name(types: tuple[type, ...]) -> str:
     if set(types) == {int, float}:
         return "a number"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list", dict: "a mapping"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        dict: "a mapping",
+    }
     return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
 
 
@@ -225,9 +231,7 @@ def check_value(value: Any, spec: Setting) -> str | None:
     """Why ``value`` does not fit ``spec``, or None when it does."""
     if value is None:
         return None if spec.nullable or spec.default is None else "must not be null"
-    ok = isinstance(value, spec.types) and not (
-        isinstance(value, bool) and bool not in spec.types
-    )
+    ok = isinstance(value, spec.types) and not (isinstance(value, bool) and bool not in spec.types)
     if not ok:
         return f"must be {_type_name(spec.types)}, got {type(value).__name__} {value!r}"
     if spec.choices is not None:
@@ -331,9 +335,7 @@ def _close(a: str, b: str) -> bool:
     return diff <= 1 or sorted(a) == sorted(b)
 
 
-def _resolve_secrets(
-    tree: Any, secrets: Mapping[str, Any], path: str, problems: list[str]
-) -> Any:
+def _resolve_secrets(tree: Any, secrets: Mapping[str, Any], path: str, problems: list[str]) -> Any:
     """Replace ``"@secret NAME"`` strings with ``secrets.NAME`` (from .secrets.yaml or env)."""
     if isinstance(tree, dict):
         return {k: _resolve_secrets(v, secrets, f"{path}{k}.", problems) for k, v in tree.items()}
@@ -351,7 +353,7 @@ def _resolve_secrets(
     return tree
 
 
-def _provider_sections(tree: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+def _provider_sections(tree: Mapping[str, Any]) -> dict[str, Any]:
     """Named provider sections, or the seed's ``inference:`` shorthand as provider 'local'."""
     providers = tree.get("providers") or {}
     if providers:
@@ -401,7 +403,7 @@ def _build_provider(
 def settings_files(config: str | os.PathLike[str] | None) -> list[str]:
     """The settings file (``--config`` or ./settings.yaml) and the .secrets.yaml beside it."""
     main = Path(config) if config else Path.cwd() / "settings.yaml"
-    return [str(main.resolve()), str((main.resolve().parent / ".secrets.yaml"))]
+    return [str(main.resolve()), str(main.resolve().parent / ".secrets.yaml")]
 
 
 def load_raw(
@@ -481,8 +483,11 @@ def load_settings(
             continue
         plugin_name = section.get("plugin")
         if not isinstance(plugin_name, str) or not plugin_name:
-            where = "inference.provider" if name == SHORTHAND_PROVIDER and not tree.get(
-                "providers") else f"providers.{name}.plugin"
+            where = (
+                "inference.provider"
+                if name == SHORTHAND_PROVIDER and not tree.get("providers")
+                else f"providers.{name}.plugin"
+            )
             problems.append(f"{where}: required (the provider plugin to use)")
             continue
         wanted.add(plugin_name)
@@ -516,6 +521,8 @@ def load_settings(
             _check_tree(opts, plugin.settings, "inference.options.", problems)
         else:
             _check_tree(section, schema, f"providers.{name}.", problems)
+        if any(p.startswith("inference.") for p in problems):
+            continue  # its defaults are invalid and already reported
         try:
             provider_configs[name] = _build_provider(name, section, inf, plugin)
         except (KeyError, TypeError, ValueError) as exc:
@@ -609,7 +616,7 @@ def masked(tree: Any, schema: Any = CORE_SCHEMA, key: str = "") -> Any:
         out: dict[str, Any] = {}
         for k, v in tree.items():
             sub = schema.get(k) if isinstance(schema, Mapping) else None
-            if isinstance(sub, Setting) and sub.secret or _SECRET_NAME.search(str(k)):
+            if (isinstance(sub, Setting) and sub.secret) or _SECRET_NAME.search(str(k)):
                 out[k] = "***" if v not in (None, "", {}) else v
             elif k in ("providers", "models") and not isinstance(sub, Mapping):
                 out[k] = {n: masked(s, PROVIDER_SCHEMA) for n, s in (v or {}).items()}
@@ -622,4 +629,3 @@ def masked(tree: Any, schema: Any = CORE_SCHEMA, key: str = "") -> Any:
 def describe_schema() -> list[tuple[str, Setting]]:
     """Every core key path with its declaration (used by docs tests and --print-config)."""
     return list(_walk_schema(CORE_SCHEMA))
-

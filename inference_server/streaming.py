@@ -9,6 +9,7 @@ where a silent cut would look like a complete (truncated) answer.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
@@ -18,7 +19,13 @@ import orjson
 from aiohttp import web
 
 from inference_server.context import RequestContext
-from inference_server.errors import GatewayError, InternalError, error_body
+from inference_server.errors import (
+    ErrorFormat,
+    GatewayError,
+    InternalError,
+    ServiceUnavailable,
+    error_body,
+)
 from inference_server.providers.base import ChatChunk
 
 DONE = b"data: [DONE]\n\n"
@@ -81,8 +88,11 @@ class UsageTracker:
         # Local servers stream one token per delta, so the delta count is a token count there.
         completion = self.completion_deltas
         return (
-            {"prompt_tokens": prompt, "completion_tokens": completion,
-             "total_tokens": prompt + completion},
+            {
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "total_tokens": prompt + completion,
+            },
             True,
         )
 
@@ -132,8 +142,12 @@ async def relay(
         # The client left (handler cancellation) or shutdown hit its deadline.  Tell a client
         # that is still connected why its stream ends; then let the cancellation proceed.
         if request.transport is not None and not request.transport.is_closing():
-            err = GatewayError("The server is shutting down", code="SERVER_SHUTDOWN")
+            err = ServiceUnavailable(
+                "The server is shutting down; the stream was cut at the shutdown deadline"
+            )
             await _write_error(response, err, error_format)
+            with contextlib.suppress(ConnectionResetError, RuntimeError):
+                await response.write_eof()  # a complete HTTP message: the client reads the event
         ctx.error_code = "CLIENT_DISCONNECTED"
         raise
     except GatewayError as exc:
@@ -145,14 +159,16 @@ async def relay(
     except Exception as exc:  # a bug: still end the stream honestly
         ctx.log.exception("unexpected error while streaming")
         ctx.error_code = "INTERNAL_ERROR"
-        await _write_error(response, InternalError(f"Internal error: {type(exc).__name__}"),
-                           error_format)
+        await _write_error(
+            response, InternalError(f"Internal error: {type(exc).__name__}"), error_format
+        )
     finally:
         await _aclose(chunks)
 
 
 async def _write_error(response: web.StreamResponse, err: GatewayError, error_format: str) -> None:
-    body = error_body(err, "legacy" if error_format == "legacy" else "openai")
+    fmt: ErrorFormat = "legacy" if error_format == "legacy" else "openai"
+    body = error_body(err, fmt)
     try:
         await response.write(sse_event(body))
     except (ConnectionResetError, RuntimeError):

@@ -43,7 +43,7 @@ class Telemetry:
             exporter = ConsoleSpanExporter()
             provider.add_span_processor(SimpleSpanProcessor(exporter))
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
                 OTLPSpanExporter,
             )
 

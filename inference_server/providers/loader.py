@@ -41,9 +41,7 @@ def discover(eps: list[EntryPoint] | None = None) -> dict[str, EntryPoint]:
     return found
 
 
-def load_plugins(
-    wanted: set[str], eps: list[EntryPoint] | None = None
-) -> dict[str, LoadedPlugin]:
+def load_plugins(wanted: set[str], eps: list[EntryPoint] | None = None) -> dict[str, LoadedPlugin]:
     """Load every plugin named in ``wanted``; fail with the list of installed ones otherwise."""
     available = discover(eps)
     missing = sorted(wanted - available.keys())

@@ -95,7 +95,9 @@ def map_upstream_status(
         return ProviderError(f"Provider '{provider}' failed ({status}): {message}")
     if status == 404 and code in (None, "model_not_found"):
         return ProviderRejected(message, code="MODEL_NOT_FOUND", param=param, status=404)
-    return ProviderRejected(message, code=code.upper() if code else None, param=param, status=status)
+    return ProviderRejected(
+        message, code=code.upper() if code else None, param=param, status=status
+    )
 
 
 def map_client_exception(provider: str, exc: BaseException) -> GatewayError:
@@ -152,9 +154,10 @@ class OpenAICompatibleProvider(Provider):
     def _check_payload(self, payload: Any) -> None:
         """Raise when a 200 body is an error in disguise (some servers do that)."""
         if isinstance(payload, dict) and payload.get("error"):
-            message, code, param = _error_message(payload, "upstream reported an error")
+            message, code, _ = _error_message(payload, "upstream reported an error")
             raise ProviderError(
-                f"Provider '{self.config.name}' error: {message}", code=code.upper() if code else None
+                f"Provider '{self.config.name}' error: {message}",
+                code=code.upper() if code else None,
             )
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
@@ -167,7 +170,7 @@ class OpenAICompatibleProvider(Provider):
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise map_upstream_status(self.config.name, resp.status, raw, resp.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(self.config.name, exc) from exc
         try:
             payload = orjson.loads(raw)
@@ -193,7 +196,7 @@ class OpenAICompatibleProvider(Provider):
             resp = await self.session.post(
                 self.chat_url, data=body, headers=self.request_headers(ctx), timeout=timeout
             )
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(name, exc) from exc
         started = False
         finished = False
@@ -218,10 +221,12 @@ class OpenAICompatibleProvider(Provider):
                 started = True
                 yield chunk
             raise StreamInterrupted(f"Provider '{name}' ended the stream without [DONE]")
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             err = map_client_exception(name, exc)
             if started:
-                raise StreamInterrupted(f"Stream from provider '{name}' broke: {err.message}") from exc
+                raise StreamInterrupted(
+                    f"Stream from provider '{name}' broke: {err.message}"
+                ) from exc
             raise err from exc
         finally:
             if finished:
@@ -245,7 +250,8 @@ class OpenAICompatibleProvider(Provider):
         if chunk.get("error"):
             message, code, _ = _error_message(chunk, "upstream reported an error")
             raise (StreamInterrupted if started else ProviderError)(
-                f"Provider '{self.config.name}' error: {message}", code=code.upper() if code else None
+                f"Provider '{self.config.name}' error: {message}",
+                code=code.upper() if code else None,
             )
         return chunk
 
@@ -258,7 +264,7 @@ class OpenAICompatibleProvider(Provider):
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise map_upstream_status(self.config.name, resp.status, raw, resp.headers)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(self.config.name, exc) from exc
         try:
             payload = orjson.loads(raw)

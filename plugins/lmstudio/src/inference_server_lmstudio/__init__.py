@@ -34,7 +34,10 @@ plugin = ProviderPlugin(
     factory=LMStudioProvider,
     settings={
         "ttl": Setting(
-            (int,), None, gte=1, nullable=True,
+            (int,),
+            None,
+            gte=1,
+            nullable=True,
             description="seconds a JIT-loaded model stays loaded when idle (LM Studio 'ttl')",
         ),
     },

@@ -28,8 +28,26 @@ from inference_server.providers import (
 )
 
 _WORDS = (
-    "the", "model", "answers", "with", "a", "short", "and", "deterministic", "reply", "so",
-    "tests", "can", "rely", "on", "it", "every", "time", "gateway", "token", "stream",
+    "the",
+    "model",
+    "answers",
+    "with",
+    "a",
+    "short",
+    "and",
+    "deterministic",
+    "reply",
+    "so",
+    "tests",
+    "can",
+    "rely",
+    "on",
+    "it",
+    "every",
+    "time",
+    "gateway",
+    "token",
+    "stream",
 )
 
 
@@ -162,12 +180,19 @@ plugin = ProviderPlugin(
     name="mock",
     factory=MockProvider,
     settings={
-        "latency_ms": Setting((int, float), 0, gte=0, lte=600_000,
-                              description="delay before the first token"),
-        "tokens_per_second": Setting((int, float), 0, gte=0, lte=1_000_000,
-                                     description="pace of tokens after the first; 0 = no delay"),
-        "reply_tokens": Setting((int,), 16, gte=1, lte=100_000,
-                                description="tokens per reply before max_tokens applies"),
+        "latency_ms": Setting(
+            (int, float), 0, gte=0, lte=600_000, description="delay before the first token"
+        ),
+        "tokens_per_second": Setting(
+            (int, float),
+            0,
+            gte=0,
+            lte=1_000_000,
+            description="pace of tokens after the first; 0 = no delay",
+        ),
+        "reply_tokens": Setting(
+            (int,), 16, gte=1, lte=100_000, description="tokens per reply before max_tokens applies"
+        ),
         "models": Setting((list,), ["mock-model"], description="ids listed by /v1/models"),
     },
     default_base_url="mock://local",

@@ -1,0 +1,208 @@
+"""The real server process: CLI, SIGTERM draining, the shutdown deadline, workers, log output."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.procs import free_port, running_process
+
+CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+
+
+@contextmanager
+def gateway(
+    tmp_path: Path,
+    config: dict[str, Any],
+    *args: str,
+    env: dict[str, str] | None = None,
+    sections: dict[str, Any] | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    port = free_port()
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(json.dumps({"default": config, **(sections or {})}))
+    base_env = {
+        k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_") and k != "RUN_ENV"
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "inference_server",
+        "--config",
+        str(settings),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        *args,
+    ]
+    with running_process(
+        cmd,
+        env={**base_env, **(env or {})},
+        ready_url=f"http://127.0.0.1:{port}/",
+        timeout=30,
+        log_path=tmp_path / "server.log",
+    ) as proc:
+        yield proc, port
+
+
+def mock_config(**options: Any) -> dict[str, Any]:
+    return {"inference": {"provider": "mock", "options": options}}
+
+
+def stream_body(port: int, result: dict[str, Any]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request(
+        "POST", "/v1/chat/completions", body=CHAT, headers={"Content-Type": "application/json"}
+    )
+    resp = conn.getresponse()
+    result["status"] = resp.status
+    try:
+        result["body"] = resp.read().decode()
+    except http.client.IncompleteRead as exc:  # a cut response: the test asserts on it
+        result["body"] = exc.partial.decode()
+        result["incomplete"] = True
+    conn.close()
+
+
+def test_sigterm_lets_an_open_stream_finish(tmp_path: Path) -> None:
+    config = {
+        **mock_config(tokens_per_second=20, reply_tokens=20),
+        "server": {"shutdown_timeout_secs": 10},
+    }
+    with gateway(tmp_path, config) as (proc, port):
+        result: dict[str, Any] = {}
+        reader = threading.Thread(target=stream_body, args=(port, result))
+        reader.start()
+        time.sleep(0.3)  # the stream is under way (it lasts ~1 s)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(timeout=20)
+        assert proc.wait(timeout=20) == 0
+    assert result["status"] == 200
+    assert result["body"].rstrip().endswith("data: [DONE]")
+    assert '"finish_reason":"stop"' in result["body"]
+
+
+def test_shutdown_deadline_ends_long_streams_with_an_error_event(tmp_path: Path) -> None:
+    config = {
+        **mock_config(tokens_per_second=5, reply_tokens=100),
+        "server": {"shutdown_timeout_secs": 0.5},
+    }
+    with gateway(tmp_path, config) as (proc, port):
+        result: dict[str, Any] = {}
+        reader = threading.Thread(target=stream_body, args=(port, result))
+        reader.start()
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        reader.join(timeout=20)
+        proc.wait(timeout=20)
+    assert result["status"] == 200
+    assert "incomplete" not in result
+    last = [b for b in result["body"].split("\n\n") if b.strip()][-1]
+    assert "[DONE]" not in last
+    assert json.loads(last[len("data: ") :])["error"]["code"] == "SERVICE_UNAVAILABLE"
+
+
+def test_workers_share_one_port(tmp_path: Path) -> None:
+    with gateway(tmp_path, mock_config(), "--workers", "2") as (proc, port):
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+        assert len(children) == 2
+        deadline = time.monotonic() + 20
+        for pid in children:  # each worker is ready before we count requests
+            while not Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+        for _ in range(20):
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            conn.request("GET", "/health")
+            assert conn.getresponse().status == 200
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_production_logs_are_json_lines(tmp_path: Path) -> None:
+    production = {"production": {"logging": {"format": "json"}}}
+    with gateway(tmp_path, mock_config(), env={"RUN_ENV": "production"}, sections=production) as (
+        proc,
+        port,
+    ):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=CHAT.replace(b"true", b"false"),
+            headers={"Content-Type": "application/json", "x-request-id": "rid-42"},
+        )
+        assert conn.getresponse().status == 200
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    lines = [
+        json.loads(line)
+        for line in (tmp_path / "server.log").read_text().splitlines()
+        if line.startswith("{")
+    ]
+    access = [rec for rec in lines if rec.get("request_id") == "rid-42"]
+    assert access, lines
+    assert {"time", "level", "message", "request_id", "logger"} <= access[0].keys()
+    assert "model=gpt-oss-20b" in access[0]["message"]
+    assert "provider=local" in access[0]["message"]
+
+
+def test_file_logging_with_rotation_settings(tmp_path: Path) -> None:
+    log_file = tmp_path / "logs" / "gw.log"
+    config = {
+        **mock_config(),
+        "logging": {
+            "output": "file",
+            "format": "json",
+            "file": {"path": str(log_file), "rotation": "1 MB", "retention": "2 days"},
+        },
+    }
+    with gateway(tmp_path, config) as (proc, _port):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    records = [json.loads(line) for line in log_file.read_text().splitlines()]
+    assert any("inference-server" in r["message"] for r in records)
+
+
+def test_secret_never_logged(tmp_path: Path) -> None:
+    config = {
+        "inference": {"provider": "mock", "api_key": "sk-super-secret-123"},
+        "logging": {"level": "debug"},
+    }
+    with gateway(tmp_path, config) as (proc, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST", "/v1/chat/completions", body=CHAT, headers={"Content-Type": "application/json"}
+        )
+        conn.getresponse().read()
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert "sk-super-secret-123" not in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.parametrize("flag", ["--check-config", "--print-config"])
+def test_config_flags_do_not_bind(tmp_path: Path, flag: str) -> None:
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(json.dumps({"default": mock_config()}))
+    out = subprocess.run(
+        [sys.executable, "-m", "inference_server", "--config", str(settings), flag],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr

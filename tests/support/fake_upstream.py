@@ -1,0 +1,188 @@
+"""A scriptable fake OpenAI-compatible upstream, served for real on a free loopback port.
+
+Integration tests script what the next requests get (success, an error status, a hang, a stream
+cut mid-way, an in-band stream error) and then check what the gateway did, including whether it
+cancelled the upstream request when its own client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+
+@dataclass
+class Action:
+    """What the fake does with one request."""
+
+    kind: str = "ok"  # ok | status | cut | stream_error | garbage
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0  # before the response starts
+    chunks: int = 3  # content chunks in a stream
+    interval: float = 0.0  # between stream chunks
+    usage: bool = True  # send a usage chunk when asked (include_usage)
+
+
+def completion(model: str, text: str = "Hello from the fake upstream.") -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
+    }
+
+
+def sse(obj: Any) -> bytes:
+    import json
+
+    return f"data: {json.dumps(obj)}\n\n".encode()
+
+
+class FakeUpstream:
+    """The fake's state: scripted actions in, recorded requests and cancellations out."""
+
+    def __init__(self, models: tuple[str, ...] = ("gpt-oss-20b", "llama-2-7b")) -> None:
+        self.models = models
+        self.actions: deque[Action] = deque()
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[CIMultiDict[str]] = []
+        self.cancelled = asyncio.Event()
+        self.finished_streams = 0
+        self.app = web.Application()
+        self.app.router.add_post("/v1/chat/completions", self._chat)
+        self.app.router.add_get("/v1/models", self._models)
+        self.base_url = ""  # set by the fixture once the server listens
+        self.server: Any = None  # the aiohttp TestServer, so a test can stop it
+
+    def script(self, *actions: Action) -> None:
+        """Queue the behaviour of the next requests (then: plain success)."""
+        self.actions.extend(actions)
+
+    async def _models(self, request: web.Request) -> web.Response:
+        action = self.actions.popleft() if self.actions else Action()
+        if action.kind == "status":
+            return web.json_response(action.body, status=action.status, headers=action.headers)
+        data = [{"id": m, "object": "model", "owned_by": "fake", "created": 1} for m in self.models]
+        return web.json_response({"object": "list", "data": data})
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.headers.append(CIMultiDict(request.headers))
+        action = self.actions.popleft() if self.actions else Action()
+        try:
+            if action.delay:
+                await asyncio.sleep(action.delay)
+            if action.kind == "status":
+                if isinstance(action.body, (bytes, str)):
+                    return web.Response(
+                        body=action.body, status=action.status, headers=action.headers
+                    )
+                return web.json_response(action.body, status=action.status, headers=action.headers)
+            if action.kind == "garbage":
+                return web.Response(body=b"<html>not json</html>", content_type="text/html")
+            if body.get("stream"):
+                return await self._stream(request, body, action)
+            return web.json_response(completion(body.get("model", "?")))
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def _stream(
+        self, request: web.Request, body: dict[str, Any], action: Action
+    ) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": body.get("model"),
+        }
+        try:
+            await resp.write(
+                sse(
+                    {
+                        **base,
+                        "choices": [
+                            {"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}
+                        ],
+                    }
+                )
+            )
+            for i in range(action.chunks):
+                if action.interval:
+                    await asyncio.sleep(action.interval)
+                if action.kind == "cut" and i == action.chunks // 2:
+                    assert request.transport is not None
+                    request.transport.abort()
+                    return resp
+                if action.kind == "stream_error" and i == action.chunks // 2:
+                    await resp.write(
+                        sse(
+                            {
+                                "error": {
+                                    "message": "model crashed",
+                                    "type": "server_error",
+                                    "code": "model_crash",
+                                }
+                            }
+                        )
+                    )
+                    return resp
+                await resp.write(
+                    sse(
+                        {
+                            **base,
+                            "choices": [
+                                {
+                                    "index": 0,
+                                    "delta": {"content": f"tok{i} "},
+                                    "finish_reason": None,
+                                }
+                            ],
+                        }
+                    )
+                )
+            await resp.write(
+                sse({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+            )
+            wants_usage = (body.get("stream_options") or {}).get("include_usage")
+            if wants_usage and action.usage:
+                await resp.write(
+                    sse(
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": 5,
+                                "completion_tokens": action.chunks,
+                                "total_tokens": 5 + action.chunks,
+                            },
+                        }
+                    )
+                )
+            await resp.write(b"data: [DONE]\n\n")
+            self.finished_streams += 1
+        except (asyncio.CancelledError, ConnectionResetError):
+            self.cancelled.set()
+            raise
+        return resp
