@@ -98,11 +98,13 @@ async def _cut_streams_at_deadline(app: web.Application) -> None:
     timeout = app[SETTINGS].server.shutdown_timeout_secs
     margin = min(0.5, timeout / 10)
 
+    streams = app[OPEN_STREAMS]
+
     def cut() -> None:
-        for task in list(app[OPEN_STREAMS]):
+        for task in tuple(streams):
             task.cancel()
 
-    if app[OPEN_STREAMS]:
+    if streams:
         asyncio.get_running_loop().call_later(max(0.0, timeout - margin), cut)
 
 

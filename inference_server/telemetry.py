@@ -30,7 +30,8 @@ class Telemetry:
 
     def __init__(self, settings: TraceSettings) -> None:
         self.enabled = settings.exporter != "none"
-        self._provider: TracerProvider | None = None
+        #: The SDK provider when tracing is on (tests attach an in-memory exporter to it).
+        self.provider: TracerProvider | None = None
         if not self.enabled:
             self.tracer: trace.Tracer = trace.NoOpTracer()
             return
@@ -49,7 +50,7 @@ class Telemetry:
 
             exporter = OTLPSpanExporter(endpoint=settings.otlp_endpoint)
             provider.add_span_processor(BatchSpanProcessor(exporter))
-        self._provider = provider
+        self.provider = provider
         self.tracer = provider.get_tracer("inference_server")
 
     @contextmanager
@@ -85,5 +86,5 @@ class Telemetry:
 
     def shutdown(self) -> None:
         """Flush and stop exporters (at app cleanup)."""
-        if self._provider is not None:
-            self._provider.shutdown()
+        if self.provider is not None:
+            self.provider.shutdown()

@@ -10,6 +10,7 @@ from typing import Any
 from unittest.mock import Mock
 
 import aiohttp
+import aioresponses.core as aioresponses_core
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
@@ -127,18 +128,12 @@ class CompatClientResponse(aiohttp.ClientResponse):
         super().__init__(*args, **kwargs)
 
 
-class HttpMock(aioresponses):
-    """aioresponses with the compat response class applied to every registered URL."""
-
-    def add(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
-        kwargs.setdefault("response_class", CompatClientResponse)
-        super().add(*args, **kwargs)
-
-
 @pytest.fixture
-def http_mock() -> Iterator[HttpMock]:
+def http_mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
     """Mock outgoing HTTP (unit tier); requests to 127.0.0.1 (the test client) stay real."""
-    with HttpMock(passthrough=["http://127.0.0.1"]) as mock:
+    # Every mocked response (registered or built by a callback) is built from this name.
+    monkeypatch.setattr(aioresponses_core, "ClientResponse", CompatClientResponse)
+    with aioresponses(passthrough=["http://127.0.0.1"]) as mock:
         yield mock
 
 

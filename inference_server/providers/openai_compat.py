@@ -124,7 +124,9 @@ class OpenAICompatibleProvider(Provider):
         if self.config.api_key:
             headers["Authorization"] = f"Bearer {self.config.api_key}"
         if ctx is not None:
-            headers["x-request-id"] = ctx.request_id
+            # Correlation id for the upstream's logs.  Not "x-request-id": llama-cpp-python
+            # (starlette-context) answers an empty 400 to any x-request-id that is not a UUID.
+            headers["X-Client-Request-Id"] = ctx.request_id
             headers.update(ctx.headers)
         return headers
 
@@ -220,7 +222,12 @@ class OpenAICompatibleProvider(Provider):
                 chunk = self._decode_chunk(event, started)
                 started = True
                 yield chunk
-            raise StreamInterrupted(f"Provider '{name}' ended the stream without [DONE]")
+            if started:
+                raise StreamInterrupted(f"Provider '{name}' ended the stream without [DONE]")
+            # llama.cpp does this for a prompt longer than its context: a 200 with no events.
+            raise ProviderBadResponse(
+                f"Provider '{name}' ended the stream without sending anything"
+            )
         except (TimeoutError, aiohttp.ClientError) as exc:
             err = map_client_exception(name, exc)
             if started:

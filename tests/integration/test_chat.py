@@ -40,7 +40,7 @@ async def test_completion_uses_default_model_and_keeps_request_id(gateway_for, f
     assert body["object"] == "chat.completion"
     assert body["usage"] == {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19}
     assert fake_upstream.requests[0]["model"] == "gpt-oss-20b"
-    assert fake_upstream.headers[0]["x-request-id"] == "abc-123"
+    assert fake_upstream.headers[0]["X-Client-Request-Id"] == "abc-123"
 
 
 async def test_unvalidated_parameters_pass_through_unchanged(gateway_for, fake_upstream):

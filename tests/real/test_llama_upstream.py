@@ -14,9 +14,12 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import pytest
 
 if TYPE_CHECKING:  # conftest is imported by pytest itself; import it here for types only
     from tests.real.conftest import LlamaServer
+
+pytestmark = pytest.mark.real
 
 HTTP_TIMEOUT = aiohttp.ClientTimeout(total=30)
 
@@ -89,7 +92,8 @@ async def test_chat_completion_returns_one_choice_and_real_usage(
     [choice] = short["choices"]
     assert choice["index"] == 0
     assert choice["message"]["role"] == "assistant"
-    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert isinstance(choice["message"]["content"], str)
+    assert choice["message"]["content"]
     assert choice["finish_reason"] == "length"
 
     usage = short["usage"]

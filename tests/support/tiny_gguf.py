@@ -143,7 +143,7 @@ def write_tiny_llama_gguf(path: Path) -> None:
     token_embd = weight(n_vocab, N_EMBD)
     token_embd[:, 0] = 1.0
     output = weight(n_vocab, N_EMBD)
-    output[:, 0] = [_logit_bias(token, kind) for token, kind in zip(tokens, types)]
+    output[:, 0] = [_logit_bias(token, kind) for token, kind in zip(tokens, types, strict=True)]
 
     writer = GGUFWriter(path, "llama")
     try:

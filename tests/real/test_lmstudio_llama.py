@@ -1,0 +1,110 @@
+"""The lmstudio plugin against a real llama.cpp server (the engine inside LM Studio).
+
+Through the gateway with the official openai SDK as client: models, completions, streams, and
+the real-world quirks this upstream has (it ignores ``stream_options.include_usage``, so the
+gateway must synthesise the usage chunk; it serves any model name, so the gateway's own
+allowed list is what returns MODEL_NOT_ALLOWED).
+"""
+
+from __future__ import annotations
+
+import json
+
+import openai
+import pytest
+
+from tests.real.conftest import LlamaServer
+
+pytestmark = pytest.mark.real
+USER = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture
+async def sdk(make_settings, make_gateway, llama_server: LlamaServer):
+    settings = make_settings(
+        {
+            "inference": {
+                "provider": "lmstudio",
+                "base_url": llama_server.base_url,
+                "default_model": llama_server.model,
+                "timeout_secs": 60,
+            }
+        }
+    )
+    client = await make_gateway(settings)
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    yield sdk
+    await sdk.close()
+
+
+async def test_models_come_from_the_real_server(sdk, llama_server: LlamaServer) -> None:
+    models = await sdk.models.list()
+    assert [m.id for m in models.data] == [llama_server.model]
+    assert models.data[0].owned_by == "local"
+    assert isinstance(models.data[0].created, int)  # llama-cpp-python omits it; we fill it
+
+
+async def test_completion_with_real_usage(sdk, llama_server: LlamaServer) -> None:
+    done = await sdk.chat.completions.create(
+        model=llama_server.model, messages=USER, max_tokens=8, temperature=0.0, seed=42
+    )
+    choice = done.choices[0]
+    assert choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str)
+    assert choice.finish_reason in ("length", "stop")
+    assert done.usage is not None
+    assert done.usage.prompt_tokens > 0
+    assert 0 < done.usage.completion_tokens <= 8
+
+
+async def test_stream_with_synthesised_usage(sdk, llama_server: LlamaServer) -> None:
+    stream = await sdk.chat.completions.create(
+        model=llama_server.model,
+        messages=USER,
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    assert chunks[-1].choices == []
+    usage = chunks[-1].usage
+    assert usage is not None
+    content_chunks = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert usage.completion_tokens == len(content_chunks)
+    assert 0 < usage.completion_tokens <= 6
+    assert usage.prompt_tokens > 0
+    finish = [
+        c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason
+    ]
+    assert finish in (["length"], ["stop"])
+
+
+async def test_default_model_and_raw_sse(make_settings, make_gateway, llama_server) -> None:
+    settings = make_settings(
+        {"inference": {"base_url": llama_server.base_url, "default_model": llama_server.model}}
+    )
+    client = await make_gateway(settings)
+    resp = await client.post(
+        "/v1/chat/completions", json={"messages": USER, "max_tokens": 4, "stream": True}
+    )
+    assert resp.status == 200
+    raw = await resp.text()
+    blocks = [b for b in raw.split("\n\n") if b]
+    assert blocks[-1] == "data: [DONE]"
+    for block in blocks[:-1]:
+        assert block.startswith("data: ")
+        assert json.loads(block[6:])["object"] == "chat.completion.chunk"  # no pings leak
+
+
+async def test_allowed_list_guards_a_server_that_serves_any_name(
+    make_settings, make_gateway, llama_server
+) -> None:
+    settings = make_settings(
+        {"inference": {"base_url": llama_server.base_url, "allowed_models": [llama_server.model]}}
+    )
+    client = await make_gateway(settings)
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    with pytest.raises(openai.BadRequestError) as err:
+        await sdk.chat.completions.create(model="gpt-4", messages=USER, max_tokens=2)
+    assert err.value.code == "MODEL_NOT_ALLOWED"
+    await sdk.close()
