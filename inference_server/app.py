@@ -1,8 +1,8 @@
 """``create_app``: the one place the application is assembled.
 
 Order matters: settings first; then resources in ``cleanup_ctx`` order of dependency (telemetry,
-the single shared ClientSession, the providers that borrow it, health and retries that use the
-providers); then middlewares (outermost first) and routes.
+the single shared ClientSession, the providers that borrow it with the router and health checks
+built on them); then middlewares (outermost first) and routes.
 """
 
 from __future__ import annotations
@@ -18,19 +18,20 @@ from aiohttp import web
 from inference_server import logs
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
+    BACKGROUND,
     HEALTH,
     HTTP_SESSION,
     OPEN_STREAMS,
-    REGISTRY,
     RETRIER,
+    ROUTER,
     SETTINGS,
     TELEMETRY,
 )
 from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
-from inference_server.registry import Registry
 from inference_server.resilience import Retrier
 from inference_server.routes import setup_routes
+from inference_server.routing import Router
 from inference_server.settings import Settings
 from inference_server.telemetry import Telemetry
 
@@ -60,24 +61,31 @@ async def _http_session_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Build every configured provider through its plugin's factory, with the shared session."""
+    """Providers (plugin factories + the shared session), the router and the health monitor."""
     settings = app[SETTINGS]
     session = app[HTTP_SESSION]
     providers: dict[str, Provider] = {}
     for name, config in settings.providers.items():
         plugin = settings.plugins[config.plugin].plugin
         providers[name] = plugin.factory(session, config)
-    registry = Registry(settings, providers)
+    router = Router(settings, providers)
     health = HealthMonitor(
         providers,
+        router,
         max_age_secs=settings.health_probe_max_age_secs,
         probe_timeout_secs=settings.health_probe_timeout_secs,
+        intervals=settings.health_checks,
     )
-    app[REGISTRY] = registry
+    app[ROUTER] = router
     app[HEALTH] = health
+    health.start()
     yield
+    background = app[BACKGROUND]
+    for task in background:
+        task.cancel()
+    await asyncio.gather(*background, return_exceptions=True)
     await health.aclose()
-    await registry.aclose()
+    await router.aclose()
 
 
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -97,7 +105,6 @@ async def _cut_streams_at_deadline(app: web.Application) -> None:
     """
     timeout = app[SETTINGS].server.shutdown_timeout_secs
     margin = min(0.5, timeout / 10)
-
     streams = app[OPEN_STREAMS]
 
     def cut() -> None:
@@ -118,6 +125,8 @@ def create_app(settings: Settings) -> web.Application:
     app[RETRIER] = Retrier(settings.retry)
     open_streams: set[asyncio.Task[Any]] = set()
     app[OPEN_STREAMS] = open_streams
+    background: set[asyncio.Task[None]] = set()
+    app[BACKGROUND] = background
     app.on_shutdown.append(_cut_streams_at_deadline)
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_http_session_ctx)

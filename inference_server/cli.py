@@ -138,8 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration OK (env {settings.env})")
         for name, cfg in settings.providers.items():
             print(f"  provider {name}: plugin {cfg.plugin} at {cfg.base_url}")
-        for name, route in settings.models.items():
-            print(f"  model {name} → {route.provider}/{route.upstream_model}")
+        for name, route in settings.routes.items():
+            deps = ", ".join(d.id for d in route.deployments)
+            print(f"  model {name} ({route.strategy}) → {deps}")
+        for alias, target in settings.aliases.items():
+            print(f"  alias {alias} → {target}")
+        for model, exp in settings.experiments.items():
+            variants = ", ".join(f"{v.name}={v.model}" for v in exp.variants)
+            print(f"  experiment {exp.name} on {model}: {variants}")
         print(f"  installed plugins: {', '.join(installed_plugins())}")
         return 0
     if settings.server.workers > 1:

@@ -118,6 +118,37 @@ class ServiceUnavailable(GatewayError):
     retryable = True
 
 
+class Unauthorized(GatewayError):
+    """Missing or wrong credentials for a protected endpoint (401)."""
+
+    status = 401
+    type = "authentication_error"
+    default_code = "UNAUTHORIZED"
+
+
+class Forbidden(GatewayError):
+    """The endpoint is disabled or the caller may not use it (403)."""
+
+    status = 403
+    type = "permission_error"
+    default_code = "FORBIDDEN"
+
+
+class NoDeploymentAvailable(GatewayError):
+    """Every deployment of the route (and its fallbacks) is out: breakers open or unhealthy."""
+
+    status = 503
+    type = "server_error"
+    default_code = "NO_DEPLOYMENT_AVAILABLE"
+    # Not retried inside this request (nothing is available now); the client may retry later,
+    # which response_headers() says with x-should-retry and Retry-After.
+
+    def response_headers(self) -> dict[str, str]:
+        headers = super().response_headers()
+        headers["x-should-retry"] = "true"
+        return headers
+
+
 class InternalError(GatewayError):
     """A bug in the gateway; the client sees a generic message, the log the traceback."""
 
@@ -178,6 +209,13 @@ class ProviderRejected(GatewayError):
     status = 400
     type = "invalid_request_error"
     default_code = "PROVIDER_REJECTED"
+
+
+class CircuitOpen(ProviderError):
+    """The deployment's circuit breaker is open; selection moves on to the next one."""
+
+    status = 503
+    default_code = "CIRCUIT_OPEN"
 
 
 class StreamInterrupted(ProviderError):

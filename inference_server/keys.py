@@ -10,17 +10,19 @@ from aiohttp import web
 
 from inference_server.context import RequestContext
 from inference_server.health import HealthMonitor
-from inference_server.registry import Registry
 from inference_server.resilience import Retrier
+from inference_server.routing import Router
 from inference_server.settings import Settings
 from inference_server.telemetry import Telemetry
 
 SETTINGS = web.AppKey("settings", Settings)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
-REGISTRY = web.AppKey("registry", Registry)
+ROUTER = web.AppKey("router", Router)
 HEALTH = web.AppKey("health", HealthMonitor)
 RETRIER = web.AppKey("retrier", Retrier)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 #: Handler tasks relaying a stream right now (cut with an error event at the shutdown deadline).
 OPEN_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("open_streams")
+#: Fire-and-forget tasks (shadow traffic), cancelled at cleanup.
+BACKGROUND: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("background")
 CTX = web.RequestKey("ctx", RequestContext)

@@ -60,6 +60,8 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                     telemetry.record_error(span, ctx.error_code, ctx.error_code)
         if not response.prepared:
             response.headers["x-request-id"] = rid
+            if ctx.attempts:
+                response.headers.update(ctx.routing_headers())
         return response
     finally:
         if app[SETTINGS].logging.access_log:

@@ -20,6 +20,10 @@ from inference_server.settings import RetrySettings
 T = TypeVar("T")
 
 
+class _BudgetSpent(Exception):
+    """The request's budget ran out between retry rounds."""
+
+
 def wait_times(
     base: float, cap: float, retry_after_cap: float
 ) -> Generator[float, BaseException | None, None]:
@@ -29,7 +33,8 @@ def wait_times(
     while True:
         retry_after = getattr(exc, "retry_after", None)
         if isinstance(retry_after, (int, float)):
-            value = min(float(retry_after), retry_after_cap)
+            # A hair past the upstream's delay, so its breaker pause is surely over.
+            value = min(float(retry_after), retry_after_cap) + 0.05
         else:
             value = random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 (jitter, not crypto)
         attempt += 1
@@ -83,7 +88,38 @@ class Retrier:
             self._runners[max_retries] = runner
         return runner
 
-    async def call(self, fn: Callable[[], Awaitable[T]], *, max_retries: int) -> T:
-        """Await ``fn()``; on a retryable ``GatewayError`` wait and call it again."""
-        result: T = await self._runner(max_retries)(fn)
+    async def call(
+        self,
+        fn: Callable[[], Awaitable[T]],
+        *,
+        max_retries: int,
+        budget_left: Callable[[], bool] | None = None,
+    ) -> T:
+        """Await ``fn()``; on a retryable ``GatewayError`` wait and call it again.
+
+        ``budget_left`` (the request's attempt and time budget) is asked before each retry; when
+        it says no, the last error is raised as is.
+        """
+        if budget_left is None:
+            result: T = await self._runner(max_retries)(fn)
+            return result
+
+        async def guarded() -> T:
+            if not budget_left():
+                raise _BudgetSpent
+            return await fn()
+
+        last: list[GatewayError] = []
+
+        async def remember() -> T:
+            try:
+                return await guarded()
+            except GatewayError as exc:
+                last[:] = [exc]
+                raise
+
+        try:
+            result = await self._runner(max_retries)(remember)
+        except _BudgetSpent:
+            raise last[0] from None
         return result

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hmac
+
 import orjson
 from aiohttp import web
 
-from inference_server.keys import HEALTH, REGISTRY, SETTINGS
+from inference_server.errors import Forbidden, Unauthorized
+from inference_server.keys import HEALTH, ROUTER, SETTINGS
 from inference_server.pipeline import chat_completions
 
 _OK = orjson.dumps({"message": "Ok"})
@@ -21,35 +24,53 @@ async def root(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
-    """GET /health — healthy only while the providers answer (503 otherwise)."""
+    """GET /health — healthy, degraded (a deployment is out) or unhealthy (503: a route has none)."""
     settings = request.app[SETTINGS]
-    states = await request.app[HEALTH].check()
-    healthy = all(ok for ok, _ in states.values())
-    primary = settings.primary_provider
+    status, details = await request.app[HEALTH].report()
+    for name, info in details["providers"].items():
+        info["plugin"] = settings.providers[name].plugin
     body = {
-        "status": "healthy" if healthy else "unhealthy",
-        "provider": primary.plugin,
+        "status": status,
+        "provider": settings.primary_provider.plugin,
         "http_config": dict(settings.http_config),
-        "providers": {
-            name: {
-                "status": "healthy" if ok else "unhealthy",
-                "plugin": settings.providers[name].plugin,
-                "detail": detail,
-            }
-            for name, (ok, detail) in states.items()
-        },
+        **details,
     }
-    return _json(body, 200 if healthy else 503)
+    return _json(body, 503 if status == "unhealthy" else 200)
 
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models."""
-    return _json({"object": "list", "data": await request.app[REGISTRY].list_models()})
+    return _json({"object": "list", "data": await request.app[ROUTER].list_models()})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model_id} (ids may contain '/', e.g. 'meta/llama-3')."""
-    return _json(await request.app[REGISTRY].get_model(request.match_info["model_id"]))
+    return _json(await request.app[ROUTER].get_model(request.match_info["model_id"]))
+
+
+def require_admin(request: web.Request) -> None:
+    """Admin endpoints need ``Authorization: Bearer <server.admin_token>``; off when unset."""
+    token = request.app[SETTINGS].admin_token
+    if not token:
+        raise Forbidden("Admin endpoints are disabled: set server.admin_token to enable them")
+    given = request.headers.get("Authorization", "")
+    if not given.lower().startswith("bearer ") or not hmac.compare_digest(
+        given[7:].encode(), token.encode()
+    ):
+        raise Unauthorized("Admin endpoints need 'Authorization: Bearer <admin token>'")
+
+
+async def admin_experiments(request: web.Request) -> web.Response:
+    """GET /admin/experiments — per-variant and shadow counters of this worker process."""
+    require_admin(request)
+    router = request.app[ROUTER]
+    return _json(
+        {
+            "object": "list",
+            "scope": "this worker process",
+            "data": {e.name: e.snapshot() for e in router.experiments.values()},
+        }
+    )
 
 
 def setup_routes(app: web.Application) -> None:
@@ -58,3 +79,4 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/admin/experiments", admin_experiments)

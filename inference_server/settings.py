@@ -21,6 +21,12 @@ from dynaconf import Dynaconf, ValidationError, Validator
 from inference_server import envvars
 from inference_server.providers.base import ProviderConfig, ProviderPlugin, Setting, Timeouts
 from inference_server.providers.loader import LoadedPlugin, PluginLoadError, load_plugins
+from inference_server.routing_config import (
+    ExperimentSpec,
+    RouteSpec,
+    build_experiments,
+    build_routes,
+)
 
 S = Setting
 _NUM = (int, float)
@@ -36,6 +42,13 @@ CORE_SCHEMA: dict[str, Any] = {
         "max_body_bytes": S((int,), 10 * 1024 * 1024, gte=1024),
         "error_format": S((str,), "openai", choices=("openai", "legacy")),
         "shutdown_timeout_secs": S(_NUM, 30, gte=0, lte=3600),
+        "admin_token": S(
+            (str,),
+            None,
+            secret=True,
+            nullable=True,
+            description="bearer token for /admin/* (unset: admin endpoints off)",
+        ),
     },
     "inference": {
         "provider": S((str,), "lmstudio", description="plugin of the one-provider shorthand"),
@@ -83,9 +96,24 @@ CORE_SCHEMA: dict[str, Any] = {
             "sample_ratio": S(_NUM, 1.0, gte=0, lte=1),
         },
     },
-    # Named providers and the model table; their children are user-chosen names.
+    "routing": {
+        "max_attempts": S((int,), 6, gte=1, lte=100, description="upstream attempts per request"),
+        "max_time_secs": S(_NUM, 120, gte=0.001, lte=86400, description="time budget per request"),
+        "breaker": {
+            "enabled": S((bool,), True),
+            "window_secs": S(_NUM, 30, gte=0.1, lte=3600),
+            "min_requests": S((int,), 10, gte=1, lte=100000),
+            "failure_rate": S(_NUM, 0.5, gte=0.01, lte=1),
+            "consecutive_failures": S((int,), 5, gte=1, lte=100000),
+            "cooldown_secs": S(_NUM, 30, gte=0.001, lte=86400),
+            "max_cooldown_secs": S(_NUM, 300, gte=0.001, lte=86400),
+            "half_open_probes": S((int,), 1, gte=1, lte=1000),
+        },
+    },
+    # Named providers, the model table and experiments; their children are user-chosen names.
     "providers": S((dict,), {}),
     "models": S((dict,), {}),
+    "experiments": S((dict,), {}),
     "secrets": S((dict,), {}, secret=True),
 }
 
@@ -99,12 +127,7 @@ PROVIDER_SCHEMA: dict[str, Setting] = {
     "stream_first_byte_timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
     "stream_idle_timeout_secs": S(_NUM, None, gte=0.001, lte=86400, nullable=True),
     "max_retries": S((int,), None, gte=0, lte=10, nullable=True),
-}
-
-#: Keys of one entry of the model table.
-MODEL_SCHEMA: dict[str, Setting] = {
-    "provider": S((str,), None),
-    "upstream_model": S((str,), None, nullable=True),
+    "health_check_interval_secs": S(_NUM, None, gte=0.1, lte=86400, nullable=True),
 }
 
 SHORTHAND_PROVIDER = "local"
@@ -174,12 +197,22 @@ class TraceSettings:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelRoute:
-    """A public model name served by one provider instance under an upstream model id."""
+class BreakerSettings:
+    enabled: bool
+    window_secs: float
+    min_requests: int
+    failure_rate: float
+    consecutive_failures: int
+    cooldown_secs: float
+    max_cooldown_secs: float
+    half_open_probes: int
 
-    public: str
-    provider: str
-    upstream_model: str
+
+@dataclass(frozen=True, slots=True)
+class RoutingSettings:
+    max_attempts: int
+    max_time_secs: float
+    breaker: BreakerSettings
 
 
 @dataclass(frozen=True, slots=True)
@@ -200,7 +233,15 @@ class Settings:
     logging: LoggingSettings
     traces: TraceSettings
     providers: Mapping[str, ProviderConfig]
-    models: Mapping[str, ModelRoute]
+    #: Public model name → route (empty: the shorthand, any model goes to the one provider).
+    routes: Mapping[str, RouteSpec]
+    aliases: Mapping[str, str]
+    #: Public model name → experiment answering for it.
+    experiments: Mapping[str, ExperimentSpec]
+    routing: RoutingSettings
+    admin_token: str | None
+    #: Provider name → seconds between active health checks (only those that want them).
+    health_checks: Mapping[str, float]
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -459,7 +500,8 @@ def load_settings(
     ``plugins`` replaces entry-point discovery (tests register fakes explicitly this way).
     """
     current_env, tree, problems = load_raw(config, env=env, overrides=overrides)
-    core_tree = {k: v for k, v in tree.items() if k not in ("providers", "models", "secrets")}
+    dynamic = ("providers", "models", "experiments", "secrets")
+    core_tree = {k: v for k, v in tree.items() if k not in dynamic}
     # Values were checked by the dynaconf validators in load_raw; here: keys nobody declared.
     _check_tree(core_tree, CORE_SCHEMA, "", problems, values=False)
     for level_key in ("level",):
@@ -528,28 +570,23 @@ def load_settings(
         except (KeyError, TypeError, ValueError) as exc:
             problems.append(f"providers.{name}: {exc}")
 
-    routes: dict[str, ModelRoute] = {}
     models = resolved.get("models") or {}
     if not isinstance(models, Mapping):
         problems.append("models: must be a mapping of public model names")
         models = {}
-    for public, entry in models.items():
-        if not isinstance(entry, Mapping):
-            problems.append(f"models.{public}: must be a mapping with 'provider'")
-            continue
-        _check_tree(entry, MODEL_SCHEMA, f"models.{public}.", problems)
-        provider = entry.get("provider")
-        if provider not in sections:
-            known = ", ".join(sorted(sections)) or "none"
-            problems.append(
-                f"models.{public}.provider: unknown provider {provider!r} (configured: {known})"
-            )
-            continue
-        routes[str(public)] = ModelRoute(
-            public=str(public),
-            provider=str(provider),
-            upstream_model=str(entry.get("upstream_model") or public),
-        )
+    routes, aliases = build_routes(models, provider_configs, problems)
+    experiments_raw = resolved.get("experiments") or {}
+    if not isinstance(experiments_raw, Mapping):
+        problems.append("experiments: must be a mapping of experiment names")
+        experiments_raw = {}
+    experiments = build_experiments(experiments_raw, set(routes) | set(aliases), problems)
+    if experiments and not routes:
+        problems.append("experiments: need a model table ('models') for their variants")
+    health_checks = {
+        name: float(section["health_check_interval_secs"])
+        for name, section in sections.items()
+        if isinstance(section, Mapping) and section.get("health_check_interval_secs")
+    }
 
     if problems:
         raise ConfigError(problems)
@@ -604,7 +641,16 @@ def load_settings(
             sample_ratio=float(trc["sample_ratio"]),
         ),
         providers=provider_configs,
-        models=routes,
+        routes=routes,
+        aliases=aliases,
+        experiments=experiments,
+        routing=RoutingSettings(
+            max_attempts=int(resolved["routing"]["max_attempts"]),
+            max_time_secs=float(resolved["routing"]["max_time_secs"]),
+            breaker=BreakerSettings(**resolved["routing"]["breaker"]),
+        ),
+        admin_token=srv.get("admin_token"),
+        health_checks=health_checks,
         plugins=loaded,
         raw=tree,
     )

@@ -103,6 +103,20 @@ async def fake_upstream(aiohttp_server: Any) -> FakeUpstream:
 
 
 @pytest.fixture
+def make_fake_upstream(aiohttp_server: Any) -> Callable[[], Awaitable[FakeUpstream]]:
+    """More fake upstreams, each on its own free port (for multi-deployment routes)."""
+
+    async def make() -> FakeUpstream:
+        fake = FakeUpstream()
+        server = await aiohttp_server(fake.app)
+        fake.base_url = f"http://127.0.0.1:{server.port}/v1"
+        fake.server = server
+        return fake
+
+    return make
+
+
+@pytest.fixture
 async def gateway_for(
     make_settings: SettingsFactory, make_gateway: GatewayFactory, fake_upstream: FakeUpstream
 ) -> Callable[..., Awaitable[TestClient[web.Request, web.Application]]]:

@@ -81,4 +81,4 @@ def test_wait_times_grow_exponentially_within_the_cap() -> None:
     next(gen)
     waits = [gen.send(ProviderError("x")) for _ in range(6)]
     assert all(0 <= w <= 4 for w in waits)
-    assert gen.send(ProviderRateLimited("x", retry_after=30)) == 10
+    assert gen.send(ProviderRateLimited("x", retry_after=30)) == 10.05

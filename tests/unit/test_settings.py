@@ -138,7 +138,8 @@ def test_named_providers_inherit_global_timeouts(make_settings) -> None:
     )
     t = s.providers["a"].timeouts
     assert (t.total, t.connect, t.idle, t.first_byte) == (12, 1.5, 3, 12)
-    assert s.models["pub"].upstream_model == "up"
+    assert s.routes["pub"].deployments[0].upstream_model == "up"
+    assert s.routes["pub"].deployments[0].timeouts == t
 
 
 def test_masking_hides_secrets() -> None:
