@@ -166,8 +166,10 @@ def _noop() -> None:
 
 
 @functools.cache
-def _multiprocess_value_class() -> type:
-    """This process's mmap-backed value class (one per process: files are named by pid).
+def _multiprocess_value_class(directory: str) -> type:
+    """This process's mmap-backed value class for ``directory`` (files are named by pid, so
+    there must be one writer per process and directory: a second would map the same file and
+    overwrite its entries).
 
     prometheus-client's own ``MmapedValue`` takes a lock and calls ``os.getpid()`` (a syscall)
     on every increment so that it survives a fork; together that is ~0.6 of its ~1 µs.  Here
@@ -197,8 +199,8 @@ def _multiprocess_value_class() -> type:
             prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
             file: Any = files.get(prefix)
             if file is None:
-                directory = os.environ[MULTIPROC_ENV]
-                file = files[prefix] = MmapedDict(os.path.join(directory, f"{prefix}_{pid}.db"))
+                path = os.path.join(directory, f"{prefix}_{pid}.db")
+                file = files[prefix] = MmapedDict(path)  # type: ignore[no-untyped-call]
             self._file = file
             self._key = mmap_key(metric_name, name, list(labelnames), list(labelvalues), help_text)
             self._value: float = file.read_value(self._key)[0]
@@ -286,12 +288,10 @@ class Metrics:
         self._errors = 0
         path = settings.multiprocess_dir or os.environ.get(MULTIPROC_ENV) or None
         #: The multiprocess directory, or None for in-memory values.
-        self.multiprocess_dir = path if self.enabled else None
+        self.multiprocess_dir = os.path.abspath(path) if path and self.enabled else None
         if self.multiprocess_dir:
             os.makedirs(self.multiprocess_dir, exist_ok=True)
-            # MmapedValue looks the directory up in the environment when it opens its file.
-            os.environ[MULTIPROC_ENV] = self.multiprocess_dir
-            self._values_cls: Any = _multiprocess_value_class()
+            self._values_cls: Any = _multiprocess_value_class(self.multiprocess_dir)
             registry: CollectorRegistry | None = None  # rendering reads the files instead
         else:
             self._values_cls = values.MutexValue

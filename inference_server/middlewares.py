@@ -56,6 +56,10 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
             status = response.status
             if span is not None:
                 span.set_attribute("http.response.status_code", status)
+                if ctx.variant:
+                    span.set_attribute("inference.variant", f"{ctx.experiment}/{ctx.variant}")
+                if ctx.deployment:
+                    span.set_attribute("inference.deployment", ctx.deployment)
                 if ctx.error_code:
                     telemetry.record_error(span, ctx.error_code, ctx.error_code)
         if not response.prepared:

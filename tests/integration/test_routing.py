@@ -380,3 +380,36 @@ async def test_every_strategy_serves(
         resp = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
         assert resp.status == 200
     assert len(a.requests) + len(b.requests) == 10
+
+
+async def test_active_health_check_takes_a_deployment_out(
+    make_settings, make_gateway, make_fake_upstream
+) -> None:
+    a, b = await make_fake_upstream(), await make_fake_upstream()
+    a.script(*[Action("status", 500, "sick")] * 1000)  # /v1/models fails: the check fails
+    client = await gateway(
+        make_settings,
+        make_gateway,
+        {"a": {**lm(a.base_url), "health_check_interval_secs": 0.1}, "b": lm(b.base_url)},
+        {
+            "chat": {
+                "deployments": [
+                    {"provider": "a", "upstream_model": "m"},
+                    {"provider": "b", "upstream_model": "m"},
+                ]
+            }
+        },
+    )
+    for _ in range(50):  # bounded wait for the first background check
+        health = await (await client.get("/health")).json()
+        if not health["routes"]["chat"]["deployments"]["a/m"]["healthy"]:
+            break
+        await asyncio.sleep(0.05)
+    assert health["status"] == "degraded"
+    assert health["routes"]["chat"]["deployments"]["a/m"]["available"] is False
+    a.actions.clear()
+    a.requests.clear()
+    resp = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
+    assert resp.headers["x-inference-deployment"] == "b/m"
+    assert resp.headers["x-inference-attempts"] == "1"
+    assert a.requests == []

@@ -206,3 +206,42 @@ def test_config_flags_do_not_bind(tmp_path: Path, flag: str) -> None:
         timeout=60,
     )
     assert out.returncode == 0, out.stderr
+
+
+def test_experiment_is_sticky_across_two_workers(tmp_path: Path) -> None:
+    config = {
+        "providers": {"a": {"plugin": "mock"}, "b": {"plugin": "mock"}},
+        "models": {"chat": {"provider": "a"}, "terse": {"provider": "b"}},
+        "experiments": {
+            "style": {
+                "model": "assistant",
+                "key": "header:x-session-id",
+                "variants": {
+                    "control": {"model": "chat", "weight": 50},
+                    "terse": {"model": "terse", "weight": 50},
+                },
+            }
+        },
+    }
+    body = json.dumps({"model": "assistant", "messages": [{"role": "user", "content": "x"}]})
+    with gateway(tmp_path, config, "--workers", "2") as (proc, port):
+        time.sleep(1.0)  # both workers up (the readiness probe saw only one)
+        variants: dict[str, set[str]] = {}
+        for i in range(120):
+            session = f"s{i % 6}"
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # new connection:
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=body,  # either worker may answer
+                headers={"Content-Type": "application/json", "x-session-id": session},
+            )
+            resp = conn.getresponse()
+            resp.read()
+            assert resp.status == 200
+            variants.setdefault(session, set()).add(resp.headers["x-inference-variant"])
+            conn.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert all(len(v) == 1 for v in variants.values()), variants
+    assert len({next(iter(v)) for v in variants.values()}) == 2  # both variants in use
