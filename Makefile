@@ -25,6 +25,7 @@ check-config: install
 # Real upstream servers used by the test tiers (each in its own venv, built once, then cached).
 upstreams:
 	bash scripts/install-llama-server.sh
+	bash scripts/install-triton.sh
 
 test: install upstreams
 	$(PY) -m pytest

@@ -322,11 +322,16 @@ def _walk_schema(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[
             yield path, spec
 
 
-def _lower_keys(value: Any) -> Any:
+def _plain(value: Any) -> Any:
+    """Plain dicts and lists; top-level keys lower-cased (dynaconf upper-cases them).
+
+    Nested keys keep their case: names under providers/models/experiments are the user's own
+    (model ids are case-sensitive upstream), and every schema key is lower-case already.
+    """
     if isinstance(value, Mapping):
-        return {str(k).lower(): _lower_keys(v) for k, v in value.items()}
+        return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_lower_keys(v) for v in value]
+        return [_plain(v) for v in value]
     return value
 
 
@@ -384,7 +389,7 @@ def _resolve_secrets(tree: Any, secrets: Mapping[str, Any], path: str, problems:
         m = _SECRET_REF.match(tree.strip())
         if m:
             name = m.group(1).lower()
-            if name not in secrets:
+            if name not in secrets:  # secrets' names are matched case-insensitively
                 problems.append(
                     f"{path.rstrip('.')}: secret '{name}' is not defined (set secrets.{name} in "
                     f".secrets.yaml or INFERENCE_SECRETS__{name.upper()} in the environment)"
@@ -482,7 +487,7 @@ def load_raw(
         problems.extend(str(message) for _, message in exc.details)
     except Exception as exc:  # a broken YAML file surfaces on first access
         raise ConfigError([f"cannot read settings: {exc}"]) from exc
-    tree = _lower_keys(dyn.as_dict())
+    tree = {str(k).lower(): _plain(v) for k, v in dyn.as_dict().items()}
     for name in envvars.unresolved():
         problems.append(f"environment variable {name}: does not name any setting")
     return current_env, tree, problems
@@ -513,6 +518,7 @@ def load_settings(
     if not isinstance(secrets, Mapping):
         problems.append("secrets: must be a mapping")
         secrets = {}
+    secrets = {str(k).lower(): v for k, v in secrets.items()}
     resolved: dict[str, Any] = _resolve_secrets(
         {k: v for k, v in tree.items() if k != "secrets"}, secrets, "", problems
     )
@@ -569,6 +575,9 @@ def load_settings(
             provider_configs[name] = _build_provider(name, section, inf, plugin)
         except (KeyError, TypeError, ValueError) as exc:
             problems.append(f"providers.{name}: {exc}")
+            continue
+        if plugin.validate_options is not None:
+            problems.extend(plugin.validate_options(name, provider_configs[name].options))
 
     models = resolved.get("models") or {}
     if not isinstance(models, Mapping):

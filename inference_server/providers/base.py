@@ -155,4 +155,8 @@ class ProviderPlugin:
     settings: Mapping[str, Setting] = field(default_factory=_no_settings)
     #: Used when the provider section gives no ``base_url``.
     default_base_url: str = ""
+    #: Deeper checks of the plugin's options (e.g. per-model tables), run by settings
+    #: validation and ``--check-config``: ``(provider name, options) -> problems``, each problem
+    #: naming the offending key's full path (``providers.<name>.<key>...``).
+    validate_options: Callable[[str, Mapping[str, Any]], list[str]] | None = None
     api_version: int = PROVIDER_API_VERSION

@@ -17,7 +17,7 @@ exact output of a chat template and of ``max_tokens`` without a neural network:
 - ``spare``: like ``echo``; the test unloads it to see a configured model that is not ready.
 
 Run: ``python tests/real/triton_models.py --http-port P --grpc-port G --metrics-port M
-[--token-file F]``. SIGTERM and SIGINT stop Triton cleanly (PyTriton handles only SIGINT itself).
+[--token-file F] [--workspace DIR]``. SIGTERM and SIGINT stop Triton cleanly (PyTriton handles only SIGINT itself).
 """
 
 from __future__ import annotations
@@ -32,9 +32,11 @@ from types import FrameType
 from typing import Any
 
 import numpy as np
-from pytriton.decorators import batch
-from pytriton.model_config import ModelConfig, Tensor
-from pytriton.triton import Triton, TritonConfig
+
+# PyTriton lives in .venv-triton only (this script runs there); mypy runs in .venv.
+from pytriton.decorators import batch  # type: ignore[import-not-found]
+from pytriton.model_config import ModelConfig, Tensor  # type: ignore[import-not-found]
+from pytriton.triton import Triton, TritonConfig  # type: ignore[import-not-found]
 
 #: Words generated when a request gives no ``max_tokens`` (keeps replies short by default).
 DEFAULT_MAX_TOKENS = 64
@@ -65,7 +67,7 @@ def _generate(prompt: str, limit: int) -> tuple[list[str], str]:
     return tokens, "length" if len(words) > limit else "stop"
 
 
-@batch
+@batch  # type: ignore[untyped-decorator]
 def echo(text_input: np.ndarray, **optional: np.ndarray) -> dict[str, np.ndarray]:
     """Batched echo: whole reply at once, with token counts and the finish reason."""
     texts, prompt_counts, output_counts, reasons = [], [], [], []
@@ -141,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpc-port", type=int, required=True)
     parser.add_argument("--metrics-port", type=int, required=True)
     parser.add_argument("--token-file", type=Path, help="write the repository access token here")
+    parser.add_argument(
+        "--workspace", type=Path, help="PyTriton's working folder (default: under ~/.cache)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     _stop_on_sigterm()
@@ -155,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         exit_timeout_secs=5,
     )
     decoupled = ModelConfig(batching=False, decoupled=True)
-    with Triton(config=config) as triton:
+    with Triton(config=config, workspace=args.workspace) as triton:
         if args.token_file is not None:
             args.token_file.write_text(triton.get_access_token())
         counts = [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,30 @@ def test_print_config_masks_secrets(tmp_path: Path) -> None:
     assert "sk-hidden" not in result.stdout
     assert '"api_key": "***"' in result.stdout
     assert '"port": 4321' in result.stdout
+
+
+def test_plugin_validate_options_hook_reports_problems(make_settings) -> None:
+    from inference_server_mock import plugin as mock_plugin
+
+    def validate(provider: str, options: dict) -> list[str]:
+        return [f"providers.{provider}.models.X: bad"] if options.get("models") == ["X"] else []
+
+    fussy = dataclasses.replace(mock_plugin, validate_options=validate)
+    with pytest.raises(ConfigError) as info:
+        make_settings(
+            {"providers": {"p": {"plugin": "mock", "models": ["X"]}}}, plugins={"mock": fussy}
+        )
+    assert info.value.problems == ["providers.p.models.X: bad"]
+    ok = make_settings({"providers": {"p": {"plugin": "mock"}}}, plugins={"mock": fussy})
+    assert ok.providers["p"].plugin == "mock"
+
+
+def test_user_chosen_names_keep_their_case(make_settings) -> None:
+    s = make_settings(
+        {
+            "providers": {"Local": {"plugin": "mock"}},
+            "models": {"Llama-3-8B": {"provider": "Local", "upstream_model": "Meta/L3"}},
+        }
+    )
+    route = s.routes["Llama-3-8B"]
+    assert route.deployments[0].id == "Local/Meta/L3"

@@ -1,0 +1,683 @@
+"""The Triton provider: OpenAI chat in, KServe v2 generate extension out.
+
+Wire facts this module is built on (checked against a real tritonserver 2.51 via PyTriton):
+
+- Health and readiness answer with status codes and empty bodies: ``GET /v2/health/ready`` and
+  ``GET /v2/models/{m}/ready`` (400 when not ready, also for unknown models).
+- There is no usable model list: PyTriton's repository index is empty and token-protected, so
+  models come from settings and are checked with ``GET /v2/models/{m}`` (404 "is not found" for
+  an unknown model, 404 "has no available versions" for one that is configured but unloaded).
+- ``/generate`` answers one JSON object, and may report an error as ``{"error": "..."}`` even
+  under HTTP 200 (e.g. a decoupled model that produced several responses), so every body is
+  checked.  A decoupled model is therefore always called through ``/generate_stream``, also for
+  non-streaming requests, whose events are then collected into one completion.
+- ``/generate_stream`` is SSE without ``[DONE]``: the stream ends at EOF.  A failure before the
+  first response is HTTP 400 with one ``data: {"error": "<traceback>"}`` event; a failure after it
+  is such an event under HTTP 200.
+- Errors are ``{"error": "<string>"}``, often with ``Content-Type: text/plain``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import orjson
+
+from inference_server.providers import (
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    GatewayError,
+    HealthStatus,
+    InvalidRequest,
+    ModelInfo,
+    Provider,
+    ProviderBadResponse,
+    ProviderConfig,
+    ProviderError,
+    ProviderRejected,
+    SSEDecoder,
+    StreamInterrupted,
+    Timeouts,
+    map_client_exception,
+    map_upstream_status,
+)
+from inference_server_triton.convert import (
+    Generation,
+    ModelMetadata,
+    StopScanner,
+    build_body,
+    parse_metadata,
+    requested_max_tokens,
+    stop_strings,
+)
+from inference_server_triton.options import ModelOptions, TritonConfigError, parse_models
+from inference_server_triton.templates import ChatTemplate, prepare_messages
+
+#: Time limit of one health or model-list probe (the health monitor adds its own, shorter one).
+_PROBE_SECS = 10.0
+#: Triton's answer when ``/generate`` meets a decoupled model that sent several responses.
+_DECOUPLED_HINT = "use generate stream"
+_TRACEBACK = "Traceback (most recent call last)"
+
+
+def _message_of(body: bytes) -> str:
+    """The error text of a Triton error body: JSON, an SSE ``data:`` event, or plain text."""
+    data = body.strip()
+    if data.startswith(b"data:"):
+        events = SSEDecoder().feed(data + b"\n\n")
+        data = events[0] if events else b""
+    try:
+        payload: Any = orjson.loads(data) if data else None
+    except orjson.JSONDecodeError:
+        return data.decode("utf-8", "replace")[:500]
+    if isinstance(payload, dict):
+        err = payload.get("error")
+        if isinstance(err, str) and err:
+            return err
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])
+    return ""
+
+
+def concise(message: str) -> str:
+    """A Python traceback (what PyTriton and the Python backend send) cut to its last line."""
+    if _TRACEBACK in message:
+        lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+        if lines:
+            return lines[-1]
+    return message[:500]
+
+
+def compile_options(
+    provider: str, options: Mapping[str, Any]
+) -> tuple[dict[str, ModelOptions], ModelOptions, dict[str, ChatTemplate]]:
+    """Parse the per-model options and compile every chat template, or raise
+    :class:`TritonConfigError` listing every problem (with its settings path).
+
+    Returns (settings key → options, options of unlisted models, templates by key; '' for the
+    unlisted-model template).
+    """
+    where = f"providers.{provider}"
+    models, fallback = parse_models(options.get("models"), options.get("model_defaults"), where)
+    problems: list[str] = []
+    templates: dict[str, ChatTemplate] = {}
+    for name, model_options in [*models.items(), ("", fallback)]:
+        key = f"{where}.models.{name}" if name else f"{where}.model_defaults"
+        try:
+            templates[name] = ChatTemplate(model_options.chat_template, model_options.template_vars)
+        except ValueError as exc:
+            problems.append(f"{key}.chat_template: {exc}")
+    if problems:
+        raise TritonConfigError(problems)
+    return models, fallback, templates
+
+
+def validate_options(provider: str, options: Mapping[str, Any]) -> list[str]:
+    """Every problem in one triton provider section's options; [] when they are valid.
+
+    For a start-up check (``--check-config``) that reports them with the other settings
+    problems; the provider's constructor raises the same problems as :class:`TritonConfigError`.
+    """
+    try:
+        compile_options(provider, options)
+    except TritonConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
+class TritonProvider(Provider):
+    """One Triton server: chat templates, parameter mapping and error mapping per model."""
+
+    def __init__(self, session: aiohttp.ClientSession, config: ProviderConfig) -> None:
+        super().__init__(session, config)
+        opts = config.options
+        self.models, self.fallback, self._templates = compile_options(config.name, opts)
+        self.metadata_ttl = float(opts.get("metadata_cache_secs") or 0)
+        base = config.base_url.rstrip("/")
+        self.base_url = base[: -len("/v2")] if base.endswith("/v2") else base
+        self._metadata: dict[str, tuple[float, ModelMetadata]] = {}
+        self._metadata_locks: dict[str, asyncio.Lock] = {}
+
+    # --- per-model settings ------------------------------------------------------------------
+
+    def _key(self, model: str) -> str:
+        """The settings entry for ``model`` ('' when none): by key or ``name``, ignoring case."""
+        if model in self.models:
+            return model
+        lowered = model.lower()
+        return next(
+            (
+                k
+                for k, o in self.models.items()
+                if k.lower() == lowered or (o.name or "").lower() == lowered
+            ),
+            "",
+        )
+
+    def triton_names(self) -> dict[str, ModelOptions]:
+        """Configured models by their name in Triton (``name`` when set, else the key)."""
+        return {options.name or key: options for key, options in self.models.items()}
+
+    def options_for(self, model: str) -> ModelOptions:
+        """The model's options (``model_defaults`` for a model that is not listed)."""
+        key = self._key(model)
+        return self.models[key] if key else self.fallback
+
+    def _model_url(self, model: str, options: ModelOptions) -> str:
+        # Quoted: the model name comes from the client when no model table is configured.
+        url = f"{self.base_url}/v2/models/{quote(model, safe='')}"
+        if options.version:
+            url += f"/versions/{quote(options.version, safe='')}"
+        return url
+
+    def _headers(self, ctx: CallContext | None, *, stream: bool = False) -> dict[str, str]:
+        headers = {
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+        }
+        if self.config.api_key:  # for a proxy in front of Triton; Triton itself has no auth
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        if ctx is not None:
+            # Correlation id for logs (the body's "id" is what Triton echoes back).
+            headers["X-Client-Request-Id"] = ctx.request_id
+            headers.update(ctx.headers)
+        return headers
+
+    # --- errors -----------------------------------------------------------------------------
+
+    def error_for(
+        self, model: str, status: int, body: bytes, headers: Mapping[str, str] | None = None
+    ) -> GatewayError:
+        """Map one Triton error (status plus ``{"error": "..."}`` body) to a gateway error.
+
+        The message decides where the status cannot: Triton answers 404 both for a model it has
+        never heard of ("is not found": the client's mistake, not retryable) and for a configured
+        model that is currently unloaded ("has no available versions": may come back, retryable).
+        A Python traceback is the model's own deterministic failure: a retry would fail again.
+        """
+        name = self.config.name
+        message = _message_of(body) or (f"HTTP {status}" if status >= 400 else "unknown error")
+        lower = message.lower()
+        if "unknown model" in lower and "is not found" in lower:
+            return ProviderRejected(
+                f"Model '{model}' is not served by Triton provider '{name}' ({message})",
+                code="MODEL_NOT_FOUND",
+                param="model",
+                status=404,
+            )
+        if _TRACEBACK in message:
+            return ProviderRejected(
+                f"Model '{model}' on Triton provider '{name}' failed: {concise(message)}",
+                code="MODEL_ERROR",
+            )
+        if "no available versions" in lower or "not ready" in lower or "ready state" in lower:
+            return ProviderError(
+                f"Model '{model}' on Triton provider '{name}' is not ready ({message})",
+                code="MODEL_NOT_READY",
+            )
+        if status == 501:  # UNSUPPORTED: deterministic, a retry cannot help
+            return ProviderRejected(
+                f"Triton provider '{name}' cannot serve this request for '{model}': {message}",
+                code="UNSUPPORTED",
+            )
+        if status < 400:  # an error object under 200
+            return ProviderError(
+                f"Model '{model}' on Triton provider '{name}' failed: {concise(message)}"
+            )
+        return map_upstream_status(name, status, orjson.dumps({"error": message}), headers or {})
+
+    def _invalidate(self, model: str, err: GatewayError) -> None:
+        """Forget cached metadata when the model vanished or changed under us."""
+        if err.code in ("MODEL_NOT_FOUND", "MODEL_NOT_READY"):
+            self._metadata.pop(model, None)
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    async def metadata(
+        self, model: str, options: ModelOptions, timeouts: Timeouts
+    ) -> ModelMetadata:
+        """``GET /v2/models/{m}`` (and its ``/config`` for the decoupled flag), cached.
+
+        Inputs and their datatypes decide how request fields are sent, so the metadata is read
+        before the first request to a model and reused for ``metadata_cache_secs``.
+        """
+        now = time.monotonic()
+        cached = self._metadata.get(model)
+        if cached is not None and now < cached[0]:
+            return cached[1]
+        lock = self._metadata_locks.setdefault(model, asyncio.Lock())
+        async with lock:
+            cached = self._metadata.get(model)
+            if cached is not None and time.monotonic() < cached[0]:
+                return cached[1]
+            timeout = aiohttp.ClientTimeout(
+                total=min(timeouts.total, _PROBE_SECS), sock_connect=timeouts.connect
+            )
+            url = self._model_url(model, options)
+            try:
+                status, raw, headers = await self._get(url, timeout)
+                if status != 200:
+                    raise self.error_for(model, status, raw, headers)
+                try:
+                    meta = parse_metadata(orjson.loads(raw))
+                except (orjson.JSONDecodeError, ValueError, TypeError) as exc:
+                    raise ProviderBadResponse(
+                        f"Triton provider '{self.config.name}' returned unreadable metadata "
+                        f"for model '{model}': {exc}"
+                    ) from exc
+                decoupled = options.decoupled
+                if decoupled is None:
+                    decoupled = await self._decoupled(url, timeout)
+            except (TimeoutError, aiohttp.ClientError) as exc:
+                raise map_client_exception(self.config.name, exc) from exc
+            meta = ModelMetadata(meta.name, meta.inputs, meta.outputs, decoupled)
+            if self.metadata_ttl > 0:
+                self._metadata[model] = (time.monotonic() + self.metadata_ttl, meta)
+            return meta
+
+    async def _decoupled(self, model_url: str, limits: aiohttp.ClientTimeout) -> bool:
+        """Whether the model config says decoupled; False when the config is not readable."""
+        status, raw, _ = await self._get(f"{model_url}/config", limits)
+        if status != 200:
+            return False
+        with contextlib.suppress(orjson.JSONDecodeError):
+            payload = orjson.loads(raw)
+            if isinstance(payload, dict):
+                policy = payload.get("model_transaction_policy")
+                return isinstance(policy, dict) and policy.get("decoupled") is True
+        return False
+
+    async def _get(
+        self, url: str, limits: aiohttp.ClientTimeout
+    ) -> tuple[int, bytes, Mapping[str, str]]:
+        async with self.session.get(url, headers=self._headers(None), timeout=limits) as resp:
+            return resp.status, await resp.read(), resp.headers
+
+    # --- chat -------------------------------------------------------------------------------
+
+    def _prepare(
+        self, request: ChatRequest, ctx: CallContext
+    ) -> tuple[ModelOptions, str, list[str]]:
+        """(options, prompt, stop strings) for a request; 400s for what the model cannot take."""
+        model = ctx.upstream_model
+        n = request.get("n")
+        if isinstance(n, int) and n > 1:
+            raise InvalidRequest(
+                f"Model '{model}' on a Triton provider generates one choice per request (n=1)",
+                code="UNSUPPORTED_PARAMETER",
+                param="n",
+            )
+        if request.get("logprobs"):
+            raise InvalidRequest(
+                f"Model '{model}' on a Triton provider does not return logprobs",
+                code="UNSUPPORTED_PARAMETER",
+                param="logprobs",
+            )
+        key = self._key(model)
+        options = self.models[key] if key else self.fallback
+        messages, tools = prepare_messages(
+            request,
+            model=model,
+            supports_tools=options.supports_tools,
+            supports_images=options.supports_images,
+        )
+        prompt = self._templates[key].render(messages, tools)
+        return options, prompt, stop_strings(request, options)
+
+    def _generation(
+        self, request: ChatRequest, options: ModelOptions, stops: list[str]
+    ) -> Generation:
+        return Generation(
+            options=options,
+            scanner=StopScanner(stops),
+            max_tokens=requested_max_tokens(request, options),
+            mode=options.stream_output,
+        )
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
+        model = ctx.upstream_model
+        options, prompt, stops = self._prepare(request, ctx)
+        meta = await self.metadata(model, options, ctx.timeouts)
+        gen = self._generation(request, options, stops)
+        timeout = aiohttp.ClientTimeout(total=ctx.timeouts.total, sock_connect=ctx.timeouts.connect)
+        try:
+            if meta.decoupled:
+                await self._collect(request, ctx, options, meta, prompt, gen, timeout)
+            else:
+                payload = await self._generate(request, ctx, options, meta, prompt, timeout)
+                if payload is None:  # decoupled after all: remember, and stream it
+                    self._metadata.pop(model, None)
+                    meta = ModelMetadata(meta.name, meta.inputs, meta.outputs, True)
+                    if self.metadata_ttl > 0:
+                        self._metadata[model] = (time.monotonic() + self.metadata_ttl, meta)
+                    await self._collect(request, ctx, options, meta, prompt, gen, timeout)
+                else:
+                    gen.add(payload)
+                    gen.finish()
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_client_exception(self.config.name, exc) from exc
+        except GatewayError as exc:
+            self._invalidate(model, exc)
+            raise
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": gen.text, "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": gen.finish_reason,
+                }
+            ],
+            "usage": gen.usage(prompt),
+        }
+
+    async def _generate(
+        self,
+        request: ChatRequest,
+        ctx: CallContext,
+        options: ModelOptions,
+        meta: ModelMetadata,
+        prompt: str,
+        limits: aiohttp.ClientTimeout,
+    ) -> dict[str, Any] | None:
+        """One ``/generate`` call; None when Triton says the model must be streamed."""
+        model = ctx.upstream_model
+        body = build_body(
+            prompt=prompt,
+            request=request,
+            options=options,
+            metadata=meta,
+            stream=False,
+            request_id=ctx.request_id,
+        )
+        async with self.session.post(
+            f"{self._model_url(model, options)}/generate",
+            data=orjson.dumps(body),
+            headers=self._headers(ctx),
+            timeout=limits,
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 400:
+                raise self.error_for(model, resp.status, raw, resp.headers)
+        try:
+            payload = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise ProviderBadResponse(
+                f"Triton provider '{self.config.name}' returned invalid JSON for '{model}'"
+            ) from exc
+        if not isinstance(payload, dict):
+            raise ProviderBadResponse(
+                f"Triton provider '{self.config.name}' returned a non-object for '{model}'"
+            )
+        if payload.get("error"):
+            if _DECOUPLED_HINT in str(payload["error"]):
+                return None
+            raise self.error_for(model, resp.status, raw)
+        return payload
+
+    async def _open_stream(
+        self,
+        request: ChatRequest,
+        ctx: CallContext,
+        options: ModelOptions,
+        meta: ModelMetadata,
+        prompt: str,
+        limits: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        """POST ``/generate_stream``; the response once its status says the stream started."""
+        model = ctx.upstream_model
+        body = build_body(
+            prompt=prompt,
+            request=request,
+            options=options,
+            metadata=meta,
+            stream=True,
+            request_id=ctx.request_id,
+        )
+        resp = await self.session.post(
+            f"{self._model_url(model, options)}/generate_stream",
+            data=orjson.dumps(body),
+            headers=self._headers(ctx, stream=True),
+            timeout=limits,
+        )
+        if resp.status >= 400:
+            try:
+                raw = await resp.read()
+            finally:
+                resp.release()
+            raise self.error_for(model, resp.status, raw, resp.headers)
+        return resp
+
+    async def _events(
+        self, resp: aiohttp.ClientResponse, model: str
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The JSON objects of a ``/generate_stream`` body, until EOF (there is no [DONE])."""
+        decoder = SSEDecoder()
+        async for data in resp.content.iter_any():
+            for event in decoder.feed(data):
+                yield self._decode_event(event, model)
+        for event in decoder.flush():
+            yield self._decode_event(event, model)
+
+    def _decode_event(self, event: bytes, model: str) -> dict[str, Any]:
+        try:
+            payload = orjson.loads(event)
+        except orjson.JSONDecodeError as exc:
+            raise ProviderBadResponse(
+                f"Triton provider '{self.config.name}' sent a non-JSON stream event for '{model}'"
+            ) from exc
+        if not isinstance(payload, dict):
+            raise ProviderBadResponse(
+                f"Triton provider '{self.config.name}' sent a stream event that is not an object"
+            )
+        return payload
+
+    def _check_event(self, payload: dict[str, Any], model: str, *, started: bool) -> None:
+        """Raise for Triton's in-band ``{"error": "..."}`` (checked on every event).
+
+        Once the client has a chunk, only :class:`StreamInterrupted` can report it.
+        """
+        if not payload.get("error"):
+            return
+        raw = orjson.dumps(payload)
+        if started:
+            raise StreamInterrupted(
+                f"Model '{model}' on Triton provider '{self.config.name}' failed mid-stream: "
+                f"{concise(_message_of(raw))}"
+            )
+        raise self.error_for(model, 200, raw)
+
+    async def _collect(
+        self,
+        request: ChatRequest,
+        ctx: CallContext,
+        options: ModelOptions,
+        meta: ModelMetadata,
+        prompt: str,
+        gen: Generation,
+        limits: aiohttp.ClientTimeout,
+    ) -> None:
+        """A non-streaming answer from a decoupled model: read its whole stream into ``gen``."""
+        resp = await self._open_stream(request, ctx, options, meta, prompt, limits)
+        try:
+            async with contextlib.aclosing(self._events(resp, ctx.upstream_model)) as events:
+                async for payload in events:
+                    self._check_event(payload, ctx.upstream_model, started=False)
+                    gen.add(payload)
+                    if gen.scanner.stopped:
+                        break
+            gen.finish()
+        finally:
+            # Stopped early or failed: close, so Triton stops generating for nobody.
+            resp.close()
+
+    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        model = ctx.upstream_model
+        name = self.config.name
+        options, prompt, stops = self._prepare(request, ctx)
+        meta = await self.metadata(model, options, ctx.timeouts)
+        gen = self._generation(request, options, stops)
+        # No total timeout for streams: connect, then an idle limit per read (sock_read).
+        timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=ctx.timeouts.connect, sock_read=ctx.timeouts.idle
+        )
+        try:
+            resp = await self._open_stream(request, ctx, options, meta, prompt, timeout)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_client_exception(name, exc) from exc
+        except GatewayError as exc:
+            self._invalidate(model, exc)
+            raise
+        base = {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+
+        def chunk(delta: dict[str, Any], finish_reason: str | None = None) -> ChatChunk:
+            return {
+                **base,
+                "choices": [
+                    {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+                ],
+            }
+
+        started = False
+        at_eof = False
+        try:
+            async with contextlib.aclosing(self._events(resp, model)) as events:
+                async for payload in events:
+                    self._check_event(payload, model, started=started)
+                    piece = gen.add(payload)
+                    if not started:
+                        started = True
+                        yield chunk({"role": "assistant", "content": ""})
+                    if piece:
+                        yield chunk({"content": piece})
+                    if gen.scanner.stopped:
+                        break
+                else:
+                    at_eof = True
+            tail = gen.finish()
+            if not started:  # an empty generation is still a completion
+                started = True
+                yield chunk({"role": "assistant", "content": ""})
+            if tail:
+                yield chunk({"content": tail})
+            yield chunk({}, gen.finish_reason)
+            # Always report usage here (the model's counts, else estimates from characters),
+            # so streaming and non-streaming answers count the same way.
+            yield {**base, "choices": [], "usage": gen.usage(prompt)}
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            err = map_client_exception(name, exc)
+            if started:
+                raise StreamInterrupted(
+                    f"Stream from provider '{name}' broke: {err.message}"
+                ) from exc
+            raise err from exc
+        except GatewayError as exc:
+            if started and not isinstance(exc, StreamInterrupted):
+                raise StreamInterrupted(
+                    f"Stream from Triton provider '{name}' broke: {exc.message}"
+                ) from exc
+            self._invalidate(model, exc)
+            raise
+        finally:
+            if at_eof:
+                resp.release()
+            else:
+                # Stopped at a stop string, failed, or the client went away: drop the
+                # connection so Triton stops generating at once.
+                resp.close()
+
+    # --- models and health ------------------------------------------------------------------
+
+    async def list_models(self) -> list[ModelInfo]:
+        """The configured models that Triton knows (metadata answers); others are left out.
+
+        With no models configured, Triton's repository index is asked instead (plain Triton
+        answers it; PyTriton >= 0.7 answers 403 or an empty list, giving no models).
+        """
+        timeouts = self.config.timeouts
+        if not self.models:
+            return await self._index()
+        models = self.triton_names()
+
+        async def probe(model: str) -> ModelInfo | None:
+            try:
+                await self.metadata(model, models[model], timeouts)
+            except (ProviderRejected, ProviderError) as exc:
+                if exc.code in ("MODEL_NOT_FOUND", "MODEL_NOT_READY"):
+                    return None
+                raise
+            return ModelInfo(id=model, owned_by="triton")
+
+        found = await asyncio.gather(*(probe(m) for m in models))
+        return [info for info in found if info is not None]
+
+    async def _index(self) -> list[ModelInfo]:
+        timeout = aiohttp.ClientTimeout(
+            total=_PROBE_SECS, sock_connect=self.config.timeouts.connect
+        )
+        try:
+            async with self.session.post(
+                f"{self.base_url}/v2/repository/index",
+                data=b'{"ready": true}',
+                headers=self._headers(None),
+                timeout=timeout,
+            ) as resp:
+                raw = await resp.read()
+                if resp.status >= 400:
+                    return []
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_client_exception(self.config.name, exc) from exc
+        try:
+            entries = orjson.loads(raw)
+            return [
+                ModelInfo(id=str(e["name"]), owned_by="triton")
+                for e in entries
+                if isinstance(e, dict) and e.get("name")
+            ]
+        except (orjson.JSONDecodeError, TypeError) as exc:
+            raise ProviderBadResponse(
+                f"Triton provider '{self.config.name}' returned an unreadable repository index"
+            ) from exc
+
+    async def health(self) -> HealthStatus:
+        """Server readiness, then every configured model's readiness (status codes only)."""
+        timeout = aiohttp.ClientTimeout(
+            total=_PROBE_SECS, sock_connect=self.config.timeouts.connect
+        )
+        started = time.monotonic()
+        try:
+            status, _, _ = await self._get(f"{self.base_url}/v2/health/ready", timeout)
+            if status != 200:
+                return HealthStatus(
+                    False, f"Triton is not ready (GET /v2/health/ready answered {status})"
+                )
+            configured = self.triton_names()
+            models = list(configured)
+            answers = await asyncio.gather(
+                *(self._get(f"{self._model_url(m, configured[m])}/ready", timeout) for m in models)
+            )
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            return HealthStatus(False, map_client_exception(self.config.name, exc).message)
+        not_ready = [m for m, (code, _, _) in zip(models, answers, strict=True) if code != 200]
+        if not_ready:
+            return HealthStatus(False, f"Triton is up; model(s) not ready: {', '.join(not_ready)}")
+        elapsed = 1000 * (time.monotonic() - started)
+        return HealthStatus(True, f"Triton and {len(models)} model(s) ready in {elapsed:.0f} ms")
