@@ -129,7 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  - {problem}", file=sys.stderr)
         return 1
     if args.print_config:
-        tree = masked(settings.raw)
+        tree = masked(
+            settings.raw,
+            plugin_schemas={n: lp.plugin.settings for n, lp in settings.plugins.items()},
+        )
         sys.stdout.write(
             orjson.dumps({"env": settings.env, **tree}, option=orjson.OPT_INDENT_2).decode() + "\n"
         )

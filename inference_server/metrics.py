@@ -45,7 +45,6 @@ from typing import TYPE_CHECKING, Any, Final
 
 from loguru import logger
 from prometheus_client import (
-    CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
@@ -62,6 +61,9 @@ from inference_server import __version__
 if TYPE_CHECKING:
     from inference_server.context import RequestContext
 
+#: The classic text format (what ``generate_latest`` writes with legacy metric names); newer
+#: prometheus-client labels it ``version=1.0.0``, which Prometheus 2.x servers do not know.
+CONTENT_TYPE: Final = "text/plain; version=0.0.4; charset=utf-8"
 #: The environment variable prometheus-client reads in every process to find its files.
 MULTIPROC_ENV: Final = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -445,9 +447,10 @@ class Metrics:
             )
             self.build_info = Gauge(
                 "inference_build_info",
-                "Always 1; the version label says what runs.",
+                "Always 1; the version label says what runs (with --workers, one series per "
+                "live worker, labelled pid).",
                 ("version",),
-                multiprocess_mode="max",
+                multiprocess_mode="liveall",
                 registry=r,
             )
         if self.enabled:
@@ -712,10 +715,10 @@ class Metrics:
             if self.multiprocess_dir:
                 registry = CollectorRegistry(auto_describe=False)
                 MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-                return generate_latest(registry), CONTENT_TYPE_LATEST
+                return generate_latest(registry), CONTENT_TYPE
             if self._registry is not None and self.enabled:
-                return generate_latest(self._registry), CONTENT_TYPE_LATEST
-            return b"", CONTENT_TYPE_LATEST
+                return generate_latest(self._registry), CONTENT_TYPE
+            return b"", CONTENT_TYPE
         except Exception:  # noqa: BLE001 (a broken scrape must not take the process down)
             self._failed("render")
-            return b"# metrics rendering failed; see the server log\n", CONTENT_TYPE_LATEST
+            return b"# metrics rendering failed; see the server log\n", CONTENT_TYPE

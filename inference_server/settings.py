@@ -665,16 +665,34 @@ def load_settings(
     )
 
 
-def masked(tree: Any, schema: Any = CORE_SCHEMA, key: str = "") -> Any:
-    """A copy of the settings tree safe to print: secrets replaced by ``"***"``."""
+def masked(
+    tree: Any,
+    schema: Any = CORE_SCHEMA,
+    key: str = "",
+    *,
+    plugin_schemas: Mapping[str, Mapping[str, Setting]] | None = None,
+) -> Any:
+    """A copy of the settings tree safe to print: secrets replaced by ``"***"``.
+
+    Secret are keys declared ``secret`` (by the core or by the provider's plugin) and any key
+    whose name looks like one (api_key, token, password, secret).
+    """
     if isinstance(tree, Mapping):
         out: dict[str, Any] = {}
         for k, v in tree.items():
             sub = schema.get(k) if isinstance(schema, Mapping) else None
             if (isinstance(sub, Setting) and sub.secret) or _SECRET_NAME.search(str(k)):
                 out[k] = "***" if v not in (None, "", {}) else v
-            elif k in ("providers", "models") and not isinstance(sub, Mapping):
-                out[k] = {n: masked(s, PROVIDER_SCHEMA) for n, s in (v or {}).items()}
+            elif k == "providers" and schema is CORE_SCHEMA and isinstance(v, Mapping):
+                out[k] = {
+                    n: masked(
+                        s,
+                        {**PROVIDER_SCHEMA, **(plugin_schemas or {}).get(str(s.get("plugin")), {})},
+                    )
+                    if isinstance(s, Mapping)
+                    else s
+                    for n, s in v.items()
+                }
             else:
                 out[k] = masked(v, sub, k)
         return out

@@ -21,8 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.real.triton_fixture import TritonServer, triton_server
 from tests.support.procs import free_port, running_process
 from tests.support.tiny_gguf import write_tiny_llama_gguf
+
+# Registered here, once for the whole directory: one PyTriton server per machine at a time.
+__all__ = ["LlamaServer", "TritonServer", "llama_server", "triton_server"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = "scripts/install-llama-server.sh"

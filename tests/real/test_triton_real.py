@@ -29,7 +29,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from inference_server.providers import CallContext, ProviderConfig, Timeouts
 from tests.conftest import GatewayFactory, SettingsFactory
-from tests.real.triton_fixture import TritonServer, triton_server  # noqa: F401
+from tests.real.triton_fixture import TritonServer
 
 pytestmark = pytest.mark.real
 

@@ -210,3 +210,11 @@ def test_user_chosen_names_keep_their_case(make_settings) -> None:
     )
     route = s.routes["Llama-3-8B"]
     assert route.deployments[0].id == "Local/Meta/L3"
+
+
+def test_masking_honours_plugin_declared_secrets() -> None:
+    from inference_server.providers.base import Setting
+
+    tree = {"providers": {"p": {"plugin": "x", "signing_blob": "s3cret", "region": "eu"}}}
+    out = masked(tree, plugin_schemas={"x": {"signing_blob": Setting((str,), None, secret=True)}})
+    assert out["providers"]["p"] == {"plugin": "x", "signing_blob": "***", "region": "eu"}
