@@ -123,9 +123,11 @@ async def test_each_model_is_answered_by_its_own_provider(gateway_url: str) -> N
         assert text, model
         assert usage is not None, model
     await sdk.close()
-    async with aiohttp.ClientSession() as http:
-        async with http.get(gateway_url.removesuffix("/v1") + "/health") as resp:
-            health = await resp.json()
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(gateway_url.removesuffix("/v1") + "/health") as resp,
+    ):
+        health = await resp.json()
     assert resp.status == 200
     assert health["status"] == "healthy"
     assert set(health["providers"]) == {"local", "cloud", "triton"}

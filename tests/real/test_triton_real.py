@@ -76,7 +76,7 @@ def echoed(limit: int | None = None) -> str:
 async def gateway(
     make_settings: SettingsFactory,
     make_gateway: GatewayFactory,
-    triton_server: TritonServer,  # noqa: F811
+    triton_server: TritonServer,
 ) -> Client:
     settings = make_settings(
         {
@@ -158,7 +158,7 @@ async def test_max_completion_tokens_and_a_natural_end(gateway: Client) -> None:
 
 
 async def test_a_whole_float_max_tokens_is_typed_int32_for_triton(
-    triton_server: TritonServer,  # noqa: F811
+    triton_server: TritonServer,
     session: aiohttp.ClientSession,
 ) -> None:
     """Triton itself rejects 2.0 for an INT32 input; the plugin types it from the metadata."""
@@ -339,7 +339,7 @@ async def test_a_model_triton_does_not_know_is_404_model_not_found(
 
 async def test_health_models_and_an_unloaded_model_that_is_not_ready(
     gateway: Client,
-    triton_server: TritonServer,  # noqa: F811
+    triton_server: TritonServer,
     session: aiohttp.ClientSession,
 ) -> None:
     """Readiness per model: ``spare`` is served, then unloaded through the repository API."""
