@@ -9,11 +9,12 @@ from typing import Any
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.fake_upstream import Action, FakeUpstream
 from tests.support.procs import free_port
 
-USER = [{"role": "user", "content": "hi"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 FAST = {"inference": {"max_retries": 1}, "logging": {"level": "error"}}
 
 

@@ -12,11 +12,14 @@ import json
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.real.conftest import LlamaServer
 
 pytestmark = pytest.mark.real
-USER = [{"role": "user", "content": "What is the capital of France?"}]
+USER: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
 
 
 @pytest.fixture

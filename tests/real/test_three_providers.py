@@ -17,12 +17,13 @@ from pathlib import Path
 import aiohttp
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.real.conftest import LlamaServer, TritonServer
 from tests.support.procs import free_port, running_process
 
 pytestmark = pytest.mark.real
-USER = [{"role": "user", "content": "Say hello"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Say hello"}]
 EXPECTED = {  # public model → the deployment that must answer it
     "gpt-oss-20b": "local/tiny",
     "gpt-4o-mini": "cloud/tiny",

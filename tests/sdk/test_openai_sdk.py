@@ -6,10 +6,11 @@ import asyncio
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.fake_upstream import Action, FakeUpstream
 
-USER = [{"role": "user", "content": "Hello"}]
+USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 
 
 @pytest.fixture

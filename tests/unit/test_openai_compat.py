@@ -86,9 +86,10 @@ async def test_connection_error_maps_to_connection_failed(http_mock, session) ->
     http_mock.post(
         f"{URL}/chat/completions",
         exception=aiohttp.ClientConnectorError(
-            connection_key=None, os_error=OSError(111, "refused")
+            connection_key=None,  # type: ignore[arg-type]
+            os_error=OSError(111, "refused"),
         ),
-    )  # type: ignore[arg-type]
+    )
     with pytest.raises(e.ProviderConnectionFailed):
         await provider(session).chat({"messages": []}, CTX)
 

@@ -174,9 +174,14 @@ EXPERIMENT = {
 MODELS = {"chat": {"provider": "a"}, "terse": {"provider": "b"}}
 
 
-class FakeRequest:
+class _Request:
     def __init__(self, headers: dict[str, str] | None = None) -> None:
         self.headers = headers or {}
+
+
+def FakeRequest(headers: dict[str, str] | None = None) -> Any:
+    """Just the part of aiohttp's Request that experiments read: headers."""
+    return _Request(headers)
 
 
 def test_assignment_is_sticky_and_split_by_weight(make_settings) -> None:

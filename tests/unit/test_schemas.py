@@ -84,7 +84,7 @@ def test_body_must_be_an_object() -> None:
 
 
 def test_valid_request_passes_unknown_fields_through() -> None:
-    body = {
+    body: dict[str, Any] = {
         "messages": [
             {"role": "system", "content": "s"},
             {"role": "developer", "content": [{"type": "text", "text": "d"}]},

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -188,7 +190,7 @@ def test_print_config_masks_secrets(tmp_path: Path) -> None:
 def test_plugin_validate_options_hook_reports_problems(make_settings) -> None:
     from inference_server_mock import plugin as mock_plugin
 
-    def validate(provider: str, options: dict) -> list[str]:
+    def validate(provider: str, options: Mapping[str, Any]) -> list[str]:
         return [f"providers.{provider}.models.X: bad"] if options.get("models") == ["X"] else []
 
     fussy = dataclasses.replace(mock_plugin, validate_options=validate)
