@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(wildcard plugins/*/pyproject.toml) | cksum | cut -d' ' -f1)
 
-.PHONY: install run test test-fast upstreams lint fmt check-config bench clean
+.PHONY: install run test test-fast upstreams system-deps lint fmt check-config bench clean
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,7 +28,13 @@ upstreams:
 	bash scripts/install-llama-server.sh
 	bash scripts/install-triton.sh
 
-test: install upstreams
+# Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway.
+system-deps:
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+
+test: install upstreams system-deps
 	$(PY) -m pytest
 
 test-fast: install

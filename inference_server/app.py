@@ -21,12 +21,14 @@ from inference_server.keys import (
     BACKGROUND,
     HEALTH,
     HTTP_SESSION,
+    METRICS,
     OPEN_STREAMS,
     RETRIER,
     ROUTER,
     SETTINGS,
     TELEMETRY,
 )
+from inference_server.metrics import Metrics
 from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
 from inference_server.resilience import Retrier
@@ -68,7 +70,10 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     for name, config in settings.providers.items():
         plugin = settings.plugins[config.plugin].plugin
         providers[name] = plugin.factory(session, config)
-    router = Router(settings, providers)
+    metrics = app[METRICS]
+    router = Router(settings, providers, on_breaker=metrics.breaker_transition)
+    for dep in router.deployments:
+        metrics.breaker_state(dep.id, dep.breaker.state)
     health = HealthMonitor(
         providers,
         router,
@@ -122,6 +127,7 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
+    app[METRICS] = Metrics(settings.metrics)
     app[RETRIER] = Retrier(settings.retry)
     open_streams: set[asyncio.Task[Any]] = set()
     app[OPEN_STREAMS] = open_streams

@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from inference_server import __version__
+from inference_server import __version__, metrics
 from inference_server.providers.loader import installed_plugins
 from inference_server.settings import ConfigError, Settings, load_settings, masked
 
@@ -72,17 +72,20 @@ def _serve(settings: Settings, reuse_port: bool) -> None:
         ", ".join(f"{n} ({c.plugin} → {c.base_url})" for n, c in settings.providers.items()),
     )
     loop = uvloop.new_event_loop()
-    web.run_app(
-        create_app(settings),
-        host=settings.server.host,
-        port=settings.server.port,
-        reuse_port=reuse_port or None,
-        shutdown_timeout=settings.server.shutdown_timeout_secs,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-        loop=loop,
-    )
+    try:
+        web.run_app(
+            create_app(settings),
+            host=settings.server.host,
+            port=settings.server.port,
+            reuse_port=reuse_port or None,
+            shutdown_timeout=settings.server.shutdown_timeout_secs,
+            handler_cancellation=True,
+            access_log=None,
+            print=None,
+            loop=loop,
+        )
+    finally:
+        metrics.worker_exit()  # this worker's live gauges leave the merged view
 
 
 def _run_workers(settings: Settings) -> int:
@@ -108,6 +111,8 @@ def _run_workers(settings: Settings) -> int:
     code = 0
     for proc in procs:
         proc.join()
+        if proc.pid is not None:
+            metrics.worker_exit(proc.pid)  # also when it died without running its own
         exitcode = proc.exitcode or 0
         # A worker still starting up when we forwarded SIGTERM dies of it: that is a clean stop.
         if exitcode < 0 and -exitcode in forwarded:
@@ -151,7 +156,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  experiment {exp.name} on {model}: {variants}")
         print(f"  installed plugins: {', '.join(installed_plugins())}")
         return 0
-    if settings.server.workers > 1:
-        return _run_workers(settings)
-    _serve(settings, reuse_port=False)
-    return 0
+    # Before any fork: one clean directory for the workers' metric files (see metrics.py).
+    cleanup_metrics = metrics.prepare_multiprocess(settings.metrics, settings.server.workers)
+    try:
+        if settings.server.workers > 1:
+            return _run_workers(settings)
+        _serve(settings, reuse_port=False)
+        return 0
+    finally:
+        cleanup_metrics()

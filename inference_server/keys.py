@@ -10,6 +10,7 @@ from aiohttp import web
 
 from inference_server.context import RequestContext
 from inference_server.health import HealthMonitor
+from inference_server.metrics import Metrics
 from inference_server.resilience import Retrier
 from inference_server.routing import Router
 from inference_server.settings import Settings
@@ -21,6 +22,7 @@ ROUTER = web.AppKey("router", Router)
 HEALTH = web.AppKey("health", HealthMonitor)
 RETRIER = web.AppKey("retrier", Retrier)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
+METRICS = web.AppKey("metrics", Metrics)
 #: Handler tasks relaying a stream right now (cut with an error event at the shutdown deadline).
 OPEN_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("open_streams")
 #: Fire-and-forget tasks (shadow traffic), cancelled at cleanup.

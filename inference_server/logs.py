@@ -201,14 +201,17 @@ def access(ctx: RequestContext, method: str, path: str, status: int, duration_se
 
 
 def slow_request(ctx: RequestContext, duration_secs: float, threshold_secs: float) -> bool:
-    """Log the time breakdown of a request that took ``threshold_secs`` or more (0: never).
+    """Log the time breakdown of a request whose answer took ``threshold_secs`` or more to start.
 
-    queue = arrival → first upstream attempt (validation, routing); upstream = time waiting on
-    upstreams over all attempts (for a stream: until its first chunk); first_token = arrival →
-    first chunk sent; stream = first chunk → end; overhead = the rest (the gateway's own time,
-    retry backoff included).  Returns whether it logged.
+    "To start" is the whole response for JSON and the first token for a stream: a long
+    generation is not slow, a late first token is.  The breakdown: queue = arrival → first
+    upstream attempt (validation, routing); upstream = time waiting on upstreams over all attempts
+    (a stream's: until its first chunk); first_token = arrival → first chunk sent; stream = first
+    chunk → end; overhead = the rest (the gateway's own time, retry backoff included).  Returns
+    whether it logged; costs one comparison otherwise.  ``threshold_secs`` 0 turns it off.
     """
-    if threshold_secs <= 0 or duration_secs < threshold_secs:
+    waited = ctx.first_token_secs if ctx.stream and ctx.first_token_secs is not None else None
+    if threshold_secs <= 0 or (waited if waited is not None else duration_secs) < threshold_secs:
         return False
     stream = ctx.stream_secs or 0.0
     overhead = max(0.0, duration_secs - ctx.upstream_secs - stream)

@@ -7,6 +7,7 @@ then ``error_envelope`` (turns every exception into the JSON error body, in one 
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -15,6 +16,7 @@ import orjson
 from aiohttp import web
 from loguru import logger
 
+from inference_server import logs
 from inference_server.context import RequestContext
 from inference_server.errors import (
     ErrorFormat,
@@ -24,7 +26,7 @@ from inference_server.errors import (
     error_body,
     from_http_status,
 )
-from inference_server.keys import CTX, SETTINGS, TELEMETRY
+from inference_server.keys import CTX, METRICS, SETTINGS, TELEMETRY
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -38,49 +40,48 @@ def _request_id(request: web.Request) -> str:
 
 @web.middleware
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Create the request's context, time it, trace it and write its access-log line."""
+    """Create the request's context, time it, trace it, count it and write its access line."""
     rid = _request_id(request)
     ctx = RequestContext(request_id=rid, log=logger.bind(request_id=rid))
+    resource = request.match_info.route.resource
+    ctx.endpoint = resource.canonical if resource is not None else "unmatched"
     request[CTX] = ctx
     app = request.app
     telemetry = app[TELEMETRY]
+    metrics = app[METRICS]
+    metrics.request_started(ctx.endpoint)
     status = 500
-    try:
-        with telemetry.server_span(
-            f"{request.method} {request.match_info.route.resource.canonical if request.match_info.route.resource else 'unmatched'}",
-            request.headers,
-            {"http.request.method": request.method, "url.path": request.path},
-        ) as span:
-            ctx.trace_headers = {}
-            response = await handler(request)
-            status = response.status
-            if span is not None:
-                span.set_attribute("http.response.status_code", status)
-                if ctx.variant:
-                    span.set_attribute("inference.variant", f"{ctx.experiment}/{ctx.variant}")
-                if ctx.deployment:
-                    span.set_attribute("inference.deployment", ctx.deployment)
-                if ctx.error_code:
-                    telemetry.record_error(span, ctx.error_code, ctx.error_code)
-        if not response.prepared:
-            response.headers["x-request-id"] = rid
-            if ctx.attempts:
-                response.headers.update(ctx.routing_headers())
-        return response
-    finally:
-        if app[SETTINGS].logging.access_log:
-            elapsed_ms = (time.perf_counter() - ctx.started) * 1000
-            ctx.log.info(
-                "{} {} {} {:.1f}ms model={} provider={} attempts={}{}",
-                request.method,
-                request.path,
-                ctx.status or status,
-                elapsed_ms,
-                ctx.model or "-",
-                ctx.provider or "-",
-                ctx.attempts,
-                f" error={ctx.error_code}" if ctx.error_code else "",
-            )
+    with logs.request_scope(rid):
+        try:
+            with telemetry.server_span(
+                f"{request.method} {ctx.endpoint}",
+                request.headers,
+                {"http.request.method": request.method, "url.path": request.path},
+            ) as span:
+                ctx.log = logs.with_trace(ctx.log, span)
+                ctx.trace_headers = {}
+                response = await handler(request)
+                status = response.status
+                telemetry.finish_request(span, ctx, ctx.status or status)
+            if not response.prepared:
+                response.headers["x-request-id"] = rid
+                if ctx.attempts:
+                    response.headers.update(ctx.routing_headers())
+            return response
+        except asyncio.CancelledError:
+            # The client went away before the response was complete (handler cancellation).
+            ctx.error_code = ctx.error_code or "CLIENT_DISCONNECTED"
+            status = 499
+            raise
+        finally:
+            duration = time.perf_counter() - ctx.started
+            if ctx.status is None:
+                ctx.status = status
+            metrics.request_finished(ctx, duration)
+            log_settings = app[SETTINGS].logging
+            if log_settings.access_log:
+                logs.access(ctx, request.method, request.path, ctx.status, duration)
+            logs.slow_request(ctx, duration, log_settings.slow_request_secs)
 
 
 def error_response(err: GatewayError, error_format: str) -> web.Response:

@@ -33,6 +33,7 @@ from inference_server.keys import (
     BACKGROUND,
     CTX,
     HEALTH,
+    METRICS,
     OPEN_STREAMS,
     RETRIER,
     ROUTER,
@@ -74,24 +75,32 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
     # 1. admit — authentication and rate limits slot in here.
     # 2. validate
-    body = validate_chat(await read_json(request))
+    telemetry = app[TELEMETRY]
+    with telemetry.span("inference.validate"):
+        body = validate_chat(await read_json(request))
     model = body.get("model") or settings.default_model
     body["model"] = model
     ctx.model = model
     ctx.stream = bool(body.get("stream"))
-    router.check_allowed(model)
     # 3. cache — response caching slots in here.
     # 4. route: an experiment may answer for this name and pick a variant (another route).
-    route_name = model
-    experiment = router.experiments.get(model)
-    if experiment is not None:
-        route_name = assign_variant(request, ctx, experiment, body)
-    route = router.resolve(route_name)
-    ctx.route = (
-        route.name
-        if route.name != SHORTHAND_ROUTE
-        else (model if model in settings.allowed_models else SHORTHAND_ROUTE)
-    )
+    with telemetry.span("inference.route", {"gen_ai.request.model": model}) as span:
+        router.check_allowed(model)
+        route_name = model
+        experiment = router.experiments.get(model)
+        if experiment is not None:
+            route_name = assign_variant(request, ctx, experiment, body)
+        route = router.resolve(route_name)
+        ctx.route = (
+            route.name
+            if route.name != SHORTHAND_ROUTE
+            else (model if model in settings.allowed_models else SHORTHAND_ROUTE)
+        )
+        if span is not None:
+            span.set_attribute("inference.route", ctx.route)
+            if ctx.variant is not None:
+                span.set_attribute("inference.experiment", ctx.experiment or "")
+                span.set_attribute("inference.variant", ctx.variant)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     ctx.queue_secs = time.perf_counter() - ctx.started
     try:
@@ -199,7 +208,8 @@ async def run(
     limits = app[SETTINGS].routing
     deadline = ctx.started + limits.max_time_secs
     model = ctx.model or ""
-    previous: list[Deployment] = []
+    previous: list[Candidate] = []
+    metrics = app[METRICS]
 
     def budget_left() -> bool:
         return ctx.attempts < limits.max_attempts and time.perf_counter() < deadline
@@ -216,12 +226,15 @@ async def run(
                 last = last or CircuitOpen(f"Deployment {dep.id} is unavailable (circuit open)")
                 continue
             if previous:
-                if previous[-1] is dep:
+                before = previous[-1]
+                if before.deployment is dep:
                     ctx.retries += 1
+                    metrics.retry(dep.id)
                 else:
                     ctx.fallbacks += 1
-                    ctx.log.info("falling back from {} to {}", previous[-1].id, dep.id)
-            previous.append(dep)
+                    metrics.fallback(before.route.name, cand.route.name)
+                    ctx.log.info("falling back from {} to {}", before.deployment.id, dep.id)
+            previous.append(cand)
             try:
                 result = await attempt(request, ctx, cand, body, op)
             except GatewayError as exc:
@@ -293,6 +306,8 @@ async def attempt(
         headers=ctx.trace_headers,
         include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
     )
+    metrics = app[METRICS]
+    outcome = "CANCELLED"
     started = time.perf_counter()
     dep.in_flight += 1
     with telemetry.client_span(
@@ -300,7 +315,7 @@ async def attempt(
         {
             "gen_ai.operation.name": "chat",
             "gen_ai.request.model": cand.upstream_model,
-            "gen_ai.system": dep.config.plugin,
+            "gen_ai.provider.name": dep.config.plugin,
             "inference.provider": name,
             "inference.deployment": dep.id,
             "inference.route": cand.route.name,
@@ -311,17 +326,27 @@ async def attempt(
         if span is not None:
             ctx.trace_headers.clear()
             telemetry.inject(ctx.trace_headers)
+            telemetry.record_input(span, body.get("messages") or [])
         try:
             result = await op(cand, body, call)
+            outcome = "ok"
+            response = result[0] if isinstance(result, tuple) else result
+            if isinstance(response, dict):
+                telemetry.record_response(span, response)
         except GatewayError as exc:
+            outcome = exc.code
             telemetry.record_error(span, exc.code, exc.message)
             if isinstance(exc, ProviderConnectionFailed):
                 health.mark(name, False, exc.message)
+            raise
+        except Exception:
+            outcome = "INTERNAL_ERROR"
             raise
         finally:
             elapsed = time.perf_counter() - started
             ctx.upstream_secs += elapsed
             dep.in_flight -= 1
+            metrics.attempt_finished(name, dep.id, outcome, elapsed)
     dep.observe_latency(elapsed)
     health.mark(name, True, "request succeeded")
     if ctx.stream:
@@ -354,17 +379,26 @@ async def stream(
         task = asyncio.current_task()
         if task is not None:
             open_streams.add(task)
+        telemetry = request.app[TELEMETRY]
         try:
-            await relay(
-                request,
-                response,
-                ctx,
-                body,
-                first,
-                chunks,
-                include_usage=include_usage,
-                error_format=request.app[SETTINGS].server.error_format,
-            )
+            with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
+                await relay(
+                    request,
+                    response,
+                    ctx,
+                    body,
+                    first,
+                    chunks,
+                    include_usage=include_usage,
+                    error_format=request.app[SETTINGS].server.error_format,
+                )
+                if span is not None:
+                    if ctx.usage and isinstance(ctx.usage.get("completion_tokens"), int):
+                        span.set_attribute(
+                            "gen_ai.usage.output_tokens", ctx.usage["completion_tokens"]
+                        )
+                    if ctx.error_code is not None:
+                        telemetry.record_error(span, ctx.error_code, ctx.error_code)
         finally:
             if task is not None:
                 open_streams.discard(task)
@@ -420,6 +454,7 @@ async def run_shadow(
         error = "INTERNAL_ERROR"
     secs = time.perf_counter() - started
     experiment.shadow_stats.record(secs, error is not None, usage)
+    app[METRICS].shadow_finished(experiment.name, error or "ok", secs)
     logger.bind(request_id=request_id).info(
         "shadow {} via {}: {} in {:.1f}ms", spec.model, deployment, error or "ok", secs * 1000
     )

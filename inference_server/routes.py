@@ -8,7 +8,7 @@ import orjson
 from aiohttp import web
 
 from inference_server.errors import Forbidden, Unauthorized
-from inference_server.keys import HEALTH, ROUTER, SETTINGS
+from inference_server.keys import HEALTH, METRICS, ROUTER, SETTINGS
 from inference_server.pipeline import chat_completions
 
 _OK = orjson.dumps({"message": "Ok"})
@@ -73,7 +73,15 @@ async def admin_experiments(request: web.Request) -> web.Response:
     )
 
 
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics — Prometheus text format (all workers' values in multiprocess mode)."""
+    body, content_type = request.app[METRICS].render()
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 def setup_routes(app: web.Application) -> None:
+    if app[SETTINGS].metrics.enabled:
+        app.router.add_get("/metrics", metrics)
     app.router.add_get("/", root)
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)

@@ -19,6 +19,7 @@ from typing import Any
 from dynaconf import Dynaconf, ValidationError, Validator
 
 from inference_server import envvars
+from inference_server.metrics import MetricsSettings
 from inference_server.providers.base import ProviderConfig, ProviderPlugin, Setting, Timeouts
 from inference_server.providers.loader import LoadedPlugin, PluginLoadError, load_plugins
 from inference_server.routing_config import (
@@ -82,6 +83,14 @@ CORE_SCHEMA: dict[str, Any] = {
         "format": S((str,), "pretty", choices=("pretty", "json")),
         "output": S((str,), "stdout", choices=("stdout", "file")),
         "access_log": S((bool,), True),
+        "slow_request_secs": S(
+            _NUM,
+            10,
+            gte=0,
+            lte=86400,
+            description="log a time breakdown of requests whose answer took this long to start "
+            "(whole response; streams: first token); 0: off",
+        ),
         "file": {
             "path": S((str,), "logs/inference-server.log"),
             "rotation": S((str,), "100 MB"),
@@ -91,10 +100,30 @@ CORE_SCHEMA: dict[str, Any] = {
     "telemetry": {
         "traces": {
             "exporter": S((str,), "none", choices=("none", "console", "otlp")),
-            "otlp_endpoint": S((str,), "http://127.0.0.1:4318/v1/traces"),
+            "protocol": S((str,), "http/protobuf", choices=("http/protobuf", "grpc")),
+            "otlp_endpoint": S(
+                (str,),
+                None,
+                nullable=True,
+                description="null: http://127.0.0.1:4318/v1/traces (http/protobuf) or "
+                "http://127.0.0.1:4317 (grpc)",
+            ),
+            "headers": S((dict,), {}, secret=True, description="sent with every export"),
             "service_name": S((str,), "inference-server"),
             "sample_ratio": S(_NUM, 1.0, gte=0, lte=1),
+            "record_content": S((bool,), False, description="put prompts and completions on spans"),
+            "content_max_chars": S((int,), 4096, gte=0, lte=1_000_000),
         },
+    },
+    "metrics": {
+        "enabled": S((bool,), True, description="record and serve GET /metrics"),
+        "multiprocess_dir": S(
+            (str,),
+            None,
+            nullable=True,
+            description="where workers write their values (null: a temporary directory)",
+        ),
+        "max_label_values": S((int,), 200, gte=1, lte=100000),
     },
     "routing": {
         "max_attempts": S((int,), 6, gte=1, lte=100, description="upstream attempts per request"),
@@ -186,14 +215,19 @@ class LoggingSettings:
     output: str
     access_log: bool
     file: LogFileSettings
+    slow_request_secs: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
 class TraceSettings:
     exporter: str
-    otlp_endpoint: str
+    otlp_endpoint: str | None
     service_name: str
     sample_ratio: float
+    protocol: str = "http/protobuf"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    record_content: bool = False
+    content_max_chars: int = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +266,7 @@ class Settings:
     health_probe_timeout_secs: float
     logging: LoggingSettings
     traces: TraceSettings
+    metrics: MetricsSettings
     providers: Mapping[str, ProviderConfig]
     #: Public model name → route (empty: the shorthand, any model goes to the one provider).
     routes: Mapping[str, RouteSpec]
@@ -642,12 +677,22 @@ def load_settings(
             output=log["output"].lower(),
             access_log=bool(log["access_log"]),
             file=LogFileSettings(**log["file"]),
+            slow_request_secs=float(log["slow_request_secs"]),
         ),
         traces=TraceSettings(
             exporter=trc["exporter"].lower(),
             otlp_endpoint=trc["otlp_endpoint"],
             service_name=trc["service_name"],
             sample_ratio=float(trc["sample_ratio"]),
+            protocol=trc["protocol"].lower(),
+            headers={str(k): str(v) for k, v in (trc["headers"] or {}).items()},
+            record_content=bool(trc["record_content"]),
+            content_max_chars=int(trc["content_max_chars"]),
+        ),
+        metrics=MetricsSettings(
+            enabled=bool(resolved["metrics"]["enabled"]),
+            multiprocess_dir=resolved["metrics"]["multiprocess_dir"],
+            max_label_values=int(resolved["metrics"]["max_label_values"]),
         ),
         providers=provider_configs,
         routes=routes,

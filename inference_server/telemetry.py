@@ -25,8 +25,8 @@ Why it looks like this:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Final
 
@@ -265,19 +265,15 @@ class Telemetry:
 
     # --- spans ---------------------------------------------------------------------------------
 
-    @contextmanager
     def server_span(
         self, name: str, headers: Mapping[str, str], attributes: dict[str, Any]
-    ) -> Iterator[Span | None]:
+    ) -> AbstractContextManager[Span | None]:
         """The request's span, continuing a client's W3C ``traceparent`` when present."""
         if not self.enabled:
-            yield None
-            return
-        parent = propagate.extract(headers)
-        with self.tracer.start_as_current_span(
-            name, context=parent, kind=SpanKind.SERVER, attributes=attributes
-        ) as span:
-            yield span
+            return _NO_SPAN
+        return self.tracer.start_as_current_span(
+            name, context=propagate.extract(headers), kind=SpanKind.SERVER, attributes=attributes
+        )
 
     def client_span(
         self, name: str, attributes: dict[str, Any]

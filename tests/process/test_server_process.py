@@ -154,11 +154,13 @@ def test_production_logs_are_json_lines(tmp_path: Path) -> None:
         for line in (tmp_path / "server.log").read_text().splitlines()
         if line.startswith("{")
     ]
-    access = [rec for rec in lines if rec.get("request_id") == "rid-42"]
+    access = [r for r in lines if r.get("request_id") == "rid-42" and r.get("event") == "access"]
     assert access, lines
-    assert {"time", "level", "message", "request_id", "logger"} <= access[0].keys()
-    assert "model=gpt-oss-20b" in access[0]["message"]
-    assert "provider=local" in access[0]["message"]
+    assert {"time", "level", "message", "request_id", "trace_id", "span_id", "logger"} <= access[
+        0
+    ].keys()
+    assert access[0]["model"] == "gpt-oss-20b"
+    assert access[0]["provider"] == "local"
 
 
 def test_file_logging_with_rotation_settings(tmp_path: Path) -> None:

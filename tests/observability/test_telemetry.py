@@ -1,0 +1,268 @@
+"""Tracing on its own: OTEL_* precedence over settings, both OTLP protocols to a real receiver,
+GenAI attributes from the request record, content only when enabled, nothing when off."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import pytest
+from loguru import logger
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+
+from inference_server.context import RequestContext
+from inference_server.settings import TraceSettings
+from inference_server.telemetry import (
+    DEFAULT_GRPC_ENDPOINT,
+    DEFAULT_HTTP_ENDPOINT,
+    Telemetry,
+    resolve,
+)
+from tests.observability.otlp_receiver import GrpcReceiver, HttpReceiver
+
+TRACE = "0af7651916cd43dd8448eb211c80319c"
+PARENT = "b7ad6b7169203331"
+
+
+@dataclass(frozen=True)
+class _Traces:
+    """settings.TraceSettings' fields, including those this issue adds to it."""
+
+    exporter: str = "otlp"
+    otlp_endpoint: str | None = None
+    service_name: str = "inference-server"
+    sample_ratio: float = 1.0
+    protocol: str = "http/protobuf"
+    headers: dict[str, str] = field(default_factory=dict)
+    record_content: bool = False
+    content_max_chars: int = 4096
+
+
+def Traces(**fields: Any) -> TraceSettings:
+    return cast("TraceSettings", _Traces(**fields))
+
+
+# --- precedence ------------------------------------------------------------------------------
+
+
+def test_settings_alone() -> None:
+    cfg = resolve(Traces(headers={"x-key": "k"}, sample_ratio=0.25), environ={})
+    assert cfg.exporters == ("otlp",)
+    assert cfg.protocol == "http/protobuf"
+    assert cfg.endpoint == DEFAULT_HTTP_ENDPOINT
+    assert cfg.headers == {"x-key": "k"}
+    assert cfg.service_name == "inference-server"
+    assert "ParentBased" in cfg.sampler.get_description()
+    assert "0.25" in cfg.sampler.get_description()
+    assert resolve(Traces(protocol="grpc"), environ={}).endpoint == DEFAULT_GRPC_ENDPOINT
+    # The old HTTP default left in a settings file does not send gRPC to the HTTP port.
+    grpc = resolve(Traces(protocol="grpc", otlp_endpoint=DEFAULT_HTTP_ENDPOINT), environ={})
+    assert grpc.endpoint == DEFAULT_GRPC_ENDPOINT
+
+
+def test_otel_environment_wins_over_settings() -> None:
+    env = {
+        "OTEL_TRACES_EXPORTER": "console,otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4317",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-key=from-env",
+        "OTEL_SERVICE_NAME": "gw-env",
+        "OTEL_TRACES_SAMPLER": "traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": "0.5",
+    }
+    cfg = resolve(Traces(exporter="none", headers={"x-key": "k"}), environ=env)
+    assert cfg.exporters == ("console", "otlp")
+    assert cfg.protocol == "grpc"
+    assert cfg.endpoint is None  # the exporter reads OTEL_EXPORTER_OTLP_* itself
+    assert cfg.headers is None
+    assert cfg.service_name == "gw-env"
+    assert cfg.sampler.get_description() == "TraceIdRatioBased{0.5}"
+    # Signal-specific names beat the generic ones.
+    cfg = resolve(
+        Traces(),
+        environ={
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL": "http/protobuf",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=prod,service.name=gw-res",
+        },
+    )
+    assert cfg.protocol == "http/protobuf"
+    assert cfg.service_name == "gw-res"
+
+
+def test_otel_environment_can_turn_tracing_off() -> None:
+    assert resolve(Traces(), environ={"OTEL_TRACES_EXPORTER": "none"}).exporters == ()
+    assert resolve(Traces(), environ={"OTEL_SDK_DISABLED": "true"}).exporters == ()
+
+
+def test_invalid_environment_values_are_reported_not_fatal() -> None:
+    cfg = resolve(
+        Traces(sample_ratio=0.3),
+        environ={
+            "OTEL_TRACES_EXPORTER": "zipkin,otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json",
+            "OTEL_TRACES_SAMPLER": "sometimes",
+        },
+    )
+    assert cfg.exporters == ("otlp",)
+    assert cfg.protocol == "http/protobuf"
+    assert "0.3" in cfg.sampler.get_description()
+    assert len(cfg.warnings) == 3
+
+
+# --- spans -----------------------------------------------------------------------------------
+
+
+def memory_telemetry(**traces: Any) -> tuple[Telemetry, InMemorySpanExporter]:
+    telemetry = Telemetry(Traces(exporter="console", **traces), environ={})
+    assert telemetry.provider is not None  # (console output is captured by pytest)
+    memory = InMemorySpanExporter()
+    telemetry.provider.add_span_processor(SimpleSpanProcessor(memory))
+    return telemetry, memory
+
+
+def test_off_means_no_provider_and_no_spans() -> None:
+    telemetry = Telemetry(Traces(exporter="none"), environ={})
+    assert telemetry.provider is None
+    with telemetry.server_span("GET /", {}, {}) as s1, telemetry.span("x") as s2:
+        assert s1 is None
+        assert s2 is None
+    with telemetry.client_span("chat m", {}) as s3:
+        assert s3 is None
+    carrier: dict[str, str] = {}
+    telemetry.inject(carrier)
+    assert carrier == {}
+    telemetry.finish_request(None, RequestContext("r", logger), 200)
+
+
+def test_request_record_becomes_genai_attributes() -> None:
+    telemetry, memory = memory_telemetry()
+    ctx = RequestContext("r", logger)
+    ctx.endpoint, ctx.model, ctx.route = "/v1/chat/completions", "chat", "chat"
+    ctx.provider, ctx.deployment, ctx.upstream_model = "local", "local/m", "m"
+    ctx.experiment, ctx.variant = "exp", "b"
+    ctx.stream, ctx.attempts, ctx.retries, ctx.fallbacks = True, 3, 1, 1
+    ctx.first_token_secs = 0.12
+    ctx.usage = {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13}
+    headers = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+    with telemetry.server_span("POST /v1/chat/completions", headers, {}) as server:
+        with telemetry.span("inference.route"):
+            pass
+        with telemetry.client_span("chat m", {"gen_ai.request.model": "m"}) as client:
+            telemetry.record_response(
+                client,
+                {
+                    "id": "chatcmpl-1",
+                    "model": "m-2024",
+                    "choices": [{"message": {"content": "secret"}, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 9, "completion_tokens": 4},
+                },
+            )
+            telemetry.record_input(client, [{"role": "user", "content": "secret"}])
+        telemetry.finish_request(server, ctx, 200)
+    spans = {s.name: s for s in memory.get_finished_spans()}
+    srv = spans["POST /v1/chat/completions"]
+    assert srv.kind == SpanKind.SERVER
+    assert f"{srv.context.trace_id:032x}" == TRACE
+    assert srv.parent is not None
+    assert f"{srv.parent.span_id:016x}" == PARENT
+    attrs = dict(srv.attributes or {})
+    assert attrs["gen_ai.operation.name"] == "chat"
+    assert attrs["gen_ai.request.model"] == "chat"
+    assert attrs["gen_ai.response.model"] == "m"
+    assert attrs["gen_ai.usage.input_tokens"] == 9
+    assert attrs["gen_ai.usage.output_tokens"] == 4
+    assert attrs["gen_ai.request.stream"] is True
+    assert attrs["gen_ai.response.time_to_first_chunk"] == 0.12
+    assert attrs["inference.route"] == "chat"
+    assert attrs["inference.deployment"] == "local/m"
+    assert attrs["inference.variant"] == "b"
+    assert attrs["inference.attempts"] == 3
+    assert attrs["http.response.status_code"] == 200
+    cli = spans["chat m"]
+    assert cli.parent is not None
+    assert cli.parent.span_id == srv.context.span_id
+    assert spans["inference.route"].kind == SpanKind.INTERNAL
+    cattrs = dict(cli.attributes or {})
+    assert cattrs["gen_ai.response.model"] == "m-2024"
+    assert cattrs["gen_ai.response.id"] == "chatcmpl-1"
+    assert cattrs["gen_ai.response.finish_reasons"] == ("stop",)
+    # Content is not recorded unless enabled.
+    assert not any(
+        "secret" in str(v) for s in spans.values() for v in (s.attributes or {}).values()
+    )
+
+
+def test_content_recorded_only_when_enabled_and_truncated() -> None:
+    telemetry, memory = memory_telemetry(record_content=True, content_max_chars=40)
+    with telemetry.client_span("chat m", {}) as span:
+        telemetry.record_input(span, [{"role": "user", "content": "hello " * 20}])
+        telemetry.record_response(span, {"choices": [{"message": {"content": "world"}}]})
+    attrs = dict(memory.get_finished_spans()[0].attributes or {})
+    assert str(attrs["gen_ai.input.messages"]).startswith('[{"role":"user"')
+    assert len(str(attrs["gen_ai.input.messages"])) == 41  # 40 + "…"
+    assert "world" in str(attrs["gen_ai.output.messages"])
+
+
+def test_errors_carry_the_gateway_code() -> None:
+    telemetry, memory = memory_telemetry()
+    ctx = RequestContext("r", logger)
+    ctx.error_code, ctx.status = "PROVIDER_TIMEOUT", 504
+    with telemetry.server_span("POST /v1/chat/completions", {}, {}) as span:
+        telemetry.finish_request(span, ctx, 504)
+    span_data = memory.get_finished_spans()[0]
+    assert span_data.status.status_code == StatusCode.ERROR
+    assert (span_data.attributes or {})["error.type"] == "PROVIDER_TIMEOUT"
+
+
+# --- OTLP on the wire --------------------------------------------------------------------------
+
+
+async def _export_one(telemetry: Telemetry) -> None:
+    with (
+        telemetry.server_span("POST /v1/chat/completions", {}, {}),
+        telemetry.client_span("chat m", {"gen_ai.request.model": "m"}),
+    ):
+        pass
+    assert telemetry.provider is not None
+    # The batch exporter posts from its thread; flushing blocks, so not on the event loop.
+    await asyncio.get_running_loop().run_in_executor(None, telemetry.provider.force_flush)
+
+
+async def test_otlp_http_protobuf_export(otlp_http: HttpReceiver) -> None:
+    telemetry = Telemetry(
+        Traces(otlp_endpoint=otlp_http.url, headers={"x-api-key": "k1"}),
+        environ={"OTEL_SERVICE_NAME": "gw-test"},
+    )
+    await _export_one(telemetry)
+    spans = await otlp_http.wait_for(lambda s: len(s) >= 2)
+    client = next(s for s in spans if s.name == "chat m")
+    server = next(s for s in spans if s.kind == "server")
+    assert client.parent_span_id == server.span_id
+    assert client.attributes["gen_ai.request.model"] == "m"
+    assert server.resource["service.name"] == "gw-test"
+    assert otlp_http.headers[0]["x-api-key"] == "k1"
+    telemetry.shutdown()
+
+
+async def test_otlp_grpc_export_configured_by_environment(otlp_grpc: GrpcReceiver) -> None:
+    endpoint = f"http://127.0.0.1:{otlp_grpc.port}"
+    env = {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": endpoint,
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=k2",
+    }
+    with pytest.MonkeyPatch.context() as mp:  # the exporter reads endpoint and headers itself
+        for key, val in env.items():
+            mp.setenv(key, val)
+        telemetry = Telemetry(Traces(exporter="none"))
+    assert telemetry.config.protocol == "grpc"
+    await _export_one(telemetry)
+    spans = await otlp_grpc.wait_for(lambda s: len(s) >= 2)
+    assert {s.name for s in spans} == {"POST /v1/chat/completions", "chat m"}
+    assert otlp_grpc.headers[0]["x-api-key"] == "k2"
+    await asyncio.get_running_loop().run_in_executor(None, telemetry.shutdown)
