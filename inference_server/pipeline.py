@@ -382,7 +382,7 @@ async def stream(
         telemetry = request.app[TELEMETRY]
         try:
             with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
-                await relay(
+                text = await relay(
                     request,
                     response,
                     ctx,
@@ -391,7 +391,10 @@ async def stream(
                     chunks,
                     include_usage=include_usage,
                     error_format=request.app[SETTINGS].server.error_format,
+                    collect_text=span is not None and telemetry.record_content,
                 )
+                if text is not None:
+                    telemetry.record_output_text(span, text)
                 if span is not None:
                     if ctx.usage and isinstance(ctx.usage.get("completion_tokens"), int):
                         span.set_attribute(

@@ -64,12 +64,14 @@ def estimate_prompt_tokens(request: dict[str, Any]) -> int:
 class UsageTracker:
     """Follows a stream to produce the final usage chunk the client asked for."""
 
-    __slots__ = ("completion_deltas", "seen_usage", "usage_chunk_sent")
+    __slots__ = ("completion_deltas", "seen_usage", "text", "usage_chunk_sent")
 
-    def __init__(self) -> None:
+    def __init__(self, collect_text: bool = False) -> None:
         self.completion_deltas = 0
         self.seen_usage: dict[str, Any] | None = None
         self.usage_chunk_sent = False
+        #: The assembled completion, only when asked (recording content on spans is opt-in).
+        self.text: list[str] | None = [] if collect_text else None
 
     def observe(self, chunk: ChatChunk) -> None:
         usage = chunk.get("usage")
@@ -77,8 +79,11 @@ class UsageTracker:
             self.seen_usage = usage
         for choice in chunk.get("choices") or ():
             delta = choice.get("delta") or {}
-            if delta.get("content") or delta.get("tool_calls") or delta.get("refusal"):
+            content = delta.get("content")
+            if content or delta.get("tool_calls") or delta.get("refusal"):
                 self.completion_deltas += 1
+                if self.text is not None and isinstance(content, str) and not choice.get("index"):
+                    self.text.append(content)
 
     def final_usage(self, request: dict[str, Any]) -> tuple[dict[str, Any], bool]:
         """(usage, estimated): the upstream's numbers when it sent any, else an estimate."""
@@ -107,9 +112,13 @@ async def relay(
     *,
     include_usage: bool,
     error_format: str,
-) -> None:
-    """Forward ``first`` and the rest of ``chunks``; end with usage + [DONE] or an error event."""
-    tracker = UsageTracker()
+    collect_text: bool = False,
+) -> str | None:
+    """Forward ``first`` and the rest of ``chunks``; end with usage + [DONE] or an error event.
+
+    Returns the assembled completion of choice 0 when ``collect_text`` (else None).
+    """
+    tracker = UsageTracker(collect_text)
     template: dict[str, Any] = {
         "id": first.get("id"),
         "object": "chat.completion.chunk",
@@ -133,6 +142,7 @@ async def relay(
             chunk = await anext(chunks, None)
         usage, estimated = tracker.final_usage(body)
         ctx.usage = usage
+        ctx.usage_estimated = estimated
         if include_usage and not tracker.usage_chunk_sent:
             await write(sse_event({**template, "choices": [], "usage": usage}))
         if estimated:
@@ -164,6 +174,7 @@ async def relay(
         )
     finally:
         await _aclose(chunks)
+    return None if tracker.text is None else "".join(tracker.text)
 
 
 async def _write_error(response: web.StreamResponse, err: GatewayError, error_format: str) -> None:

@@ -52,3 +52,44 @@ async def test_no_traceparent_when_tracing_is_off(gateway_for, fake_upstream: Fa
     assert client.app[TELEMETRY].provider is None
     await client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}]})
     assert "traceparent" not in fake_upstream.headers[-1]
+
+
+async def test_stream_content_recorded_only_when_enabled(
+    gateway_for, fake_upstream: FakeUpstream
+) -> None:
+    client = await gateway_for(
+        telemetry={"traces": {"exporter": "console", "record_content": True}}
+    )
+    memory = InMemorySpanExporter()
+    provider = client.app[TELEMETRY].provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    fake_upstream.script(Action(chunks=3, usage=False))
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "secret prompt"}], "stream": True},
+    )
+    await resp.read()
+    spans = {s.name: s for s in memory.get_finished_spans()}
+    stream_attrs = spans["inference.stream"].attributes or {}
+    assert "tok0 tok1 tok2 " in str(stream_attrs["gen_ai.output.messages"])
+    attempt_attrs = next(s for n, s in spans.items() if n.startswith("chat ")).attributes or {}
+    assert "secret prompt" in str(attempt_attrs["gen_ai.input.messages"])
+    server_attrs = spans["POST /v1/chat/completions"].attributes or {}
+    assert server_attrs.get("inference.usage_estimated") is True
+
+
+async def test_content_not_recorded_by_default(gateway_for, fake_upstream: FakeUpstream) -> None:
+    client = await gateway_for(telemetry={"traces": {"exporter": "console"}})
+    memory = InMemorySpanExporter()
+    provider = client.app[TELEMETRY].provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    resp = await client.post(
+        "/v1/chat/completions",
+        json={"messages": [{"role": "user", "content": "secret prompt"}], "stream": True},
+    )
+    await resp.read()
+    for span in memory.get_finished_spans():
+        assert "secret prompt" not in str(dict(span.attributes or {}))
+        assert "gen_ai.output.messages" not in (span.attributes or {})
