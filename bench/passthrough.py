@@ -31,7 +31,7 @@ SESSION = web.AppKey("session", aiohttp.ClientSession)
 
 
 def make_app(upstream: str) -> web.Application:
-    """One handler for every path; the pooled session lives for the app's lifetime."""
+    """Build the app: one handler for every path, one pooled session for its lifetime."""
 
     async def forward(request: web.Request) -> web.StreamResponse:
         body = await request.read()

@@ -21,7 +21,7 @@ if ((${#missing[@]})); then
     fi
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-    ((made_policy)) && rm -f /usr/sbin/policy-rc.d
+    if ((made_policy)); then rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 PY="${BENCH_PYTHON:-.venv/bin/python}"

@@ -35,6 +35,7 @@ from inference_server.providers.openai_compat import (
     map_client_exception,
     map_upstream_status,
     parse_retry_after,
+    stream_failure,
 )
 from inference_server.providers.sse import SSEDecoder
 
@@ -67,4 +68,5 @@ __all__ = [
     "map_client_exception",
     "map_upstream_status",
     "parse_retry_after",
+    "stream_failure",
 ]

@@ -115,6 +115,15 @@ def map_client_exception(provider: str, exc: BaseException) -> GatewayError:
     return ProviderError(f"Provider '{provider}' failed: {type(exc).__name__}: {exc}")
 
 
+def stream_failure(provider: str, exc: BaseException, *, started: bool) -> GatewayError:
+    """The error for a transport failure while streaming: retryable before the first chunk was
+    yielded, :class:`StreamInterrupted` after it (only an in-band event can report it then)."""
+    err = map_client_exception(provider, exc)
+    if started:
+        return StreamInterrupted(f"Stream from provider '{provider}' broke: {err.message}")
+    return err
+
+
 class OpenAICompatibleProvider(Provider):
     """Talks to ``{base_url}/chat/completions`` and ``{base_url}/models``."""
 
@@ -162,18 +171,33 @@ class OpenAICompatibleProvider(Provider):
                 code=code.upper() if code else None,
             )
 
-    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
-        timeout = aiohttp.ClientTimeout(total=ctx.timeouts.total, sock_connect=ctx.timeouts.connect)
-        body = orjson.dumps(self.build_body(request, ctx, stream=False))
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        *,
+        headers: Mapping[str, str],
+        limits: aiohttp.ClientTimeout,
+        data: bytes | None = None,
+    ) -> bytes:
+        """One request/response with the upstream: the body, or the mapped ``GatewayError``."""
         try:
-            async with self.session.post(
-                self.chat_url, data=body, headers=self.request_headers(ctx), timeout=timeout
+            async with self.session.request(
+                method, url, data=data, headers=headers, timeout=limits
             ) as resp:
                 raw = await resp.read()
                 if resp.status >= 400:
                     raise map_upstream_status(self.config.name, resp.status, raw, resp.headers)
+                return raw
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(self.config.name, exc) from exc
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
+        timeout = aiohttp.ClientTimeout(total=ctx.timeouts.total, sock_connect=ctx.timeouts.connect)
+        body = orjson.dumps(self.build_body(request, ctx, stream=False))
+        raw = await self._exchange(
+            "POST", self.chat_url, data=body, headers=self.request_headers(ctx), limits=timeout
+        )
         try:
             payload = orjson.loads(raw)
         except orjson.JSONDecodeError as exc:
@@ -229,12 +253,7 @@ class OpenAICompatibleProvider(Provider):
                 f"Provider '{name}' ended the stream without sending anything"
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            err = map_client_exception(name, exc)
-            if started:
-                raise StreamInterrupted(
-                    f"Stream from provider '{name}' broke: {err.message}"
-                ) from exc
-            raise err from exc
+            raise stream_failure(name, exc, started=started) from exc
         finally:
             if finished:
                 resp.release()
@@ -264,15 +283,9 @@ class OpenAICompatibleProvider(Provider):
 
     async def list_models(self) -> list[ModelInfo]:
         timeout = aiohttp.ClientTimeout(total=10, sock_connect=self.config.timeouts.connect)
-        try:
-            async with self.session.get(
-                self.models_url, headers=self.request_headers(), timeout=timeout
-            ) as resp:
-                raw = await resp.read()
-                if resp.status >= 400:
-                    raise map_upstream_status(self.config.name, resp.status, raw, resp.headers)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            raise map_client_exception(self.config.name, exc) from exc
+        raw = await self._exchange(
+            "GET", self.models_url, headers=self.request_headers(), limits=timeout
+        )
         try:
             payload = orjson.loads(raw)
             entries = payload["data"]

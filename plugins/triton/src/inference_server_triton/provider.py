@@ -49,6 +49,7 @@ from inference_server.providers import (
     Timeouts,
     map_client_exception,
     map_upstream_status,
+    stream_failure,
 )
 from inference_server_triton.convert import (
     Generation,
@@ -583,12 +584,7 @@ class TritonProvider(Provider):
             # so streaming and non-streaming answers count the same way.
             yield {**base, "choices": [], "usage": gen.usage(prompt)}
         except (TimeoutError, aiohttp.ClientError) as exc:
-            err = map_client_exception(name, exc)
-            if started:
-                raise StreamInterrupted(
-                    f"Stream from provider '{name}' broke: {err.message}"
-                ) from exc
-            raise err from exc
+            raise stream_failure(name, exc, started=started) from exc
         except GatewayError as exc:
             if started and not isinstance(exc, StreamInterrupted):
                 raise StreamInterrupted(
