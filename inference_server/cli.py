@@ -8,6 +8,7 @@ share one port through SO_REUSEPORT (each with its own event loop, session and p
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import os
 import signal
@@ -71,6 +72,11 @@ def _serve(settings: Settings, reuse_port: bool) -> None:
         os.getpid(),
         ", ".join(f"{n} ({c.plugin} → {c.base_url})" for n, c in settings.providers.items()),
     )
+    # Everything allocated so far (modules, settings, plugins) lives for the whole process:
+    # move it out of the cyclic GC's reach so collections triggered by per-request garbage do
+    # not rescan it every time (measured: a large share of per-request CPU otherwise).
+    gc.collect()
+    gc.freeze()
     loop = uvloop.new_event_loop()
     try:
         web.run_app(

@@ -44,6 +44,7 @@ from inference_server.providers.base import CallContext, ChatChunk
 from inference_server.routing import SHORTHAND_ROUTE, Candidate, Deployment, Experiment, Route
 from inference_server.schemas import validate_chat
 from inference_server.streaming import SSE_HEADERS, relay
+from inference_server.telemetry import NO_SPAN
 
 T = TypeVar("T")
 #: One upstream operation on one candidate: ``chat`` or "open the stream, read its first chunk".
@@ -310,19 +311,11 @@ async def attempt(
     outcome = "CANCELLED"
     started = time.perf_counter()
     dep.in_flight += 1
-    with telemetry.client_span(
-        "chat " + cand.upstream_model,
-        {
-            "gen_ai.operation.name": "chat",
-            "gen_ai.request.model": cand.upstream_model,
-            "gen_ai.provider.name": dep.config.plugin,
-            "inference.provider": name,
-            "inference.deployment": dep.id,
-            "inference.route": cand.route.name,
-            "inference.attempt": ctx.attempts,
-            "inference.variant": f"{ctx.experiment}/{ctx.variant}" if ctx.variant else "",
-        },
-    ) as span:
+    with (
+        telemetry.client_span("chat " + cand.upstream_model, _attempt_attributes(ctx, cand))
+        if telemetry.enabled
+        else NO_SPAN as span
+    ):
         if span is not None:
             ctx.trace_headers.clear()
             telemetry.inject(ctx.trace_headers)
@@ -352,6 +345,21 @@ async def attempt(
     if ctx.stream:
         dep.in_flight += 1  # the stream keeps the deployment busy until it ends
     return result
+
+
+def _attempt_attributes(ctx: RequestContext, cand: Candidate) -> dict[str, Any]:
+    """GenAI + inference attributes of an attempt's client span (built only when tracing)."""
+    dep = cand.deployment
+    return {
+        "gen_ai.operation.name": "chat",
+        "gen_ai.request.model": cand.upstream_model,
+        "gen_ai.provider.name": dep.config.plugin,
+        "inference.provider": dep.config.name,
+        "inference.deployment": dep.id,
+        "inference.route": cand.route.name,
+        "inference.attempt": ctx.attempts,
+        "inference.variant": f"{ctx.experiment}/{ctx.variant}" if ctx.variant else "",
+    }
 
 
 async def stream(

@@ -7,6 +7,7 @@ reading its first chunk; never around the rest of a stream).
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable, Generator
 from typing import Any, TypeVar
@@ -50,7 +51,9 @@ class Retrier:
 
     def __init__(self, settings: RetrySettings) -> None:
         self.settings = settings
-        self._runners: dict[int, Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]] = {}
+        self._runners: dict[
+            tuple[int, int], Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
+        ] = {}
 
     def _giveup(self, exc: Exception) -> bool:
         if not isinstance(exc, GatewayError) or not exc.retryable:
@@ -69,24 +72,36 @@ class Retrier:
             details["wait"],
         )
 
-    def _runner(self, max_retries: int) -> Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]:
-        runner = self._runners.get(max_retries)
+    def _runner(
+        self, max_tries: int, first_retry: int
+    ) -> Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]:
+        """A backoff-wrapped runner for ``max_tries`` calls whose waits continue the schedule
+        from retry number ``first_retry`` (the fast path has already waited for the first)."""
+        key = (max_tries, first_retry)
+        runner = self._runners.get(key)
         if runner is None:
             s = self.settings
             runner = backoff.on_exception(
                 wait_times,
                 GatewayError,
-                max_tries=max_retries + 1,
+                max_tries=max_tries,
                 giveup=self._giveup,
                 jitter=None,
                 on_backoff=self._log_backoff,
                 logger=None,
-                base=s.backoff_base_secs,
+                base=s.backoff_base_secs * 2**first_retry,
                 cap=s.backoff_max_secs,
                 retry_after_cap=s.retry_after_max_secs,
             )(_run)
-            self._runners[max_retries] = runner
+            self._runners[key] = runner
         return runner
+
+    def first_wait(self, exc: GatewayError) -> float:
+        """The wait before the first retry (the same schedule backoff continues)."""
+        s = self.settings
+        gen = wait_times(s.backoff_base_secs, s.backoff_max_secs, s.retry_after_max_secs)
+        next(gen)
+        return gen.send(exc)
 
     async def call(
         self,
@@ -97,29 +112,32 @@ class Retrier:
     ) -> T:
         """Await ``fn()``; on a retryable ``GatewayError`` wait and call it again.
 
-        ``budget_left`` (the request's attempt and time budget) is asked before each retry; when
-        it says no, the last error is raised as is.
+        The first attempt runs bare (the common case costs nothing extra); backoff takes over
+        only once an attempt has failed retryably.  ``budget_left`` (the request's attempt and
+        time budget) is asked before each retry; when it says no, the last error is raised.
         """
-        if budget_left is None:
-            result: T = await self._runner(max_retries)(fn)
-            return result
+        try:
+            return await fn()
+        except GatewayError as exc:
+            if max_retries <= 0 or self._giveup(exc) or (budget_left and not budget_left()):
+                raise
+            first = exc
+        wait = self.first_wait(first)
+        self._log_backoff({"tries": 1, "exception": first, "wait": wait})
+        await asyncio.sleep(wait)
+        last: list[GatewayError] = [first]
 
         async def guarded() -> T:
-            if not budget_left():
+            if budget_left is not None and not budget_left():
                 raise _BudgetSpent
-            return await fn()
-
-        last: list[GatewayError] = []
-
-        async def remember() -> T:
             try:
-                return await guarded()
+                return await fn()
             except GatewayError as exc:
                 last[:] = [exc]
                 raise
 
         try:
-            result = await self._runner(max_retries)(remember)
+            result: T = await self._runner(max_retries, first_retry=1)(guarded)
         except _BudgetSpent:
             raise last[0] from None
         return result

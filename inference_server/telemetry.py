@@ -71,7 +71,9 @@ _SAMPLERS: Final = (
     "parentbased_traceidratio",
 )
 #: One shared "no span" context: reusable, so disabled tracing allocates nothing per request.
-_NO_SPAN: Final[AbstractContextManager[None]] = nullcontext(None)
+#: The shared do-nothing span context (tracing off): no allocation per request.
+NO_SPAN: Final[AbstractContextManager[None]] = nullcontext(None)
+_NO_SPAN = NO_SPAN
 
 
 @dataclass(frozen=True, slots=True)

@@ -247,3 +247,18 @@ def test_experiment_is_sticky_across_two_workers(tmp_path: Path) -> None:
         proc.wait(timeout=20)
     assert all(len(v) == 1 for v in variants.values()), variants
     assert len({next(iter(v)) for v in variants.values()}) == 2  # both variants in use
+
+
+def test_braces_in_a_path_are_logged_not_interpreted(tmp_path: Path) -> None:
+    with gateway(tmp_path, mock_config()) as (proc, port):
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/v1/models/%7Bmodel%7D%7B0%7D")
+        resp = conn.getresponse()
+        resp.read()
+        assert resp.status == 404
+        conn.request("GET", "/")
+        assert conn.getresponse().status == 200  # still serving
+        conn.close()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)
+    assert "/v1/models/{model}{0}" in (tmp_path / "server.log").read_text()
