@@ -48,10 +48,6 @@ class MessageField(fields.Field[dict[str, Any]]):
     Unknown keys (``tool_calls``, ``audio``, vendor fields) pass through untouched.
     """
 
-    default_error_messages: ClassVar[dict[str, str]] = {
-        "invalid": "Must be an object with a 'role'."
-    }
-
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
         if not isinstance(value, dict):
             raise ValidationError("Must be an object with a 'role'.")
