@@ -45,7 +45,10 @@ BASELINES = ("direct", "passthrough")  # every ratio needs them, so they always 
 REQUIRED_SERVERS = ("nginx-", "stream-upstream", "passthrough-")  # their death ends the run
 SERVER_CPU, LOADGEN_CPU = ("taskset", "-c", "1"), ("taskset", "-c", "0")  # for --pin
 _MESSAGES = [{"role": "user", "content": "Say hello."}]
-CHAT_BODY = json.dumps({"model": "bench-model", "messages": _MESSAGES, "max_tokens": 16})
+# "user" is the key of gateway-routed's sticky A/B assignment; every arm gets the same bytes
+CHAT_BODY = json.dumps(
+    {"model": "bench-model", "messages": _MESSAGES, "max_tokens": 16, "user": "bench-user"}
+)
 STREAM_BODY = json.dumps(
     {"model": "bench-model", "messages": _MESSAGES, "max_tokens": 16, "stream": True}
 )
@@ -75,12 +78,30 @@ MODELS = json.dumps(
 
 Stats = dict[str, float]
 K = TypeVar("K")
-CHAT_ARMS = ("direct", "nginx", "passthrough", "gateway", "gateway-w2", "litellm")
+# Gateway arms that differ from "gateway" (production defaults) in one feature each; they run
+# the closed-loop measures only and are reported against the gateway arm, paired per round.
+FEATURE_ARMS = {
+    "gateway-routed": (
+        "routing",
+        "model table: weighted route over 2 lmstudio providers (same upstream) + a fallback "
+        "route; A/B experiment on bench-model, sticky by `user`",
+    ),
+    "gateway-nometrics": ("metrics off", "`INFERENCE_METRICS__ENABLED=false`"),
+    "gateway-trace-1.0": (
+        "tracing, 100 % sampled",
+        "`OTEL_TRACES_EXPORTER=otlp` (http/protobuf to a local nginx sink), "
+        "`parentbased_traceidratio` 1.0",
+    ),
+    "gateway-trace-0.1": ("tracing, 10 % sampled", "the same with sampler argument 0.1"),
+}
+CHAT_ARMS = ("direct", "nginx", "passthrough", "gateway", *FEATURE_ARMS, "gateway-w2", "litellm")
+CLOSED_LOOP_ONLY = frozenset({"gateway-w2", *FEATURE_ARMS})
 STREAM_ARMS = ("direct", "nginx", "passthrough", "gateway", "litellm")
 RATE_FRACTIONS = (0.25, 0.5, 0.75)
 STREAM_CONCURRENCY = (1, 64)
 SAT_CONNS = 32
 RSS_FLAT_MB = 5.0  # growth first->last round still called "flat" (allocator noise)
+SINK_LOG = "otlp-sink.log"  # the upstream nginx's log of OTLP exports (tracing arms)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,11 +223,23 @@ def _killpg(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    """Pick an unused 127.0.0.1 port (racy until bound; readiness would catch it)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """Pick an unused 127.0.0.1 port, never the same twice in a run.
+
+    Racy until the server binds it; a server that loses the race dies and readiness
+    catches that. Remembering the ports handed out stops two arms (a dozen servers
+    start at once) from being given the same one.
+    """
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = int(sock.getsockname()[1])
+        if port not in _PORTS_GIVEN:
+            _PORTS_GIVEN.add(port)
+            return port
 
 
 def wait_ready(url: str, procs: Processes, name: str, timeout: float = 90.0) -> None:
@@ -285,12 +318,24 @@ http {{
     procs.start(name, [nginx, "-p", str(base), "-c", str(conf), "-e", "stderr"])
 
 
-def upstream_servers(port: int) -> str:
-    """Describe the fixed-response upstream: nginx 'return 200' costs ~nothing."""
+def upstream_servers(port: int, sink_log: Path) -> str:
+    """Describe the fixed-response upstream: nginx 'return 200' costs ~nothing.
+
+    It is also the tracing arms' OTLP/HTTP sink: any path ending in /v1/traces answers 200
+    with an empty body (an empty ExportTraceServiceResponse) and logs path, status and size,
+    so the report can show that exports arrived and were accepted.
+    """
     return f"""
+    log_format otlp_sink '$uri $status $content_length';
     server {{
         listen 127.0.0.1:{port};
         location = / {{ return 200 '{{"message":"Ok"}}'; }}
+        location ~ /v1/traces$ {{
+            client_max_body_size 0;
+            default_type application/x-protobuf;
+            access_log {sink_log} otlp_sink;
+            return 200 '';
+        }}
         location ~ /chat/completions$ {{ return 200 '{COMPLETION}'; }}
         location ~ /models$ {{ return 200 '{MODELS}'; }}
         location / {{ return 404; }}
@@ -318,6 +363,7 @@ class Gateway:
 
     argv: tuple[str, ...] | None
     label: str
+    python: Path | None = None  # set for the real gateway only: the feature arms need it
 
 
 def find_gateway() -> Gateway:
@@ -337,13 +383,41 @@ def find_gateway() -> Gateway:
     if subprocess.run(probe, cwd=REPO, capture_output=True, timeout=60, check=False).returncode:
         return Gateway(None, "missing (.venv/bin/python cannot import inference_server)")
     argv = f"{python} -m inference_server --host 127.0.0.1 --port {{port}} --workers {{workers}}"
-    return Gateway(tuple(argv.split()), "inference_server from .venv")
+    return Gateway(tuple(argv.split()), "inference_server from .venv", python)
+
+
+def gateway_env(origin: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The gateway's environment: production defaults, provider lmstudio at origin.
+
+    Inherited INFERENCE_* and OTEL_* variables are dropped, so the gateway arm really runs
+    with production defaults (metrics on, tracing off); extra adds a feature arm's changes.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("INFERENCE_", "OTEL_"))}
+    env |= {
+        "INFERENCE_INFERENCE_PROVIDER": "lmstudio",
+        "INFERENCE_INFERENCE_BASE_URL": origin + "/v1",
+        "INFERENCE_INFERENCE_DEFAULT_MODEL": "bench-model",
+        "INFERENCE_LOGGING_LEVEL": "info",
+        "RUN_ENV": "production",
+    }
+    return env | dict(extra or {})
 
 
 def start_gateway(
-    procs: Processes, gateway: Gateway, arm: str, name: str, origin: str, workers: int
+    procs: Processes,
+    gateway: Gateway,
+    arm: str,
+    name: str,
+    origin: str,
+    workers: int,
+    *,
+    extra_env: Mapping[str, str] | None = None,
+    config: Path | None = None,
 ) -> Target | None:
-    """Start the gateway (or stand-in) on a free port; None if it cannot run so."""
+    """Start the gateway (or stand-in) on a free port; None if it cannot run so.
+
+    extra_env and config (a --config settings file) configure a feature arm.
+    """
     if gateway.argv is None:
         return None
     template = list(gateway.argv)
@@ -368,15 +442,106 @@ def start_gateway(
         return part
 
     argv = [fill(part) for part in template]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
-    env |= {
-        "INFERENCE_INFERENCE_PROVIDER": "lmstudio",
-        "INFERENCE_INFERENCE_BASE_URL": origin + "/v1",
-        "INFERENCE_INFERENCE_DEFAULT_MODEL": "bench-model",
-        "INFERENCE_LOGGING_LEVEL": "info",
-        "RUN_ENV": "production",
-    }
+    if config is not None:
+        argv += ["--config", str(config)]
+    env = gateway_env(origin, extra_env)
     return Target(arm, f"http://127.0.0.1:{port}", procs.start(name, argv, env), name)
+
+
+def routed_settings(gateway: Gateway, workdir: Path, origin: str) -> Path:
+    """Write gateway-routed's settings file: the gateway arm's settings plus a routing table.
+
+    The base is the gateway arm's effective settings, as `--print-config` shows them under
+    the same environment (settings.yaml with its production section), so the two arms differ
+    in providers, models and experiments only. Two provider instances reach the same upstream;
+    the public name bench-model is an A/B experiment (sticky by the body's `user`) whose
+    variants both use a weighted route of the two, with a fallback route behind it.
+    """
+    if gateway.python is None:
+        raise RuntimeError("the routed arm needs the real gateway")
+    argv = [str(gateway.python), "-m", "inference_server", "--print-config"]
+    proc = subprocess.run(
+        argv,
+        capture_output=True,
+        text=True,
+        env=gateway_env(origin),
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
+    if proc.returncode:
+        raise RuntimeError(f"--print-config failed: {proc.stderr.strip()[-500:]}")
+    tree: dict[str, Any] = json.loads(proc.stdout)
+    tree.pop("env", None)
+    base_url = origin + "/v1"
+    tree["providers"] = {
+        "bench-a": {"plugin": "lmstudio", "base_url": base_url},
+        "bench-b": {"plugin": "lmstudio", "base_url": base_url},
+    }
+    tree["models"] = {
+        "bench-route": {
+            "strategy": "weighted",
+            "deployments": [
+                {"provider": "bench-a", "upstream_model": "bench-model", "weight": 50},
+                {"provider": "bench-b", "upstream_model": "bench-model", "weight": 50},
+            ],
+            "fallbacks": ["bench-fallback"],
+        },
+        "bench-fallback": {"provider": "bench-a", "upstream_model": "bench-model-fallback"},
+    }
+    tree["experiments"] = {
+        "bench-ab": {
+            "model": "bench-model",
+            "key": "user",
+            "variants": {
+                "control": {"model": "bench-route", "weight": 50},
+                "treatment": {"model": "bench-route", "weight": 50},
+            },
+        }
+    }
+    path = workdir / "gateway-routed.yaml"  # JSON is YAML
+    path.write_text(json.dumps({"default": tree}, indent=2))
+    return path
+
+
+def trace_env(sink: str, ratio: str) -> dict[str, str]:
+    """The standard OTEL_* variables for OTLP/HTTP export to sink (telemetry.resolve())."""
+    return {
+        "OTEL_TRACES_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": sink,  # the exporter appends /v1/traces
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+        "OTEL_TRACES_SAMPLER_ARG": ratio,
+    }
+
+
+def start_feature_arms(
+    cfg: Config, procs: Processes, gateway: Gateway, origin: str, notes: list[str]
+) -> dict[str, Target]:
+    """Start the selected feature arms against the chat upstream (real gateway only)."""
+    wanted = [arm for arm in FEATURE_ARMS if arm in cfg.only]
+    if not wanted or gateway.argv is None:
+        return {}
+    if gateway.python is None:
+        notes.append(f"{', '.join(wanted)} skipped: they need the real gateway, not a stand-in")
+        return {}
+    out: dict[str, Target] = {}
+    for arm in wanted:
+        config, extra = None, {}
+        if arm == "gateway-routed":
+            try:
+                config = routed_settings(gateway, procs.workdir, origin)
+            except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                notes.append(f"{arm} left out: {exc}")
+                continue
+        elif arm == "gateway-nometrics":
+            extra = {"INFERENCE_METRICS__ENABLED": "false"}
+        else:  # gateway-trace-<ratio>: a path per arm, so the sink's log tells them apart
+            extra = trace_env(f"{origin}/{arm}", arm.removeprefix("gateway-trace-"))
+        target = start_gateway(procs, gateway, arm, arm, origin, 1, extra_env=extra, config=config)
+        if target is not None:
+            out[arm] = target
+    return out
 
 
 def start_litellm(procs: Processes, name: str, origin: str) -> Target | None:
@@ -406,7 +571,8 @@ def start_all(
     its log tail in the notes) so the other arms still get measured.
     """
     up, stream_up, px_chat, px_stream = (free_port() for _ in range(4))
-    start_nginx(procs, procs.workdir, "nginx-upstream", upstream_servers(up))
+    sink_log = procs.workdir / SINK_LOG
+    start_nginx(procs, procs.workdir, "nginx-upstream", upstream_servers(up, sink_log))
     script = HERE / "stream_upstream.py"
     procs.start(
         "stream-upstream",
@@ -445,6 +611,7 @@ def start_all(
     w2 = "gateway-w2" in cfg.only and not cfg.pin
     if w2 and (gw := start_gateway(procs, gateway, "gateway-w2", "gateway-w2", origins["chat"], 2)):
         arms["chat"]["gateway-w2"] = gw
+    arms["chat"] |= start_feature_arms(cfg, procs, gateway, origins["chat"], notes)
     for kind, targets in arms.items():
         for arm, target in list(targets.items()):
             ready = "/health/liveliness" if arm == "litellm" else "/"
@@ -542,6 +709,30 @@ def alive(procs: Processes, targets: dict[str, Target], arm: str, notes: list[st
     return arm in targets
 
 
+def run_or_drop(
+    procs: Processes, targets: dict[str, Target], arm: str, notes: list[str], exc: Exception
+) -> None:
+    """A load tool failed against arm: abort for a baseline, else note it and drop the arm.
+
+    An optional arm (gateway, feature arms, LiteLLM) failing should not cost the whole run;
+    the note says whether its server was still running and how its log ends.
+    """
+    if arm in BASELINES or arm == "nginx":
+        raise exc
+    target = targets[arm]
+    time.sleep(0.5)  # a server that is going down gets to exit
+    state = procs.dead().get(target.proc)
+    if state is None:
+        log = procs.workdir / f"{target.proc}.log"
+        with contextlib.suppress(OSError):
+            lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines()]
+            state = "still running; log ends: " + " / ".join([ln for ln in lines if ln][-2:])
+    notes.append(f"{arm} left out from here on: {exc}; server {state}")
+    say(notes[-1])
+    procs.stop(target.proc)
+    del targets[arm]
+
+
 def rotated(arms: Sequence[str], round_no: int) -> list[str]:
     """Start round r at arm r, so no arm always runs first (cold) or last (warm)."""
     k = round_no % len(arms)
@@ -553,7 +744,11 @@ def phase_closed_loop(cfg: Config, procs: Processes, chat: dict[str, Target], re
     arms = [a for a in CHAT_ARMS if a in chat]
     say("warm-up")
     for arm in arms:
-        wrk(dataclasses.replace(cfg, duration=1), chat[arm].url(), 8)
+        try:
+            wrk(dataclasses.replace(cfg, duration=1), chat[arm].url(), 8)
+        except RuntimeError as exc:
+            run_or_drop(procs, chat, arm, res.notes, exc)
+    arms = [a for a in arms if a in chat]
     for arm in arms:
         if (pid := chat[arm].pid) is not None:
             res.rss_idle[arm] = rss_mb(tree_pids(pid))
@@ -563,9 +758,14 @@ def phase_closed_loop(cfg: Config, procs: Processes, chat: dict[str, Target], re
                 continue
             target = chat[arm]
             say(f"round {r + 1}/{cfg.rounds}: {arm}: latency @1, load @{SAT_CONNS}")
-            if arm != "gateway-w2":
-                res.latency[arm].append(wrk(cfg, target.url(), 1)[0])
-            stats, peak = wrk(cfg, target.url(), SAT_CONNS, target.pid)
+            try:
+                latency = None if arm == "gateway-w2" else wrk(cfg, target.url(), 1)[0]
+                stats, peak = wrk(cfg, target.url(), SAT_CONNS, target.pid)
+            except RuntimeError as exc:
+                run_or_drop(procs, chat, arm, res.notes, exc)
+                continue
+            if latency is not None:
+                res.latency[arm].append(latency)
             res.saturation[arm].append(stats)
             if target.pid is not None:
                 res.rss_peak[arm] = max(res.rss_peak[arm], peak)
@@ -581,7 +781,7 @@ def phase_open_loop(
         res.notes.append("open loop skipped: no pass-through saturation measured")
         return
     res.rates = {f: round(statistics.median(floor) * f) for f in RATE_FRACTIONS}
-    arms = [a for a in CHAT_ARMS if a in chat and a != "gateway-w2"]
+    arms = [a for a in CHAT_ARMS if a in chat and a not in CLOSED_LOOP_ONLY]
     for r in range(cfg.rounds):
         for frac, rate in res.rates.items():
             for arm in rotated(arms, r):
@@ -818,6 +1018,58 @@ def budget_rows(res: Results, gateway_label: str) -> list[list[str]]:
     return rows
 
 
+def feature_rows(res: Results) -> list[list[str]]:
+    """Each feature arm against the gateway arm, paired per round (same round, minutes apart)."""
+    if "gateway" not in res.saturation:
+        return []
+
+    def rps(arm: str) -> list[float]:
+        return [s["rps"] for s in res.saturation.get(arm, [])]
+
+    rows = []
+    for arm, (feature, how) in FEATURE_ARMS.items():
+        if arm not in res.saturation:
+            continue
+        rows.append(
+            [
+                f"{feature} ({arm})",
+                how,
+                spread(paired(res.latency, arm, "gateway", "p50_us")),
+                spread(ratio(rps(arm), rps("gateway")), "{:.2f}"),
+                f"{sum(s['errors'] for s in res.saturation[arm]):.0f}",
+            ]
+        )
+    return rows
+
+
+def log_notes(workdir: Path) -> list[str]:
+    """Warnings and errors in the gateway arms' logs, and what the OTLP sink accepted.
+
+    Read after the servers stopped, so a tracing arm's final flush is included.
+    """
+    notes = []
+    json_marks = ('"level":"warning"', '"level":"error"', '"level":"critical"', "Traceback")
+    marks = (*json_marks, "| WARNING ", "| ERROR ", "| CRITICAL ")  # and the pretty format
+    for log in sorted(workdir.glob("gateway*.log")):
+        with log.open(errors="replace") as lines:
+            bad = [ln.strip() for ln in lines if any(m in ln for m in marks)]
+        if bad:
+            notes.append(f"{log.stem} logged {len(bad)} warning/error lines; first: {bad[0][:300]}")
+    sink = workdir / SINK_LOG
+    exports: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    with contextlib.suppress(OSError):
+        for line in sink.read_text().splitlines():
+            uri, status, size = line.split()
+            exports[uri].append((status, int(size)))
+    for uri, got in sorted(exports.items()):
+        statuses = ", ".join(
+            f"{code} x{sum(1 for c, _ in got if c == code)}" for code in sorted({c for c, _ in got})
+        )
+        total = sum(size for _, size in got) / 1e6
+        notes.append(f"OTLP sink, {uri}: {len(got)} exports, {total:.1f} MB, status {statuses}")
+    return notes
+
+
 def machine_info(gateway_label: str) -> list[tuple[str, str]]:
     """Collect what the numbers depend on, for the report header."""
 
@@ -889,6 +1141,22 @@ def render(cfg: Config, res: Results, gateway_label: str, info: list[tuple[str, 
         "",
         request_table(res),
     ]
+    if features := feature_rows(res):
+        header = "feature (arm)|differs from the gateway arm by|added p50 µs @1 conn"
+        parts += [
+            "",
+            "## Feature costs (against the gateway arm)",
+            "",
+            (
+                "Each arm is the gateway arm (production defaults: metrics on, tracing off) "
+                "with one feature changed, measured in the same rounds; `added p50` is arm − "
+                f"gateway and the ratio arm / gateway req/s at {SAT_CONNS} connections, both "
+                "paired per round. Metrics' own cost is the metrics-off row with the sign "
+                "flipped (and the inverse ratio)."
+            ),
+            "",
+            table(f"{header}|saturation, arm / gateway|errors", features),
+        ]
     if res.rates:
         parts += ["", "## Open loop (fixed arrival rate, bench/loadgen.go)", ""]
         parts += [open_loop_table(res)]
@@ -926,7 +1194,10 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument("--duration", type=int, help="seconds per measurement (default 5)")
     parser.add_argument(
         "--only",
-        help=f"comma list of {','.join(CHAT_ARMS)}; direct and passthrough always run",
+        help=(
+            f"comma list of {','.join(CHAT_ARMS)}; direct and passthrough always run "
+            "(and gateway with any feature arm)"
+        ),
     )
     parser.add_argument(
         "--pin",
@@ -944,6 +1215,8 @@ def parse_args(argv: Sequence[str]) -> Config:
     only = {a.strip() for a in (args.only or ",".join(CHAT_ARMS)).split(",") if a.strip()}
     if unknown := only - set(CHAT_ARMS):
         parser.error(f"unknown arms: {', '.join(sorted(unknown))}")
+    if only & FEATURE_ARMS.keys():
+        only.add("gateway")  # feature arms are reported against it
     if os.environ.get("BENCH_LITELLM") != "1":
         only.discard("litellm")
     rounds = args.rounds or (2 if args.quick else 3)
@@ -1013,6 +1286,7 @@ def main(argv: Sequence[str]) -> int:
             return 1
         finally:
             procs.stop()
+        res.notes += log_notes(workdir)
     report = render(cfg, res, gateway.label, info)
     print(report)
     cfg.out.parent.mkdir(parents=True, exist_ok=True)
