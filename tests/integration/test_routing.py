@@ -29,6 +29,28 @@ def lm(url: str) -> dict[str, Any]:
     return {"plugin": "lmstudio", "base_url": url}
 
 
+async def two_deployments(
+    make_settings, make_gateway, make_fake_upstream, strategy: str = "priority"
+) -> tuple[Any, FakeUpstream, FakeUpstream]:
+    """A gateway whose route "chat" has deployments a/m and b/m on two fake upstreams."""
+    a, b = await make_fake_upstream(), await make_fake_upstream()
+    client = await gateway(
+        make_settings,
+        make_gateway,
+        {"a": lm(a.base_url), "b": lm(b.base_url)},
+        {
+            "chat": {
+                "strategy": strategy,
+                "deployments": [
+                    {"provider": "a", "upstream_model": "m"},
+                    {"provider": "b", "upstream_model": "m"},
+                ],
+            }
+        },
+    )
+    return client, a, b
+
+
 async def test_dead_deployment_is_absorbed_and_breaker_shows_in_health(
     make_settings, make_gateway, fake_upstream: FakeUpstream
 ) -> None:
@@ -124,20 +146,7 @@ async def test_budget_caps_attempts(make_settings, make_gateway, make_fake_upstr
 async def test_429_moves_on_and_pauses_that_deployment(
     make_settings, make_gateway, make_fake_upstream
 ) -> None:
-    a, b = await make_fake_upstream(), await make_fake_upstream()
-    client = await gateway(
-        make_settings,
-        make_gateway,
-        {"a": lm(a.base_url), "b": lm(b.base_url)},
-        {
-            "chat": {
-                "deployments": [
-                    {"provider": "a", "upstream_model": "m"},
-                    {"provider": "b", "upstream_model": "m"},
-                ]
-            }
-        },
-    )
+    client, a, _b = await two_deployments(make_settings, make_gateway, make_fake_upstream)
     a.script(Action("status", 429, {"error": {"message": "slow"}}, headers={"Retry-After": "30"}))
     r1 = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
     assert r1.headers["x-inference-deployment"] == "b/m"
@@ -169,20 +178,7 @@ async def test_no_deployment_available_is_503(make_settings, make_gateway) -> No
 async def test_streams_fall_back_before_the_first_byte_only(
     make_settings, make_gateway, make_fake_upstream
 ) -> None:
-    a, b = await make_fake_upstream(), await make_fake_upstream()
-    client = await gateway(
-        make_settings,
-        make_gateway,
-        {"a": lm(a.base_url), "b": lm(b.base_url)},
-        {
-            "chat": {
-                "deployments": [
-                    {"provider": "a", "upstream_model": "m"},
-                    {"provider": "b", "upstream_model": "m"},
-                ]
-            }
-        },
-    )
+    client, a, b = await two_deployments(make_settings, make_gateway, make_fake_upstream)
     a.script(Action("status", 500, "down"))
     resp = await client.post(
         "/v1/chat/completions", json={"model": "chat", "messages": USER, "stream": True}
@@ -362,20 +358,8 @@ async def test_forced_variant_when_allowed(make_settings, make_gateway, make_fak
 async def test_every_strategy_serves(
     make_settings, make_gateway, make_fake_upstream, strategy: str
 ) -> None:
-    a, b = await make_fake_upstream(), await make_fake_upstream()
-    client = await gateway(
-        make_settings,
-        make_gateway,
-        {"a": lm(a.base_url), "b": lm(b.base_url)},
-        {
-            "chat": {
-                "strategy": strategy,
-                "deployments": [
-                    {"provider": "a", "upstream_model": "m"},
-                    {"provider": "b", "upstream_model": "m"},
-                ],
-            }
-        },
+    client, a, b = await two_deployments(
+        make_settings, make_gateway, make_fake_upstream, strategy=strategy
     )
     for _ in range(10):
         resp = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
