@@ -36,6 +36,8 @@ class RequestContext:
     experiment: str | None = None
     variant: str | None = None
     stream: bool = False
+    #: The client asked for a final usage chunk (``stream_options.include_usage``).
+    include_usage: bool = False
     #: Upstream attempts made, of which retries (same deployment again) and fallbacks (moves).
     attempts: int = 0
     retries: int = 0

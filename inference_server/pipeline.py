@@ -43,7 +43,7 @@ from inference_server.keys import (
 from inference_server.providers.base import CallContext, ChatChunk
 from inference_server.routing import SHORTHAND_ROUTE, Candidate, Deployment, Experiment, Route
 from inference_server.schemas import validate_chat
-from inference_server.streaming import SSE_HEADERS, relay
+from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
 
 T = TypeVar("T")
@@ -103,12 +103,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 span.set_attribute("inference.experiment", ctx.experiment or "")
                 span.set_attribute("inference.variant", ctx.variant)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    ctx.include_usage = include_usage
     ctx.queue_secs = time.perf_counter() - ctx.started
     try:
         # 5. attempt (deployments, fallbacks, retry rounds: all before the first byte)
         # 6. respond or stream
         if ctx.stream:
-            opened, cand = await run(request, ctx, route, body, _open_stream_op(include_usage))
+            opened, cand = await run(request, ctx, route, body, _open_stream_op)
             first, chunks = opened
             return await stream(request, ctx, cand, body, first, chunks, include_usage)
         result, cand = await run(request, ctx, route, body, _chat_op)
@@ -150,15 +151,10 @@ async def _chat_op(cand: Candidate, body: dict[str, Any], call: CallContext) -> 
     return await cand.deployment.provider.chat(_body_for(cand, body), call)
 
 
-def _open_stream_op(
-    include_usage: bool,
-) -> Operation[tuple[ChatChunk, AsyncIterator[ChatChunk]]]:
-    async def op(
-        cand: Candidate, body: dict[str, Any], call: CallContext
-    ) -> tuple[ChatChunk, AsyncIterator[ChatChunk]]:
-        return await open_stream(cand, _body_for(cand, body), call)
-
-    return op
+async def _open_stream_op(
+    cand: Candidate, body: dict[str, Any], call: CallContext
+) -> tuple[ChatChunk, AsyncIterator[ChatChunk]]:
+    return await open_stream(cand, _body_for(cand, body), call)
 
 
 async def open_stream(
@@ -179,12 +175,12 @@ async def open_stream(
             f"Provider '{name}' ended the stream before sending anything"
         ) from None
     except TimeoutError:
-        await _aclose(chunks)
+        await aclose_chunks(chunks)
         raise ProviderTimeout(
             f"Provider '{name}' sent no first token within {call.timeouts.first_byte:g}s"
         ) from None
     except BaseException:
-        await _aclose(chunks)
+        await aclose_chunks(chunks)
         raise
     return first, chunks
 
@@ -305,7 +301,7 @@ async def attempt(
         upstream_model=cand.upstream_model,
         timeouts=dep.timeouts,
         headers=ctx.trace_headers,
-        include_usage=bool((body.get("stream_options") or {}).get("include_usage")),
+        include_usage=ctx.include_usage,
     )
     metrics = app[METRICS]
     outcome = "CANCELLED"
@@ -380,7 +376,7 @@ async def stream(
         try:
             await response.prepare(request)
         except BaseException:
-            await _aclose(chunks)
+            await aclose_chunks(chunks)
             raise
         ctx.status = 200
         open_streams = request.app[OPEN_STREAMS]
@@ -469,9 +465,3 @@ async def run_shadow(
     logger.bind(request_id=request_id).info(
         "shadow {} via {}: {} in {:.1f}ms", spec.model, deployment, error or "ok", secs * 1000
     )
-
-
-async def _aclose(chunks: AsyncIterator[ChatChunk]) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

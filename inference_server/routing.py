@@ -377,7 +377,7 @@ class Router:
         """The route serving public model name ``model`` (aliases followed)."""
         if self.shorthand is not None:
             return self.shorthand
-        route = self.routes.get(self.aliases.get(model, model))
+        route = self.named(model)
         if route is None:
             raise ModelNotFound(
                 f"The model '{model}' does not exist. Available models: "
@@ -385,6 +385,14 @@ class Router:
                 param="model",
             )
         return route
+
+    def named(self, name: str) -> Route | None:
+        """The route a public name or alias stands for, if any."""
+        return self.routes.get(self.aliases.get(name, name))
+
+    def _known(self, name: str) -> Route:
+        """The route of a name settings validation already checked (fallbacks)."""
+        return self.routes[self.aliases.get(name, name)]
 
     def public_names(self) -> list[str]:
         names = [*self.routes, *self.aliases]
@@ -396,8 +404,7 @@ class Router:
         out: list[Candidate] = []
         self._extend(out, route, model, {route.name})
         for name in route.fallbacks:
-            target = self.routes[self.aliases.get(name, name)]
-            self._extend(out, target, model, {route.name})
+            self._extend(out, self._known(name), model, {route.name})
         return out
 
     def typed_plan(self, route: Route, code: str, model: str) -> list[Candidate]:
@@ -410,8 +417,7 @@ class Router:
             return []
         out: list[Candidate] = []
         for name in names:
-            target = self.routes[self.aliases.get(name, name)]
-            self._extend(out, target, model, {route.name})
+            self._extend(out, self._known(name), model, {route.name})
         return out
 
     def _extend(self, out: list[Candidate], route: Route, model: str, seen: set[str]) -> None:
@@ -421,7 +427,7 @@ class Router:
 
     def plan_routes(self, route: Route) -> list[Route]:
         """The route and its fallback routes (for Retry-After hints)."""
-        return [route, *(self.routes[self.aliases.get(n, n)] for n in route.fallbacks)]
+        return [route, *(self._known(n) for n in route.fallbacks)]
 
     def routes_status(self) -> dict[str, Route]:
         if self.shorthand is not None:
@@ -444,7 +450,7 @@ class Router:
     def _owner(self, name: str) -> str:
         if name in self.experiments:
             return "experiment"
-        route = self.routes.get(self.aliases.get(name, name))
+        route = self.named(name)
         return route.deployments[0].config.name if route else "local"
 
     async def list_models(self) -> list[dict[str, Any]]:

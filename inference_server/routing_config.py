@@ -127,18 +127,11 @@ class ExperimentSpec:
 
 
 def check(tree: Mapping[str, Any], schema: Mapping[str, Setting], prefix: str) -> list[str]:
-    """Unknown keys and bad values under ``prefix`` (same rules as the core settings)."""
-    from inference_server.settings import check_value
+    """Unknown keys and bad values under ``prefix`` (the core settings' own rules)."""
+    from inference_server.settings import check_tree
 
     problems: list[str] = []
-    for key, value in tree.items():
-        spec = schema.get(key)
-        if spec is None:
-            problems.append(f"{prefix}{key}: unknown key")
-            continue
-        why = check_value(value, spec)
-        if why:
-            problems.append(f"{prefix}{key}: {why}")
+    check_tree(tree, schema, prefix, problems)
     return problems
 
 

@@ -379,7 +379,7 @@ def _get(tree: Mapping[str, Any], path: str) -> Any:
     return node
 
 
-def _check_tree(
+def check_tree(
     tree: Mapping[str, Any],
     schema: Mapping[str, Any],
     prefix: str,
@@ -397,7 +397,7 @@ def _check_tree(
             problems.append(f"{path}: unknown key{hint}")
         elif isinstance(spec, Mapping):
             if isinstance(value, Mapping):
-                _check_tree(value, spec, f"{path}.", problems, values=values)
+                check_tree(value, spec, f"{path}.", problems, values=values)
             else:
                 problems.append(f"{path}: must be a mapping, got {type(value).__name__}")
         elif values:
@@ -543,7 +543,7 @@ def load_settings(
     dynamic = ("providers", "models", "experiments", "secrets")
     core_tree = {k: v for k, v in tree.items() if k not in dynamic}
     # Values were checked by the dynaconf validators in load_raw; here: keys nobody declared.
-    _check_tree(core_tree, CORE_SCHEMA, "", problems, values=False)
+    check_tree(core_tree, CORE_SCHEMA, "", problems, values=False)
     for level_key in ("level",):
         lvl = _get(tree, f"logging.{level_key}")
         if isinstance(lvl, str):
@@ -601,9 +601,9 @@ def load_settings(
         if shorthand:
             core_keys = {"plugin", "base_url", "api_key", *PROVIDER_SCHEMA}
             opts = {k: v for k, v in section.items() if k not in core_keys}
-            _check_tree(opts, plugin.settings, "inference.options.", problems)
+            check_tree(opts, plugin.settings, "inference.options.", problems)
         else:
-            _check_tree(section, schema, f"providers.{name}.", problems)
+            check_tree(section, schema, f"providers.{name}.", problems)
         if any(p.startswith("inference.") for p in problems):
             continue  # its defaults are invalid and already reported
         try:

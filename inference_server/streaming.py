@@ -173,7 +173,7 @@ async def relay(
             response, InternalError(f"Internal error: {type(exc).__name__}"), error_format
         )
     finally:
-        await _aclose(chunks)
+        await aclose_chunks(chunks)
     return None if tracker.text is None else "".join(tracker.text)
 
 
@@ -186,7 +186,8 @@ async def _write_error(response: web.StreamResponse, err: GatewayError, error_fo
         return
 
 
-async def _aclose(chunks: AsyncIterator[ChatChunk]) -> None:
+async def aclose_chunks(chunks: AsyncIterator[ChatChunk]) -> None:
+    """Close an upstream chunk iterator (its provider then drops the upstream connection)."""
     aclose = getattr(chunks, "aclose", None)
     if aclose is not None:
         await aclose()
