@@ -47,7 +47,7 @@ class HealthMonitor:
         self.probe_timeout = probe_timeout_secs
         self.intervals = dict(intervals or {})
         self._states = {name: _State() for name in providers}
-        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._probes: dict[str, asyncio.Task[HealthStatus]] = {}
         self._loops: list[asyncio.Task[None]] = []
 
     def mark(self, name: str, healthy: bool, detail: str) -> None:
@@ -84,15 +84,12 @@ class HealthMonitor:
                 continue
             task = self._probes.get(name)
             if task is None or task.done():
-                task = asyncio.create_task(self._probe_quiet(name))
+                task = asyncio.create_task(self._probe(name))
                 self._probes[name] = task
             waits.append(task)
         if waits:
             await asyncio.gather(*(asyncio.shield(t) for t in waits))
         return {name: (s.healthy, s.detail) for name, s in self._states.items()}
-
-    async def _probe_quiet(self, name: str) -> None:
-        await self._probe(name)
 
     def start(self) -> None:
         """Start the active health-check loops (providers that configured an interval)."""
