@@ -158,7 +158,9 @@ async def relay(
             await _write_error(response, err, error_format)
             with contextlib.suppress(ConnectionResetError, RuntimeError):
                 await response.write_eof()  # a complete HTTP message: the client reads the event
-        ctx.error_code = "CLIENT_DISCONNECTED"
+            ctx.error_code = err.code
+        else:
+            ctx.error_code = "CLIENT_DISCONNECTED"
         raise
     except GatewayError as exc:
         ctx.error_code = exc.code

@@ -113,6 +113,14 @@ def test_shutdown_deadline_ends_long_streams_with_an_error_event(tmp_path: Path)
     last = [b for b in result["body"].split("\n\n") if b.strip()][-1]
     assert "[DONE]" not in last
     assert json.loads(last[len("data: ") :])["error"]["code"] == "SERVICE_UNAVAILABLE"
+    # The access line records why the stream ended: the shutdown, not a client that left.
+    access = [
+        line
+        for line in (tmp_path / "server.log").read_text().splitlines()
+        if "POST /v1/chat/completions" in line
+    ]
+    assert access
+    assert "error=SERVICE_UNAVAILABLE" in access[-1]
 
 
 def test_workers_share_one_port(tmp_path: Path) -> None:
