@@ -10,8 +10,13 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from loguru import logger
+
 if TYPE_CHECKING:
     from loguru import Logger
+
+#: "None" in log fields and ids (the same marker logs.py writes).
+NONE = "-"
 
 
 @dataclass(slots=True)
@@ -19,7 +24,6 @@ class RequestContext:
     """Everything the pipeline, the access log, metrics and traces know about one request."""
 
     request_id: str
-    log: Logger
     #: perf_counter() at arrival (middleware).
     started: float = field(default_factory=time.perf_counter)
     #: Low-cardinality route label for metrics: the matched resource, e.g. "/v1/chat/completions".
@@ -58,6 +62,34 @@ class RequestContext:
     usage_estimated: bool = False
     #: Headers to send upstream for trace propagation (filled per attempt).
     trace_headers: dict[str, str] = field(default_factory=dict)
+    #: The server span's ids as hex ("-" when not traced): every line of the request carries them.
+    trace_id: str = NONE
+    span_id: str = NONE
+    #: The request's logger, bound on first use (most requests never log through it: the access
+    #: line is written from these fields directly).  Reset when what it binds changes.
+    _log: Logger | None = None
+
+    @property
+    def log(self) -> Logger:
+        """loguru bound to request id, trace and span ids and A/B variant (built lazily)."""
+        log = self._log
+        if log is None:
+            extra = {"request_id": self.request_id}
+            if self.trace_id != NONE:
+                extra["trace_id"] = self.trace_id
+                extra["span_id"] = self.span_id
+            if self.variant is not None:
+                extra["variant"] = f"{self.experiment}/{self.variant}"
+            log = self._log = logger.bind(**extra)
+        return log
+
+    def set_trace(self, trace_id: str, span_id: str) -> None:
+        """Record the server span's ids (lines logged after the span ends still carry them)."""
+        self.trace_id, self.span_id, self._log = trace_id, span_id, None
+
+    def set_variant(self, experiment: str, variant: str) -> None:
+        """Record the A/B assignment (every later line of the request names it)."""
+        self.experiment, self.variant, self._log = experiment, variant, None
 
     def routing_headers(self) -> dict[str, str]:
         """Which deployment answered (or was tried last), after how many attempts, which variant."""

@@ -13,11 +13,16 @@ Why it looks like this:
   request's task and context): ``request_id`` comes from the bound logger (``ctx.log``) or, for
   code that logs through the global ``logger`` (breakers, retries, plugins), from the request scope
   set by the middleware (:func:`request_scope`); ``trace_id`` / ``span_id`` come from the current
-  OpenTelemetry span, or from the ids bound by :func:`with_trace` once the server span has ended
-  (the access line).  With tracing off the lookup finds no span and costs well under a µs.
+  OpenTelemetry span, or from the ids the middleware recorded on the request context once the
+  server span has ended (``ctx.set_trace``).  With tracing off the lookup finds no span and costs well under a µs.
 * JSON lines are flat objects with stable field names, always present: ``time``, ``level``,
   ``message``, ``request_id``, ``trace_id``, ``span_id``, ``logger``, then the bound extras
   (``event`` names structured lines: ``access``, ``slow_request``).  ``"-"`` marks "none".
+* The access line is written once per request, so in the JSON-to-stdout setup (production) it
+  skips loguru's record machinery (frame lookup, aware datetime, patcher, formatter: ~50 µs per
+  line under load) and is encoded with orjson straight into the same batched sink, with the same
+  fields in the same order as loguru would write them (a test compares the two).  In every other
+  setup (pretty, file output) it goes through loguru like any other line.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextvars
+import datetime
 import logging
 import queue
 import sys
 import threading
+import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -38,14 +45,14 @@ import orjson
 from loguru import logger
 from opentelemetry.trace import Span, get_current_span
 
+from inference_server.context import NONE
 from inference_server.settings import LoggingSettings
 
 if TYPE_CHECKING:
-    from loguru import Logger, Record
+    from loguru import Record
 
     from inference_server.context import RequestContext
 
-NONE: Final = "-"
 _PRETTY = (
     "<green>{time:YYYY-MM-DD HH:mm:ss.SSS}</green> | <level>{level: <8}</level> | "
     "<cyan>{extra[request_id]}</cyan> | <level>{message}</level>{extra[_kv]}"
@@ -210,8 +217,54 @@ class BatchedSink:
 _SINKS: list[BatchedSink] = []  # the current process's batched sinks, drained by complete()
 
 
+class _AccessWriter:
+    """Writes access lines as JSON straight into the stdout sink (see the module docstring)."""
+
+    def __init__(self, sink: BatchedSink, enabled: bool) -> None:
+        self.sink = sink
+        #: False when the level is above INFO (loguru would drop the line too).
+        self.enabled = enabled
+        self._second = -1
+        self._prefix = ""
+        self._zone = ""
+
+    def timestamp(self) -> str:
+        """Local time as loguru writes it (``2026-11-26T05:07:09.897659+00:00``), formatted
+        once per second and completed with the microseconds."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            local = datetime.datetime.fromtimestamp(second).astimezone()
+            stamp = local.isoformat()
+            self._second, self._prefix, self._zone = second, stamp[:19], stamp[19:]
+        return f"{self._prefix}.{int((now - second) * 1e6):06d}{self._zone}"
+
+    def write(self, ctx: RequestContext, message: str, fields: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        line: dict[str, Any] = {
+            "time": self.timestamp(),
+            "level": "info",
+            "message": message,
+            "request_id": ctx.request_id,
+            "trace_id": ctx.trace_id,
+            "span_id": ctx.span_id,
+            "logger": __name__,
+        }
+        if ctx.variant is not None:  # bound on ctx.log, so loguru puts it before the fields
+            line["variant"] = fields["variant"]
+        line.update(fields)
+        self.sink(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
+
+
+#: Set by setup_logging for JSON lines to stdout; None: access lines go through loguru.
+_ACCESS: _AccessWriter | None = None
+
+
 def setup_logging(settings: LoggingSettings) -> None:
     """Replace every loguru sink with the configured one and route stdlib logging into it."""
+    global _ACCESS
+    _ACCESS = None
     logger.remove()
     logger.configure(patcher=_patch)
     level = settings.level.upper()
@@ -240,6 +293,8 @@ def setup_logging(settings: LoggingSettings) -> None:
             enqueue=False,
             colorize=settings.format == "pretty" and stream.isatty(),
         )
+        if settings.format == "json":
+            _ACCESS = _AccessWriter(sink, logger.level(level).no <= logger.level("INFO").no)
     logging.basicConfig(handlers=[InterceptHandler()], level=0, force=True)
     # aiohttp's own access log would duplicate ours (which carries model and provider).
     logging.getLogger("aiohttp.access").disabled = True
@@ -265,17 +320,14 @@ def request_scope(request_id: str) -> Iterator[None]:
         _REQUEST_ID.reset(token)
 
 
-def with_trace(log: Logger, span: Span | None) -> Logger:
-    """``log`` bound to ``span``'s trace and span ids (for lines logged after it ends)."""
+def span_ids(span: Span | None) -> tuple[str, str] | None:
+    """``span``'s trace and span ids as hex, or None when there is no valid span."""
     if span is None:
-        return log
+        return None
     span_context = span.get_span_context()
     if not span_context.is_valid:
-        return log
-    return log.bind(
-        trace_id=format(span_context.trace_id, "032x"),
-        span_id=format(span_context.span_id, "016x"),
-    )
+        return None
+    return format(span_context.trace_id, "032x"), format(span_context.span_id, "016x")
 
 
 def _ms(secs: float | None) -> float | None:
@@ -303,6 +355,9 @@ def access(ctx: RequestContext, method: str, path: str, status: int, duration_se
         fields["variant"] = f"{ctx.experiment}/{ctx.variant}"
     if ctx.error_code:
         fields["error"] = ctx.error_code
+    if _ACCESS is not None:
+        _ACCESS.write(ctx, f"{method} {path} {status} {duration_secs * 1000:.1f}ms", fields)
+        return
     # Fields as keyword arguments: loguru puts them in ``extra`` without a bind() per request.
     # Values go in as positional arguments, never into the template: a path may contain braces.
     ctx.log.info("{} {} {} {:.1f}ms", method, path, status, duration_secs * 1000, **fields)

@@ -131,8 +131,7 @@ def assign_variant(
     """Pick the variant (sticky), apply its parameter overrides, maybe start shadow traffic."""
     router = request.app[ROUTER]
     variant, how = experiment.assign(request, body, router.rng)
-    ctx.experiment, ctx.variant = experiment.name, variant.name
-    ctx.log = ctx.log.bind(variant=f"{experiment.name}/{variant.name}")
+    ctx.set_variant(experiment.name, variant.name)
     ctx.log.debug("experiment {}: variant {} ({})", experiment.name, variant.name, how)
     body.update(variant.params)  # a variant's parameters are the experiment: they win
     shadow = experiment.spec.shadow

@@ -139,6 +139,95 @@ def validate_chat(body: Any) -> dict[str, Any]:
         raise InvalidRequest(
             "Messages array cannot be empty", code="EMPTY_MESSAGES", param="messages"
         )
+    fast = fast_validate(body)
+    if fast is not None:
+        return fast
+    return validate_with_schema(body)
+
+
+# --- the fast path ------------------------------------------------------------------------------
+# Most requests are plain: string messages with ordinary roles and well-typed parameters.  For
+# them, walking the marshmallow schema is most of the gateway's validation cost (~25 µs of ~35),
+# so the same rules are checked here directly.  It only ever *accepts*: anything unusual (a
+# wrong type, a value out of range, a tool message, content parts) returns None and the schema
+# decides, so every error message still comes from one place.  A property test holds the two to
+# the same answers: whenever the fast path accepts, the schema returns the same dict.
+
+_FLOAT_RANGES: dict[str, tuple[float, float]] = {
+    "temperature": (0, 2),
+    "top_p": (0, 1),
+    "frequency_penalty": (-2, 2),
+    "presence_penalty": (-2, 2),
+}
+_INT_RANGES: dict[str, tuple[int | None, int | None]] = {
+    "max_tokens": (1, None),
+    "max_completion_tokens": (1, None),
+    "n": (1, 128),
+    "seed": (None, None),
+}
+#: Roles whose message is valid with string content whatever else it holds (not "tool": it
+#: needs ``tool_call_id``; not "function": legacy, left to the schema).
+_PLAIN_ROLES = frozenset({"system", "developer", "user", "assistant"})
+
+
+def _plain_message(message: Any) -> bool:
+    if type(message) is not dict:
+        return False
+    if type(message.get("content")) is not str or message.get("role") not in _PLAIN_ROLES:
+        return False
+    if len(message) > 2:
+        for key in ("name", "tool_call_id"):
+            value = message.get(key)
+            if value is not None and type(value) is not str:
+                return False
+    return True
+
+
+def fast_validate(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The validated body for a plain request, or None to let the schema decide."""
+    messages = body.get("messages")
+    if type(messages) is not list or not messages:
+        return None
+    for message in messages:
+        if not _plain_message(message):
+            return None
+    out: dict[str, Any] = {}
+    for key, value in body.items():
+        if value is None:  # null means "not given" (validate_with_schema drops them too)
+            continue
+        if key in _FLOAT_RANGES:
+            lo, hi = _FLOAT_RANGES[key]
+            kind = type(value)
+            if (kind is not float and kind is not int) or not lo <= value <= hi:
+                return None
+            value = float(value)
+        elif key in _INT_RANGES:
+            low, high = _INT_RANGES[key]
+            if type(value) is not int:
+                return None
+            if (low is not None and value < low) or (high is not None and value > high):
+                return None
+        elif key == "model":
+            if type(value) is not str:
+                return None
+        elif key == "stream":
+            if type(value) is not bool:
+                return None
+        elif key == "stop":
+            if type(value) is not str and not (
+                type(value) is list and 1 <= len(value) <= 4 and all(type(v) is str for v in value)
+            ):
+                return None
+        elif key == "stream_options":
+            if type(value) is not dict or type(value.get("include_usage", False)) is not bool:
+                return None
+            value = dict(value)
+        out[key] = value
+    return out
+
+
+def validate_with_schema(body: dict[str, Any]) -> dict[str, Any]:
+    """The reference validation (marshmallow): every rule, and every error message."""
     try:
         data: dict[str, Any] = CHAT_SCHEMA.load(body)
     except ValidationError as exc:

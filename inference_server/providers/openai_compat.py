@@ -193,10 +193,13 @@ class OpenAICompatibleProvider(Provider):
             raise map_client_exception(self.config.name, exc) from exc
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
-        timeout = aiohttp.ClientTimeout(total=ctx.timeouts.total, sock_connect=ctx.timeouts.connect)
         body = orjson.dumps(self.build_body(request, ctx, stream=False))
         raw = await self._exchange(
-            "POST", self.chat_url, data=body, headers=self.request_headers(ctx), limits=timeout
+            "POST",
+            self.chat_url,
+            data=body,
+            headers=self.request_headers(ctx),
+            limits=ctx.timeouts.call_limits,
         )
         try:
             payload = orjson.loads(raw)
@@ -212,15 +215,14 @@ class OpenAICompatibleProvider(Provider):
         return payload
 
     async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
-        # No total timeout for streams: connect, then an idle limit per read (sock_read).
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=ctx.timeouts.connect, sock_read=ctx.timeouts.idle
-        )
         body = orjson.dumps(self.build_body(request, ctx, stream=True))
         name = self.config.name
         try:
             resp = await self.session.post(
-                self.chat_url, data=body, headers=self.request_headers(ctx), timeout=timeout
+                self.chat_url,
+                data=body,
+                headers=self.request_headers(ctx),
+                timeout=ctx.timeouts.stream_limits,
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(name, exc) from exc

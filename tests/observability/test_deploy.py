@@ -9,8 +9,6 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from loguru import logger
-
 from inference_server.context import RequestContext
 from inference_server.metrics import Metrics, MetricsSettings
 from tests.observability.conftest import samples
@@ -36,7 +34,7 @@ def as_sent(expr: str) -> str:
 def full_exposition() -> set[str]:
     """Every sample name the gateway can export (each kind of event recorded once)."""
     m = Metrics(MetricsSettings())
-    ctx = RequestContext("r", logger)
+    ctx = RequestContext("r")
     ctx.endpoint, ctx.model, ctx.route, ctx.provider = "/v1/chat/completions", "m", "m", "p"
     ctx.deployment, ctx.stream, ctx.attempts, ctx.status = "p/m", True, 1, 200
     ctx.first_token_secs, ctx.stream_secs = 0.1, 0.5

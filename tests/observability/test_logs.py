@@ -54,7 +54,7 @@ def log_to(tmp_path: Path) -> Iterator[Callable[[str], Callable[[], list[str]]]]
 
 
 def request(rid: str = "req-1") -> RequestContext:
-    return RequestContext(request_id=rid, log=logger.bind(request_id=rid))
+    return RequestContext(request_id=rid)
 
 
 def test_json_lines_correlate_request_trace_and_span(log_to: Any) -> None:
@@ -63,7 +63,9 @@ def test_json_lines_correlate_request_trace_and_span(log_to: Any) -> None:
     ctx = request()
     with logs.request_scope(ctx.request_id):
         with tracer.start_as_current_span("server") as server:
-            ctx.log = logs.with_trace(ctx.log, server)
+            ids = logs.span_ids(server)
+            assert ids is not None
+            ctx.set_trace(*ids)
             ctx.log.info("via ctx.log")
             with tracer.start_as_current_span("attempt") as attempt:
                 logger.warning("via the global logger, e.g. a breaker")
@@ -134,6 +136,55 @@ def test_access_and_slow_request_lines_have_fields(log_to: Any) -> None:
     assert slow["overhead_ms"] == 500.0
     assert slow["first_token_ms"] is None
     assert slow["output_tokens"] == 5
+
+
+def test_direct_access_line_is_the_line_loguru_writes(
+    log_to: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """JSON to stdout writes access lines without loguru: same fields, order and values."""
+    ctx = request("req-5")
+    ctx.model, ctx.provider, ctx.deployment = "m", "p", "p/m"
+    ctx.attempts, ctx.retries, ctx.fallbacks, ctx.error_code = 3, 1, 1, "PROVIDER_TIMEOUT"
+    ctx.set_variant("exp", "b")
+    ctx.set_trace("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")
+    read = log_to("json")
+    logs.access(ctx, "POST", "/v1/{odd} path", 504, 0.25)
+    via_loguru = json.loads(read()[-1])
+    logs.setup_logging(
+        LoggingSettings(
+            level="info",
+            format="json",
+            output="stdout",
+            access_log=True,
+            file=LogFileSettings(path="unused", rotation="1 MB", retention="1 day"),
+        )
+    )
+    capsys.readouterr()
+    logs.access(ctx, "POST", "/v1/{odd} path", 504, 0.25)
+    for sink in logs._SINKS:
+        sink.drain()
+    direct = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert list(direct) == list(via_loguru)
+    via_loguru.pop("time")
+    stamp = direct.pop("time")
+    assert direct == via_loguru
+    assert stamp[:2] == "20"
+    assert stamp[19] == "."
+    assert stamp[26] in "+-"
+    # Above INFO, loguru would drop the line; so does the direct writer.
+    logs.setup_logging(
+        LoggingSettings(
+            level="warning",
+            format="json",
+            output="stdout",
+            access_log=True,
+            file=LogFileSettings(path="unused", rotation="1 MB", retention="1 day"),
+        )
+    )
+    logs.access(ctx, "GET", "/", 200, 0.001)
+    for sink in logs._SINKS:
+        sink.drain()
+    assert capsys.readouterr().out == ""
 
 
 def test_a_long_stream_is_slow_only_when_its_first_token_was() -> None:

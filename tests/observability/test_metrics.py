@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from loguru import logger
 
 from inference_server.context import RequestContext
 from inference_server.metrics import (
@@ -28,7 +27,7 @@ CHAT = "/v1/chat/completions"
 
 def finished(**fields: Any) -> RequestContext:
     """A context as the pipeline leaves it after a successful routed request."""
-    ctx = RequestContext(request_id="r1", log=logger)
+    ctx = RequestContext(request_id="r1")
     defaults: dict[str, Any] = {
         "endpoint": CHAT,
         "model": "gpt-oss-20b",

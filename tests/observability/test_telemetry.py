@@ -8,7 +8,6 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
-from loguru import logger
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
@@ -135,12 +134,12 @@ def test_off_means_no_provider_and_no_spans() -> None:
     carrier: dict[str, str] = {}
     telemetry.inject(carrier)
     assert carrier == {}
-    telemetry.finish_request(None, RequestContext("r", logger), 200)
+    telemetry.finish_request(None, RequestContext("r"), 200)
 
 
 def test_request_record_becomes_genai_attributes() -> None:
     telemetry, memory = memory_telemetry()
-    ctx = RequestContext("r", logger)
+    ctx = RequestContext("r")
     ctx.endpoint, ctx.model, ctx.route = "/v1/chat/completions", "chat", "chat"
     ctx.provider, ctx.deployment, ctx.upstream_model = "local", "local/m", "m"
     ctx.experiment, ctx.variant = "exp", "b"
@@ -209,7 +208,7 @@ def test_content_recorded_only_when_enabled_and_truncated() -> None:
 
 def test_errors_carry_the_gateway_code() -> None:
     telemetry, memory = memory_telemetry()
-    ctx = RequestContext("r", logger)
+    ctx = RequestContext("r")
     ctx.error_code, ctx.status = "PROVIDER_TIMEOUT", 504
     with telemetry.server_span("POST /v1/chat/completions", {}, {}) as span:
         telemetry.finish_request(span, ctx, 504)

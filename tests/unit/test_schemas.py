@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import pytest
 
+from inference_server import schemas
 from inference_server.errors import InvalidRequest
 from inference_server.schemas import validate_chat
 
@@ -121,3 +123,84 @@ def test_nulls_mean_absent() -> None:
     assert "temperature" not in out
     assert "stop" not in out
     assert "model" not in out
+
+
+# --- the fast path agrees with the schema ---------------------------------------------------
+
+_VALUES: list[Any] = [
+    None, True, False, 0, 1, 2, 3, 129, -1, -3, 10**30, 0.0, 0.5, 1.5, 2.5, -2.0, -2.5,
+    "", "x", "0.5", "true", [], ["a"], ["a", "b", "c", "d"], ["a"] * 5, [1], {},
+    {"include_usage": True}, {"include_usage": False}, {"include_usage": None},
+    {"include_usage": "yes"}, {"include_usage": 1}, {"other": 1},
+]  # fmt: skip
+_KEYS = [
+    "model", "temperature", "top_p", "frequency_penalty", "presence_penalty", "max_tokens",
+    "max_completion_tokens", "n", "stop", "stream", "stream_options", "seed", "user", "tools",
+]  # fmt: skip
+_MESSAGES: list[Any] = [
+    {"role": "user", "content": "hi"},
+    {"role": "system", "content": ""},
+    {"role": "developer", "content": "d", "name": "n"},
+    {"role": "assistant", "content": "a", "name": 3},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "c"}]},
+    {"role": "assistant", "content": None},
+    {"role": "tool", "content": "r", "tool_call_id": "c"},
+    {"role": "tool", "content": "r"},
+    {"role": "function", "content": "f", "name": "f"},
+    {"role": "user", "content": [{"type": "text", "text": "x"}]},
+    {"role": "user", "content": []},
+    {"role": "user", "content": 5},
+    {"role": "robot", "content": "x"},
+    {"content": "no role"},
+    {"role": "user", "content": "x", "tool_call_id": 7},
+    {"role": "user", "content": "x", "extra": {"kept": True}},
+    "not an object",
+]
+
+
+def _schema_answer(body: dict[str, Any]) -> dict[str, Any] | None:
+    try:
+        return schemas.validate_with_schema(dict(body))
+    except InvalidRequest:
+        return None
+
+
+def test_fast_path_accepts_only_what_the_schema_accepts_and_returns_the_same() -> None:
+    """Thousands of generated bodies: whenever the fast path answers, marshmallow agrees."""
+    rng = random.Random(7)
+    answered = 0
+    for _ in range(5000):
+        body: dict[str, Any] = {}
+        if rng.random() < 0.95:
+            n = rng.randint(1, 4)
+            weights = [12] + [1] * (len(_MESSAGES) - 1)  # mostly plain user messages
+            picked = rng.choices(_MESSAGES, weights, k=n)
+            body["messages"] = [dict(m) if isinstance(m, dict) else m for m in picked]
+        else:
+            body["messages"] = rng.choice([None, "x", {}, [None]])
+        for key in rng.sample(_KEYS, rng.randint(0, 4)):
+            body[key] = rng.choice(_VALUES)
+        fast = schemas.fast_validate(dict(body))
+        expected = _schema_answer(body)
+        if fast is not None:
+            answered += 1
+            assert expected is not None, body
+            assert fast == expected, body
+            assert all(type(fast[k]) is type(expected[k]) for k in fast), body  # 1 -> 1.0
+    assert answered > 300  # the generator does reach the fast path
+
+
+def test_fast_path_answers_the_common_request() -> None:
+    body = {
+        "model": "m",
+        "messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "hi"}],
+        "temperature": 1,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "user": None,
+    }
+    fast = schemas.fast_validate(body)
+    assert fast == schemas.validate_with_schema(body)
+    assert fast is not None
+    assert fast["temperature"] == 1.0
+    assert "user" not in fast

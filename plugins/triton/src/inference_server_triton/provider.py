@@ -349,7 +349,7 @@ class TritonProvider(Provider):
         options, prompt, stops = self._prepare(request, ctx)
         meta = await self.metadata(model, options, ctx.timeouts)
         gen = self._generation(request, options, stops)
-        timeout = aiohttp.ClientTimeout(total=ctx.timeouts.total, sock_connect=ctx.timeouts.connect)
+        timeout = ctx.timeouts.call_limits
         try:
             if meta.decoupled:
                 await self._collect(request, ctx, options, meta, prompt, gen, timeout)
@@ -531,10 +531,7 @@ class TritonProvider(Provider):
         options, prompt, stops = self._prepare(request, ctx)
         meta = await self.metadata(model, options, ctx.timeouts)
         gen = self._generation(request, options, stops)
-        # No total timeout for streams: connect, then an idle limit per read (sock_read).
-        timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=ctx.timeouts.connect, sock_read=ctx.timeouts.idle
-        )
+        timeout = ctx.timeouts.stream_limits  # no total: connect, then idle per read
         try:
             resp = await self._open_stream(request, ctx, options, meta, prompt, timeout)
         except (TimeoutError, aiohttp.ClientError) as exc:
