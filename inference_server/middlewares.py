@@ -63,7 +63,9 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
                 ids = logs.span_ids(span)
                 if ids is not None:
                     ctx.set_trace(*ids)
-                ctx.trace_headers = {}
+                    if not span.is_recording():  # type: ignore[union-attr]
+                        # Unsampled: no attempt spans; upstreams still get the trace (flag 00).
+                        telemetry.inject(ctx.trace_headers, span)
                 response = await handler(request)
                 status = response.status
                 telemetry.finish_request(span, ctx, ctx.status or status)

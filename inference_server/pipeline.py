@@ -308,7 +308,7 @@ async def attempt(
     dep.in_flight += 1
     with (
         telemetry.client_span("chat " + cand.upstream_model, _attempt_attributes(ctx, cand))
-        if telemetry.enabled
+        if telemetry.recording()
         else NO_SPAN as span
     ):
         if span is not None:

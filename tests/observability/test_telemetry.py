@@ -197,13 +197,47 @@ def test_request_record_becomes_genai_attributes() -> None:
 
 def test_content_recorded_only_when_enabled_and_truncated() -> None:
     telemetry, memory = memory_telemetry(record_content=True, content_max_chars=40)
-    with telemetry.client_span("chat m", {}) as span:
+    with telemetry.server_span("POST /", {}, {}), telemetry.client_span("chat m", {}) as span:
         telemetry.record_input(span, [{"role": "user", "content": "hello " * 20}])
         telemetry.record_response(span, {"choices": [{"message": {"content": "world"}}]})
     attrs = dict(memory.get_finished_spans()[0].attributes or {})
     assert str(attrs["gen_ai.input.messages"]).startswith('[{"role":"user"')
     assert len(str(attrs["gen_ai.input.messages"])) == 41  # 40 + "…"
     assert "world" in str(attrs["gen_ai.output.messages"])
+
+
+def test_unsampled_request_makes_no_child_spans_but_propagates_its_trace() -> None:
+    telemetry, memory = memory_telemetry(sample_ratio=0.0)
+    with telemetry.server_span("POST /", {}, {}) as server:
+        assert server is not None
+        assert not server.is_recording()
+        assert not telemetry.recording()
+        with telemetry.span("inference.validate") as step, telemetry.client_span("c", {}) as c:
+            assert step is None
+            assert c is None
+        carrier: dict[str, str] = {}
+        telemetry.inject(carrier, server)
+    trace_id = f"{server.get_span_context().trace_id:032x}"
+    assert carrier["traceparent"].startswith(f"00-{trace_id}-")
+    assert int(carrier["traceparent"][-2:], 16) & 1 == 0  # not sampled: nor should upstreams be
+    assert memory.get_finished_spans() == ()
+    # A client's sampled traceparent is honoured (parent-based sampler): that request is traced.
+    with telemetry.server_span("POST /", {"traceparent": f"00-{TRACE}-{PARENT}-01"}, {}) as s:
+        assert s is not None
+        assert s.is_recording()
+        with telemetry.span("inference.validate") as step:
+            assert step is not None
+    assert [sp.name for sp in memory.get_finished_spans()] == ["inference.validate", "POST /"]
+
+
+def test_an_exception_leaving_a_span_marks_it_failed() -> None:
+    telemetry, memory = memory_telemetry()
+    with pytest.raises(ValueError, match="boom"), telemetry.server_span("POST /", {}, {}):
+        raise ValueError("boom")
+    (span,) = memory.get_finished_spans()
+    assert span.status.status_code == StatusCode.ERROR
+    assert span.status.description == "ValueError: boom"
+    assert [e.name for e in span.events] == ["exception"]
 
 
 def test_errors_carry_the_gateway_code() -> None:
