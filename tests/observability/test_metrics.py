@@ -279,3 +279,68 @@ def test_single_worker_needs_no_directory() -> None:
     assert os.path.isdir(directory)
     cleanup()
     assert not os.path.exists(directory)  # a temporary directory we made: removed
+
+
+@pytest.mark.parametrize("mode", ["memory", "multiprocess"])
+def test_direct_writes_equal_the_librarys(mode: str, tmp_path: Path) -> None:
+    """The hot path writes values directly (metrics._Writer); the exposition must be what the
+    library's own inc/dec/set/observe would give for the same calls."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+    from inference_server import metrics as m
+
+    amounts = [0.0, 0.00004, 0.001, 0.0010001, 0.3, 7.0, 599.0, 601.0, 10**9]
+    reference = CollectorRegistry()
+    counter = Counter("c", "c", ("a",), registry=reference).labels("x")
+    gauge = Gauge("g", "g", ("a",), multiprocess_mode="livesum", registry=reference).labels("x")
+    hist = Histogram("h", "h", ("a",), buckets=m.DURATION_BUCKETS, registry=reference).labels("x")
+    for amount in amounts:
+        counter.inc(amount)
+        gauge.inc(amount)
+        hist.observe(amount)
+    gauge.dec(2)
+    gauge.set(3)
+    gauge.inc(0.5)
+    expected = generate_latest(reference)
+
+    value_class: Any = m._LoopValue
+    if mode == "multiprocess":
+        value_class = m._multiprocess_value_class(str(tmp_path))
+    ours = CollectorRegistry()
+    with m._value_class(value_class):
+        writers = (
+            m._Writer(Counter("c", "c", ("a",), registry=ours).labels("x")),
+            m._Writer(
+                Gauge("g", "g", ("a",), multiprocess_mode="livesum", registry=ours).labels("x")
+            ),
+            m._Writer(
+                Histogram("h", "h", ("a",), buckets=m.DURATION_BUCKETS, registry=ours).labels("x")
+            ),
+        )
+    c, g, h = writers
+    for amount in amounts:
+        c.inc(amount)
+        g.inc(amount)
+        h.observe(amount)
+    g.dec(2)
+    g.set(3)
+    g.inc(0.5)
+    if mode == "memory":
+        assert generate_latest(ours) == expected
+    else:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=str(tmp_path))  # type: ignore[no-untyped-call]
+        got = {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for f in merged.collect()
+            for s in f.samples
+        }
+        want = {
+            (s.name, tuple(sorted(s.labels.items())), s.value)
+            for f in reference.collect()
+            for s in f.samples
+            if not s.name.endswith("_created")
+        }
+        assert got == want
