@@ -262,11 +262,11 @@ def _otlp_exporter(config: TraceConfig) -> SpanExporter:
         )
 
         return GrpcExporter(endpoint=config.endpoint, headers=headers)
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpExporter,
-    )
+    # The SDK's HTTP exporter with a hand-written protobuf encoder (~7x cheaper per span, and
+    # it runs on the export thread holding the GIL): see otlp_encode.py.
+    from inference_server.otlp_encode import FastOTLPSpanExporter
 
-    return HttpExporter(endpoint=config.endpoint, headers=headers)
+    return FastOTLPSpanExporter(endpoint=config.endpoint, headers=headers)
 
 
 class Telemetry:
