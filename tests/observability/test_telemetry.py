@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 import pytest
+from opentelemetry import propagate
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-from opentelemetry.trace import SpanKind, StatusCode
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from inference_server import __version__
 from inference_server.context import RequestContext
 from inference_server.settings import TraceSettings
 from inference_server.telemetry import (
@@ -299,3 +301,91 @@ async def test_otlp_grpc_export_configured_by_environment(otlp_grpc: GrpcReceive
     assert {s.name for s in spans} == {"POST /v1/chat/completions", "chat m"}
     assert otlp_grpc.headers[0]["x-api-key"] == "k2"
     await asyncio.get_running_loop().run_in_executor(None, telemetry.shutdown)
+
+
+def test_request_spans_are_what_the_sdk_would_record() -> None:
+    """The request path's light spans reach processors as the SDK's own spans would."""
+    telemetry, memory = memory_telemetry()
+    assert telemetry.provider is not None
+    sdk = telemetry.provider.get_tracer("inference_server", __version__)
+    headers = {"traceparent": f"00-{TRACE}-{PARENT}-01"}
+
+    def scenario(server: Any, step: Any, client: Any) -> None:
+        with server("POST /x", headers, {"url.path": "/x"}) as s:
+            s.set_attributes({"http.response.status_code": 504})
+            with step("inference.route", {"gen_ai.request.model": "m"}) as r:
+                r.set_attribute("reasons", ["stop", "length"])
+            with client("chat m", {"gen_ai.request.model": "m"}) as c:
+                c.add_event("retry", {"n": 1})
+                c.set_status(Status(StatusCode.ERROR, "PROVIDER_TIMEOUT"))
+            raise KeyError("gone")
+
+    with pytest.raises(KeyError, match="gone"):
+        scenario(telemetry.server_span, telemetry.span, telemetry.client_span)
+    ours = memory.get_finished_spans()
+    memory.clear()
+
+    def sdk_span(kind: SpanKind) -> Any:
+        def start(name: str, *args: Any) -> Any:
+            attributes = args[-1]
+            context = propagate.extract(args[0]) if len(args) == 2 else None
+            return sdk.start_as_current_span(
+                name, context=context, kind=kind, attributes=attributes
+            )
+
+        return start
+
+    with pytest.raises(KeyError, match="gone"):
+        scenario(sdk_span(SpanKind.SERVER), sdk_span(SpanKind.INTERNAL), sdk_span(SpanKind.CLIENT))
+    theirs = memory.get_finished_spans()
+    assert (
+        [s.name for s in ours]
+        == [s.name for s in theirs]
+        == ["inference.route", "chat m", "POST /x"]
+    )
+
+    def shape(spans: Any) -> list[Any]:
+        ids = {s.context.span_id: s.name for s in spans}
+        return [
+            (
+                s.name,
+                s.kind,
+                f"{s.context.trace_id:032x}",
+                int(s.context.trace_flags),
+                ids.get(s.parent.span_id if s.parent else None, s.parent and s.parent.span_id),
+                s.parent.is_remote if s.parent else None,
+                dict(s.attributes or {}),
+                s.status.status_code,
+                s.status.description,
+                [(e.name, sorted((e.attributes or {}).keys())) for e in s.events],
+                s.resource.attributes,
+                s.instrumentation_scope,
+                s.start_time is not None and s.end_time is not None and s.start_time <= s.end_time,
+            )
+            for s in spans
+        ]
+
+    for a, b in zip(shape(ours), shape(theirs), strict=True):
+        for x, y in zip(a, b, strict=True):
+            assert x == y, (a[0], x, y)
+    server = ours[-1]
+    assert server.status.description == "KeyError: 'gone'"
+    assert dict(ours[0].attributes or {})["reasons"] == ("stop", "length")
+
+
+def test_spans_from_other_tracers_nest_under_the_request_spans() -> None:
+    """A plugin tracing with the SDK inside an attempt gets the attempt as its parent."""
+    telemetry, memory = memory_telemetry()
+    assert telemetry.provider is not None
+    plugin = telemetry.provider.get_tracer("some.plugin")
+    with telemetry.server_span("POST /", {}, {}), telemetry.client_span("chat m", {}) as attempt:
+        with plugin.start_as_current_span("plugin work"):
+            pass
+        carrier: dict[str, str] = {}
+        telemetry.inject(carrier)
+    spans = {s.name: s for s in memory.get_finished_spans()}
+    assert attempt is not None
+    parent = spans["plugin work"].parent
+    assert parent is not None
+    assert parent.span_id == attempt.get_span_context().span_id
+    assert carrier["traceparent"].split("-")[2] == f"{attempt.get_span_context().span_id:016x}"
