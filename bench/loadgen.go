@@ -114,6 +114,7 @@ type rateResult struct {
 	Errors      int64   `json:"errors"`
 	Dropped     int64   `json:"dropped"`
 	Achieved    float64 `json:"achieved_rate"`
+	OKRate      float64 `json:"ok_rate"` // successes per second, start to last completion
 	Conns       int     `json:"conns"`
 	P50us       float64 `json:"p50_us"`
 	P90us       float64 `json:"p90_us"`
@@ -196,10 +197,12 @@ func runRate(o options) rateResult {
 	lag := make([]float64, n)
 	interval := time.Duration(float64(time.Second) / o.rate)
 	var errs, dropped int64
+	var lastDone int64 // ns since start of the latest success
 	var firstErr atomic.Value
 	var wg sync.WaitGroup
 	var mu sync.Mutex
 	var idle, all []*worker
+	var start time.Time // set just before the first send; workers read it after
 
 	loop := func(w *worker) {
 		for j := range w.jobs {
@@ -208,6 +211,12 @@ func runRate(o options) rateResult {
 				firstErr.CompareAndSwap(nil, err.Error())
 			} else {
 				lat[j.i] = float64(time.Since(j.due).Nanoseconds()) / 1e3
+				done := int64(time.Since(start))
+				for prev := atomic.LoadInt64(&lastDone); done > prev; prev = atomic.LoadInt64(&lastDone) {
+					if atomic.CompareAndSwapInt64(&lastDone, prev, done) {
+						break
+					}
+				}
 			}
 			mu.Lock()
 			idle = append(idle, w)
@@ -237,7 +246,7 @@ func runRate(o options) rateResult {
 
 	runtime.LockOSThread()
 	_, _, _ = syscall.Syscall(syscall.SYS_PRCTL, 29 /* PR_SET_TIMERSLACK */, 1, 0)
-	start := time.Now()
+	start = time.Now()
 	for i := 0; i < n; i++ {
 		due := start.Add(time.Duration(i) * interval)
 		if wait := time.Until(due); wait > 0 {
@@ -263,11 +272,20 @@ func runRate(o options) rateResult {
 	sort.Float64s(lag)
 	r := rateResult{Rate: o.rate, Sent: n, OK: len(ok), Errors: errs, Dropped: dropped,
 		Achieved: float64(n) / sendTime.Seconds(), Conns: len(all), P50us: pct(ok, 50),
+		OKRate: okRate(len(ok), atomic.LoadInt64(&lastDone)),
 		P90us: pct(ok, 90), P99us: pct(ok, 99), MaxUs: pct(ok, 100), SchedLagP99: pct(lag, 99)}
 	if s, isStr := firstErr.Load().(string); isStr {
 		r.FirstError = s
 	}
 	return r
+}
+
+// okRate is successes per second over [start, last success]; 0 when none succeeded.
+func okRate(ok int, lastDoneNs int64) float64 {
+	if ok == 0 || lastDoneNs <= 0 {
+		return 0
+	}
+	return float64(ok) / (float64(lastDoneNs) / 1e9)
 }
 
 type streamResult struct {

@@ -313,11 +313,21 @@ async def complete() -> None:
 @contextmanager
 def request_scope(request_id: str) -> Iterator[None]:
     """Within the block, lines logged through the global ``logger`` carry ``request_id``."""
-    token = _REQUEST_ID.set(request_id)
+    token = enter_request(request_id)
     try:
         yield
     finally:
-        _REQUEST_ID.reset(token)
+        leave_request(token)
+
+
+def enter_request(request_id: str) -> contextvars.Token[str]:
+    """:func:`request_scope` for the middleware, without a generator per request."""
+    return _REQUEST_ID.set(request_id)
+
+
+def leave_request(token: contextvars.Token[str]) -> None:
+    """End what :func:`enter_request` started (in the same task)."""
+    _REQUEST_ID.reset(token)
 
 
 def span_ids(span: Span | None) -> tuple[str, str] | None:

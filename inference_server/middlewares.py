@@ -27,6 +27,7 @@ from inference_server.errors import (
     from_http_status,
 )
 from inference_server.keys import CTX, METRICS, SETTINGS, TELEMETRY
+from inference_server.telemetry import NO_SPAN
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -52,42 +53,48 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     telemetry = app[TELEMETRY]
     metrics = app[METRICS]
     metrics.request_started(ctx.endpoint)
+    method, path = request.method, request.path
     status = 500
-    with logs.request_scope(rid):
-        try:
-            with telemetry.server_span(
-                f"{request.method} {ctx.endpoint}",
+    scope_token = logs.enter_request(rid)
+    try:
+        with (
+            telemetry.server_span(
+                f"{method} {ctx.endpoint}",
                 request.headers,
-                {"http.request.method": request.method, "url.path": request.path},
-            ) as span:
-                ids = logs.span_ids(span)
-                if ids is not None:
-                    ctx.set_trace(*ids)
-                    if not span.is_recording():  # type: ignore[union-attr]
-                        # Unsampled: no attempt spans; upstreams still get the trace (flag 00).
-                        telemetry.inject(ctx.trace_headers, span)
-                response = await handler(request)
-                status = response.status
-                telemetry.finish_request(span, ctx, ctx.status or status)
-            if not response.prepared:
-                response.headers["x-request-id"] = rid
-                if ctx.attempts:
-                    response.headers.update(ctx.routing_headers())
-            return response
-        except asyncio.CancelledError:
-            # The client went away before the response was complete (handler cancellation).
-            ctx.error_code = ctx.error_code or "CLIENT_DISCONNECTED"
-            status = 499
-            raise
-        finally:
-            duration = time.perf_counter() - ctx.started
-            if ctx.status is None:
-                ctx.status = status
-            metrics.request_finished(ctx, duration)
-            log_settings = app[SETTINGS].logging
-            if log_settings.access_log:
-                logs.access(ctx, request.method, request.path, ctx.status, duration)
-            logs.slow_request(ctx, duration, log_settings.slow_request_secs)
+                {"http.request.method": method, "url.path": path},
+            )
+            if telemetry.enabled
+            else NO_SPAN as span
+        ):
+            ids = logs.span_ids(span)
+            if ids is not None:
+                ctx.set_trace(*ids)
+                if not span.is_recording():  # type: ignore[union-attr]
+                    # Unsampled: no attempt spans; upstreams still get the trace (flag 00).
+                    telemetry.inject(ctx.trace_headers, span)
+            response = await handler(request)
+            status = response.status
+            telemetry.finish_request(span, ctx, ctx.status or status)
+        if not response.prepared:
+            response.headers["x-request-id"] = rid
+            if ctx.attempts:
+                response.headers.update(ctx.routing_headers())
+        return response
+    except asyncio.CancelledError:
+        # The client went away before the response was complete (handler cancellation).
+        ctx.error_code = ctx.error_code or "CLIENT_DISCONNECTED"
+        status = 499
+        raise
+    finally:
+        duration = time.perf_counter() - ctx.started
+        if ctx.status is None:
+            ctx.status = status
+        metrics.request_finished(ctx, duration)
+        log_settings = app[SETTINGS].logging
+        if log_settings.access_log:
+            logs.access(ctx, method, path, ctx.status, duration)
+        logs.slow_request(ctx, duration, log_settings.slow_request_secs)
+        logs.leave_request(scope_token)
 
 
 def error_response(err: GatewayError, error_format: str) -> web.Response:
