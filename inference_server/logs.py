@@ -14,7 +14,8 @@ Why it looks like this:
   code that logs through the global ``logger`` (breakers, retries, plugins), from the request scope
   set by the middleware (:func:`request_scope`); ``trace_id`` / ``span_id`` come from the current
   OpenTelemetry span, or from the ids the middleware recorded on the request context once the
-  server span has ended (``ctx.set_trace``).  With tracing off the lookup finds no span and costs well under a µs.
+  server span has ended (``ctx.set_trace``).  With tracing off the lookup finds no span and
+  costs well under a µs.
 * JSON lines are flat objects with stable field names, always present: ``time``, ``level``,
   ``message``, ``request_id``, ``trace_id``, ``span_id``, ``logger``, then the bound extras
   (``event`` names structured lines: ``access``, ``slow_request``).  ``"-"`` marks "none".

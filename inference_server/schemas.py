@@ -9,7 +9,7 @@ one readable message plus a dotted ``param`` path (``messages.0.role``), always 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Final
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
@@ -153,18 +153,27 @@ def validate_chat(body: Any) -> dict[str, Any]:
 # decides, so every error message still comes from one place.  A property test holds the two to
 # the same answers: whenever the fast path accepts, the schema returns the same dict.
 
-_FLOAT_RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0, 2),
-    "top_p": (0, 1),
-    "frequency_penalty": (-2, 2),
-    "presence_penalty": (-2, 2),
-}
-_INT_RANGES: dict[str, tuple[int | None, int | None]] = {
-    "max_tokens": (1, None),
-    "max_completion_tokens": (1, None),
-    "n": (1, 128),
-    "seed": (None, None),
-}
+_Range = tuple[float | None, float | None]
+
+
+def _ranges(kind: type[fields.Number[Any]]) -> dict[str, _Range]:
+    """(min, max) of every ``kind`` field of the schema, read from its ``Range`` validator, so
+    the bounds are written once (in the schema)."""
+    out: dict[str, _Range] = {}
+    for name, field in CHAT_SCHEMA.fields.items():
+        if type(field) is kind:
+            bound = next((v for v in field.validators if isinstance(v, validate.Range)), None)
+            if bound is None:
+                out[name] = (None, None)
+            else:
+                if not (bound.min_inclusive and bound.max_inclusive):
+                    raise TypeError(f"{name}: fast_validate checks inclusive ranges only")
+                out[name] = (bound.min, bound.max)
+    return out
+
+
+_FLOAT_RANGES: Final = _ranges(fields.Float)
+_INT_RANGES: Final = _ranges(fields.Integer)
 #: Roles whose message is valid with string content whatever else it holds (not "tool": it
 #: needs ``tool_call_id``; not "function": legacy, left to the schema).
 _PLAIN_ROLES = frozenset({"system", "developer", "user", "assistant"})
@@ -183,6 +192,11 @@ def _plain_message(message: Any) -> bool:
     return True
 
 
+def _within(value: float, bounds: _Range) -> bool:
+    low, high = bounds
+    return (low is None or value >= low) and (high is None or value <= high)
+
+
 def fast_validate(body: dict[str, Any]) -> dict[str, Any] | None:
     """The validated body for a plain request, or None to let the schema decide."""
     messages = body.get("messages")
@@ -196,16 +210,12 @@ def fast_validate(body: dict[str, Any]) -> dict[str, Any] | None:
         if value is None:  # null means "not given" (validate_with_schema drops them too)
             continue
         if key in _FLOAT_RANGES:
-            lo, hi = _FLOAT_RANGES[key]
             kind = type(value)
-            if (kind is not float and kind is not int) or not lo <= value <= hi:
+            if (kind is not float and kind is not int) or not _within(value, _FLOAT_RANGES[key]):
                 return None
             value = float(value)
         elif key in _INT_RANGES:
-            low, high = _INT_RANGES[key]
-            if type(value) is not int:
-                return None
-            if (low is not None and value < low) or (high is not None and value > high):
+            if type(value) is not int or not _within(value, _INT_RANGES[key]):
                 return None
         elif key == "model":
             if type(value) is not str:

@@ -483,7 +483,7 @@ class Telemetry:
         self, name: str, attributes: dict[str, Any]
     ) -> AbstractContextManager[Span | None]:
         """A span for one upstream attempt (name: ``"chat <upstream model>"`` per GenAI)."""
-        if not self.enabled or not get_current_span().is_recording():
+        if not self.recording():
             return _NO_SPAN
         return _Scope(self._start(name, SpanKind.CLIENT, attributes))
 
@@ -493,7 +493,7 @@ class Telemetry:
         """An internal span for a step of the request (``inference.validate``, ``…route``,
         ``…stream``) when the request is sampled; the current span becomes its parent and it
         becomes current."""
-        if not self.enabled or not get_current_span().is_recording():
+        if not self.recording():
             return _NO_SPAN
         return _Scope(self._start(name, SpanKind.INTERNAL, attributes))
 
