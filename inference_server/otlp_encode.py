@@ -472,21 +472,13 @@ def _span(span: ReadableSpan) -> bytes:
     if dropped:
         parts.append(_SPAN_DROPPED_ATTRIBUTES + _uint32(dropped))
 
-    events = getattr(span, "_events", None)
-    if events.__class__ is BoundedList and (deque := getattr(events, "_dq", None)) is not None:
-        events, dropped = deque, events.dropped
-    else:
-        events, dropped = span.events, span.dropped_events
+    events, dropped = _bounded(span, "events")
     for event in events:
         parts.append(_event(event))
     if dropped:
         parts.append(_SPAN_DROPPED_EVENTS + _uint32(dropped))
 
-    links = getattr(span, "_links", None)
-    if links.__class__ is BoundedList and (deque := getattr(links, "_dq", None)) is not None:
-        links, dropped = deque, links.dropped
-    else:
-        links, dropped = span.links, span.dropped_links
+    links, dropped = _bounded(span, "links")
     for link in links:
         parts.append(_link(link))
     if dropped:
@@ -504,6 +496,16 @@ def _span(span: ReadableSpan) -> bytes:
     body = b"".join(parts)
     n = len(body)
     return _F2_LEN + (_VARINTS[n] if n < _TABLE_SIZE else _varint(n)) + body
+
+
+def _bounded(span: ReadableSpan, name: str) -> tuple[Iterable[Any], int]:
+    """A span's ``events`` or ``links`` and their dropped count.  The SDK keeps them in a
+    ``BoundedList`` whose public property copies it on every access; read its deque directly
+    when it is one, else go through the public API (slower, never wrong)."""
+    raw = getattr(span, "_" + name, None)
+    if raw.__class__ is BoundedList and (deque := getattr(raw, "_dq", None)) is not None:
+        return deque, raw.dropped
+    return getattr(span, name), getattr(span, "dropped_" + name)
 
 
 def _event(event: Event) -> bytes:
