@@ -23,7 +23,6 @@ from inference_server.keys import (
     HTTP_SESSION,
     METRICS,
     OPEN_STREAMS,
-    RETRIER,
     ROUTER,
     SETTINGS,
     TELEMETRY,
@@ -31,7 +30,6 @@ from inference_server.keys import (
 from inference_server.metrics import Metrics
 from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
-from inference_server.resilience import Retrier
 from inference_server.routes import setup_routes
 from inference_server.routing import Router
 from inference_server.settings import Settings
@@ -128,7 +126,6 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics)
-    app[RETRIER] = Retrier(settings.retry)
     open_streams: set[asyncio.Task[Any]] = set()
     app[OPEN_STREAMS] = open_streams
     background: set[asyncio.Task[None]] = set()

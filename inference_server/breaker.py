@@ -1,41 +1,46 @@
 """A circuit breaker per deployment: closed → open → half-open → closed.
 
-Closed: outcomes are counted in a sliding time window; the breaker opens when the failure rate
-over the window passes ``failure_rate`` with at least ``min_requests`` outcomes, or after
-``consecutive_failures`` failures in a row.  Open: the deployment is skipped by selection for a
-cooldown (at least an upstream's Retry-After, doubling on repeated trips up to a cap).  Half-open:
-up to ``half_open_probes`` requests go through; one success closes the breaker, one failure opens
-it again.  A 429 with Retry-After pauses the deployment for exactly that long.  The clock is injectable so tests drive time instead of sleeping.
+Closed: fault outcomes (connection failures, timeouts, 5xx, broken streams, gateway bugs inside an
+attempt) are counted in a sliding time window; the breaker opens when the failure rate over the
+window passes ``failure_rate`` with at least ``min_requests`` outcomes, or after
+``consecutive_failures`` faults in a row.  Open: selection skips the deployment for a cooldown
+(``cooldown_secs``, doubling only when a half-open probe fails, capped by ``max_cooldown_secs``).
+Half-open: up to ``half_open_probes`` requests go through; one success closes the breaker, one
+fault opens it again.
+
+What the breaker never sees: upstream 429s (backpressure: the deployment is *paused* for the
+Retry-After, see ``routing.Deployment.pause``) and upstream 4xx rejections (the deployment is
+alive).  A success while open (a panic-routed request, see routing.Plan) closes it: the upstream
+is back.  The clock is the router's, injected, so tests drive time instead of sleeping.
 """
 
 from __future__ import annotations
 
-import time
-from collections import deque
 from collections.abc import Callable
 from typing import Literal
 
 from loguru import logger
 
+from inference_server.resilience import SlidingWindow, now
 from inference_server.settings import BreakerSettings
 
 State = Literal["closed", "open", "half_open"]
 Listener = Callable[[str, str, str], None]  # (name, old state, new state)
-
-_BUCKETS = 10  # the window is kept as this many time buckets of (successes, failures)
+Clock = Callable[[], float]
+_OK, _FAILED = 0, 1
 
 
 class CircuitBreaker:
-    """Failure accounting and admission for one deployment."""
+    """Fault accounting and admission for one deployment."""
 
     __slots__ = (
-        "_bucket_secs",
-        "_buckets",
         "_clock",
         "_listener",
         "_probes_in_flight",
+        "_window",
         "consecutive",
         "cooldown",
+        "last_error",
         "name",
         "opened_at",
         "reopen_count",
@@ -48,7 +53,7 @@ class CircuitBreaker:
         name: str,
         settings: BreakerSettings,
         *,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Clock = now,
         listener: Listener | None = None,
     ) -> None:
         self.name = name
@@ -58,12 +63,12 @@ class CircuitBreaker:
         self.state: State = "closed"
         self.consecutive = 0
         self.opened_at = 0.0
-        self.cooldown = settings.cooldown_secs
+        self.cooldown = min(settings.cooldown_secs, settings.max_cooldown_secs)
         self.reopen_count = 0
+        #: (code, message) of the last fault: what a refusal names as its cause.
+        self.last_error: tuple[str, str] | None = None
         self._probes_in_flight = 0
-        self._bucket_secs = settings.window_secs / _BUCKETS
-        # (bucket index, successes, failures); bucket index = int(now / bucket_secs)
-        self._buckets: deque[list[int]] = deque()
+        self._window = SlidingWindow(settings.window_secs, 2, clock)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -81,15 +86,25 @@ class CircuitBreaker:
             return "half_open"
         return self.state
 
+    def retry_in(self) -> float:
+        """Seconds until this breaker admits a probe again (0 when it admits now)."""
+        if self.state == "open":
+            return max(0.0, self.cooldown - (self._clock() - self.opened_at))
+        return 0.0
+
     def window(self) -> tuple[int, int]:
         """(successes, failures) in the sliding window."""
-        self._expire()
-        return sum(b[1] for b in self._buckets), sum(b[2] for b in self._buckets)
+        ok, failed = self._window.totals()
+        return ok, failed
 
     # --- admission and outcomes ------------------------------------------------------------
 
     def acquire(self) -> bool:
-        """Admit one attempt: always when closed; a limited number of probes when half-open."""
+        """Admit one attempt: always when closed; a limited number of probes when half-open.
+
+        Every admitted attempt ends in exactly one of record_success, record_failure or
+        release: ``routing.Lease`` guarantees it.
+        """
         if not self.settings.enabled or self.state == "closed":
             return True
         if self.state == "open":
@@ -101,63 +116,66 @@ class CircuitBreaker:
         self._probes_in_flight += 1
         return True
 
-    def record_success(self) -> None:
-        self.consecutive = 0
-        if self.state == "half_open":
-            self._probes_in_flight = max(0, self._probes_in_flight - 1)
-            self.reopen_count = 0
-            self.cooldown = self.settings.cooldown_secs
-            self._buckets.clear()
-            self._transition("closed")
-            return
-        self._count(success=True)
+    def record_success(self, *, probe: bool = True) -> None:
+        """The deployment answered (or rejected the request as a live server does).
 
-    def record_failure(self, retry_after: float | None = None) -> None:
-        """Count a failure; ``retry_after`` (an upstream's Retry-After) opens the breaker at once."""
+        ``probe``: the attempt held a half-open permit from :meth:`acquire` (False for a
+        panic-routed attempt that was sent without one).
+        """
+        self.consecutive = 0
+        if self.state == "closed":
+            self._window.add(_OK)
+            return
+        if self.state == "half_open" and probe:
+            self._probes_in_flight = max(0, self._probes_in_flight - 1)
+        # Proof the upstream is back, whether from a probe or a panic-routed request.
+        self.reopen_count = 0
+        self.cooldown = min(self.settings.cooldown_secs, self.settings.max_cooldown_secs)
+        self._probes_in_flight = 0
+        self._window.clear()
+        self._transition("closed")
+
+    def record_failure(self, code: str, message: str, *, probe: bool = True) -> None:
+        """Count a fault.  A failed half-open probe reopens with a doubled cooldown."""
+        self.last_error = (code, message)
         if not self.settings.enabled:
             return
         self.consecutive += 1
         if self.state == "half_open":
-            self._probes_in_flight = max(0, self._probes_in_flight - 1)
-            self._open(retry_after, repeated=True)
+            if probe:
+                self._probes_in_flight = max(0, self._probes_in_flight - 1)
+                self._open(escalate=True)
             return
         if self.state == "open":
-            return
-        self._count(success=False)
-        if retry_after is not None and retry_after > 0:
-            # The upstream said exactly how long it is out: pause it that long, no more.
-            self._open(retry_after, repeated=False, exact=True)
-            return
+            return  # a panic-routed attempt failed: still out, the cooldown is unchanged
+        self._window.add(_FAILED)
         if self.consecutive >= self.settings.consecutive_failures:
-            self._open(None, repeated=False)
+            self._open(escalate=False)
             return
         ok, failed = self.window()
         total = ok + failed
         if total >= self.settings.min_requests and failed / total >= self.settings.failure_rate:
-            self._open(None, repeated=False)
+            self._open(escalate=False)
 
-    def release(self) -> None:
-        """An admitted attempt ended without a verdict (e.g. the client left): free its slot."""
-        if self.state == "half_open":
+    def release(self, *, probe: bool = True) -> None:
+        """An admitted attempt ended without a verdict (the client left): free its permit."""
+        if probe and self.state == "half_open":
             self._probes_in_flight = max(0, self._probes_in_flight - 1)
 
     def force_open(self, reason: str) -> None:
         """Open from outside (an active health check failed)."""
         if self.settings.enabled and self.state != "open":
             logger.warning("breaker {}: forced open ({})", self.name, reason)
-            self._open(None, repeated=False)
+            self.last_error = ("HEALTH_CHECK_FAILED", reason)
+            self._open(escalate=False)
 
     # --- internals -------------------------------------------------------------------------
 
-    def _open(self, retry_after: float | None, *, repeated: bool, exact: bool = False) -> None:
+    def _open(self, *, escalate: bool) -> None:
         s = self.settings
-        if repeated:
+        if escalate:
             self.reopen_count += 1
-        if exact and retry_after is not None:
-            self.cooldown = min(retry_after, s.max_cooldown_secs)
-        else:
-            base = s.cooldown_secs * (2**self.reopen_count)
-            self.cooldown = min(max(base, retry_after or 0.0), s.max_cooldown_secs)
+        self.cooldown = min(s.cooldown_secs * (2**self.reopen_count), s.max_cooldown_secs)
         self.opened_at = self._clock()
         self._probes_in_flight = 0
         self._transition("open")
@@ -168,9 +186,10 @@ class CircuitBreaker:
             return
         self.state = new
         ok, failed = self.window()
+        cause = f", last error {self.last_error[0]}" if self.last_error and new == "open" else ""
         logger.bind(deployment=self.name).log(
             "WARNING" if new == "open" else "INFO",
-            "breaker {}: {} → {} (window {} ok / {} failed, {} consecutive{})",
+            "breaker {}: {} → {} (window {} ok / {} failed, {} consecutive{}{})",
             self.name,
             old,
             new,
@@ -178,20 +197,7 @@ class CircuitBreaker:
             failed,
             self.consecutive,
             f", cooldown {self.cooldown:g}s" if new == "open" else "",
+            cause,
         )
         if self._listener is not None:
             self._listener(self.name, old, new)
-
-    def _expire(self) -> None:
-        oldest = int(self._clock() / self._bucket_secs) - _BUCKETS + 1
-        buckets = self._buckets
-        while buckets and buckets[0][0] < oldest:
-            buckets.popleft()
-
-    def _count(self, *, success: bool) -> None:
-        index = int(self._clock() / self._bucket_secs)
-        buckets = self._buckets
-        if not buckets or buckets[-1][0] != index:
-            buckets.append([index, 0, 0])
-            self._expire()
-        buckets[-1][1 if success else 2] += 1

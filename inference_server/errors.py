@@ -8,6 +8,7 @@ non-streaming response, the terminal SSE event and the legacy flat shape can nev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
@@ -22,6 +23,9 @@ class GatewayError(Exception):
     default_code: ClassVar[str] = "INTERNAL_ERROR"
     #: True when the same request may succeed on another attempt or another deployment.
     retryable: ClassVar[bool] = False
+    #: "gateway": the gateway detected this and wrote the body; "upstream": the body's fields
+    #: are the upstream's own (sent as ``x-inference-error-source``).
+    source: ClassVar[str] = "gateway"
 
     def __init__(
         self,
@@ -39,24 +43,38 @@ class GatewayError(Exception):
         self.param = param
         self.retry_after = retry_after
         self.headers: dict[str, str] = dict(headers or {})
-        if status is not None:
-            self.status_override: int | None = status
-        else:
-            self.status_override = None
+        self.status_override: int | None = status
+        #: Set by the pipeline once it knows whether a client retry can help (it cannot when the
+        #: gateway already retried or failed over); None: the class's ``retryable`` decides.
+        self.client_retry: bool | None = None
 
     @property
     def http_status(self) -> int:
         """The status sent to the client (a few errors carry the upstream's own status)."""
         return self.status_override if self.status_override is not None else self.status
 
+    @property
+    def error_type(self) -> str:
+        """The OpenAI ``type`` of the body."""
+        return self.type
+
+    @property
+    def wire_code(self) -> str | None:
+        """The ``code`` of the body (an upstream's own code may be null)."""
+        return self.code
+
     def response_headers(self) -> dict[str, str]:
-        """Headers that belong with this error (Retry-After, and a hint for SDK retries)."""
+        """Headers that belong with this error: Retry-After, the SDK retry hint, the source."""
         headers = dict(self.headers)
         if self.retry_after is not None:
-            headers["Retry-After"] = str(max(1, round(self.retry_after)))
-        # openai-python retries 408/409/429/5xx on its own; say so explicitly for errors that
-        # cannot succeed on a retry so a deterministic failure is not sent three times.
-        headers.setdefault("x-should-retry", "true" if self.retryable else "false")
+            # Rounded up: a client that comes back early meets the same pause again.
+            headers["Retry-After"] = str(max(1, math.ceil(self.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(self.retry_after * 1000)))
+        # openai-python obeys x-should-retry before its own rules (it would retry 408/409/429/
+        # 5xx): "false" for what a retry cannot fix or what the gateway already retried.
+        retry = self.retryable if self.client_retry is None else self.client_retry
+        headers["x-should-retry"] = "true" if retry else "false"
+        headers["x-inference-error-source"] = self.source
         return headers
 
 
@@ -135,15 +153,15 @@ class Forbidden(GatewayError):
 
 
 class NoDeploymentAvailable(GatewayError):
-    """Every deployment of the route (and its fallbacks) is out: breakers open or unhealthy."""
+    """Every deployment of the route (and its fallbacks) is out and panic routing is off."""
 
     status = 503
     type = "server_error"
     default_code = "NO_DEPLOYMENT_AVAILABLE"
-    # Not retried inside this request (nothing is available now); the client may retry later,
-    # which response_headers() says with x-should-retry and Retry-After.
 
     def response_headers(self) -> dict[str, str]:
+        # Not retried inside this request (nothing was tried); the client may come back after
+        # Retry-After, the real time to the next probe.
         headers = super().response_headers()
         headers["x-should-retry"] = "true"
         return headers
@@ -151,6 +169,18 @@ class NoDeploymentAvailable(GatewayError):
 
 class InternalError(GatewayError):
     """A bug in the gateway; the client sees a generic message, the log the traceback."""
+
+
+class LocalResourceError(GatewayError):
+    """The gateway itself ran out of a local resource (file descriptors, memory) (503).
+
+    Not the provider's fault: it is never counted against a deployment's breaker.
+    """
+
+    status = 503
+    type = "server_error"
+    default_code = "GATEWAY_OVERLOADED"
+    retryable = False
 
 
 # --- upstream (provider) errors ------------------------------------------------------------
@@ -192,23 +222,75 @@ class ProviderAuthFailed(ProviderError):
     retryable = False
 
 
-class ProviderRateLimited(ProviderError):
-    """The provider asked us to slow down (429, Retry-After kept)."""
-
-    status = 429
-    type = "rate_limit_error"
-    default_code = "RATE_LIMITED"
-
-
 class ProviderRejected(GatewayError):
-    """The provider rejected the request as invalid (its own 4xx status and message).
+    """The upstream answered 4xx: the client gets its status, ``message``, ``type``, ``param``
+    and ``code`` unchanged (``source`` "upstream").
 
-    Not retryable: the same body would be rejected again.
+    ``code`` may be given as the upstream sent it (``context_length_exceeded``); when the upstream
+    sent none, the body's code is null and :attr:`code` (for logs and metrics) falls back to the
+    class default.  Not retryable: the same body would be rejected again.
     """
 
     status = 400
     type = "invalid_request_error"
     default_code = "PROVIDER_REJECTED"
+    source = "upstream"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str | None = None,
+        param: str | None = None,
+        status: int | None = None,
+        retry_after: float | None = None,
+        headers: Mapping[str, str] | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(
+            message,
+            code=code,
+            param=param,
+            status=status,
+            retry_after=retry_after,
+            headers=headers,
+        )
+        self._wire_code = code
+        self._error_type = error_type
+
+    @property
+    def error_type(self) -> str:
+        return self._error_type or self.type
+
+    @property
+    def wire_code(self) -> str | None:
+        return self._wire_code
+
+
+class ProviderRateLimited(ProviderRejected):
+    """The upstream asked us to slow down (429, its Retry-After kept): backpressure, not a fault.
+
+    The deployment is paused for the Retry-After; retryable on another deployment or after it.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "rate_limit_exceeded"
+    retryable = True
+
+
+class ProviderQuotaExceeded(ProviderRateLimited):
+    """The upstream's 429 says the account is out of quota or credit: a retry cannot help."""
+
+    type = "insufficient_quota"
+    default_code = "insufficient_quota"
+    retryable = False
+
+
+#: Upstream 429 codes/types that mean "out of quota or credit", not "slow down".
+QUOTA_CODES = frozenset(
+    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "quota_exceeded"}
+)
 
 
 class CircuitOpen(ProviderError):
@@ -231,9 +313,9 @@ def error_body(err: GatewayError, fmt: ErrorFormat = "openai") -> dict[str, Any]
     return {
         "error": {
             "message": err.message,
-            "type": err.type,
+            "type": err.error_type,
             "param": err.param,
-            "code": err.code,
+            "code": err.wire_code,
         }
     }
 

@@ -99,16 +99,7 @@ class HealthMonitor:
     async def _loop(self, name: str, interval: float) -> None:
         while True:  # ends when the app cancels it at cleanup
             result = await self._probe(name)
-            for dep in self.router.deployments_of(name):
-                if dep.healthy != result.healthy:
-                    logger.bind(deployment=dep.id).log(
-                        "INFO" if result.healthy else "WARNING",
-                        "deployment {} {} by active health check ({})",
-                        dep.id,
-                        "back in selection" if result.healthy else "taken out of selection",
-                        result.detail,
-                    )
-                dep.healthy = result.healthy
+            self.router.set_provider_health(name, result.healthy, result.detail)
             await asyncio.sleep(interval)
 
     async def report(self) -> tuple[str, dict[str, Any]]:
@@ -124,7 +115,8 @@ class HealthMonitor:
         for name, route in self.router.routes_status().items():
             deps: dict[str, Any] = {}
             usable = 0
-            for dep in route.deployments:
+            deployments = self.router.route_deployments(route)
+            for dep in deployments:
                 snap = dep.snapshot()
                 provider_ok = states.get(dep.config.name, (True, ""))[0]
                 snap["available"] = snap["available"] and provider_ok
@@ -134,7 +126,7 @@ class HealthMonitor:
             any_route_down |= usable == 0
             routes[name] = {
                 "status": "healthy"
-                if usable == len(route.deployments)
+                if usable == len(deployments)
                 else ("degraded" if usable else "unhealthy"),
                 "strategy": route.strategy,
                 "deployments": deps,

@@ -11,7 +11,6 @@ from aiohttp import web
 from inference_server.context import RequestContext
 from inference_server.health import HealthMonitor
 from inference_server.metrics import Metrics
-from inference_server.resilience import Retrier
 from inference_server.routing import Router
 from inference_server.settings import Settings
 from inference_server.telemetry import Telemetry
@@ -20,7 +19,6 @@ SETTINGS = web.AppKey("settings", Settings)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
 ROUTER = web.AppKey("router", Router)
 HEALTH = web.AppKey("health", HealthMonitor)
-RETRIER = web.AppKey("retrier", Retrier)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 METRICS = web.AppKey("metrics", Metrics)
 #: Handler tasks relaying a stream right now (cut with an error event at the shutdown deadline).

@@ -1,8 +1,9 @@
 """The request pipeline, top-down in one place.
 
 ``chat_completions`` reads as the gateway works:
-admit → validate → cache → route (experiment → variant → route) → attempt (plan of deployments,
-breakers, fallbacks, retry rounds, budget) → respond or stream → record.
+admit → validate → cache → route (experiment → variant → route) → attempt (walk the routing
+``Plan``: deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or
+stream → record.
 Steps that later issues fill in (auth, rate limits, cache) have their slot here.
 """
 
@@ -10,8 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -19,13 +20,12 @@ from loguru import logger
 
 from inference_server.context import RequestContext
 from inference_server.errors import (
-    CircuitOpen,
     GatewayError,
+    InternalError,
     InvalidRequest,
     NoDeploymentAvailable,
     ProviderBadResponse,
     ProviderConnectionFailed,
-    ProviderRejected,
     ProviderTimeout,
     UnsupportedMediaType,
 )
@@ -35,20 +35,15 @@ from inference_server.keys import (
     HEALTH,
     METRICS,
     OPEN_STREAMS,
-    RETRIER,
     ROUTER,
     SETTINGS,
     TELEMETRY,
 )
 from inference_server.providers.base import CallContext, ChatChunk
-from inference_server.routing import SHORTHAND_ROUTE, Candidate, Deployment, Experiment, Route
+from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease
 from inference_server.schemas import validate_chat
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
-
-T = TypeVar("T")
-#: One upstream operation on one candidate: ``chat`` or "open the stream, read its first chunk".
-Operation = Callable[[Candidate, dict[str, Any], CallContext], Awaitable[T]]
 
 
 async def read_json(request: web.Request) -> Any:
@@ -106,15 +101,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx.include_usage = include_usage
     ctx.queue_secs = time.perf_counter() - ctx.started
     try:
-        # 5. attempt (deployments, fallbacks, retry rounds: all before the first byte)
-        # 6. respond or stream
-        if ctx.stream:
-            opened, cand = await run(request, ctx, route, body, _open_stream_op)
-            first, chunks = opened
-            return await stream(request, ctx, cand, body, first, chunks, include_usage)
-        result, cand = await run(request, ctx, route, body, _chat_op)
-        ctx.usage = result.get("usage")
-        return web.Response(body=orjson.dumps(result), content_type="application/json")
+        # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
+        #    before the first byte reaches the client.
+        plan = router.plan(route, model, ctx, app[METRICS])
+        async for lease in plan:
+            async with lease:
+                try:
+                    result = await attempt(request, ctx, lease.candidate, body)
+                except GatewayError as exc:
+                    plan.failed(lease, exc)
+                    continue
+                plan.succeeded(lease)
+                # 6. respond or stream (a stream keeps its lease: in-flight until it ends)
+                if isinstance(result, tuple):
+                    first, chunks = result
+                    return await stream(request, ctx, lease, body, first, chunks)
+                ctx.usage = result.get("usage")
+                return web.Response(body=orjson.dumps(result), content_type="application/json")
+        raise plan.error()
     finally:
         # 7. record (metrics and the access log read ctx in the middleware)
         if experiment is not None and ctx.variant is not None:
@@ -146,16 +150,6 @@ def _body_for(cand: Candidate, body: dict[str, Any]) -> dict[str, Any]:
     return {**params, **body} if params else body
 
 
-async def _chat_op(cand: Candidate, body: dict[str, Any], call: CallContext) -> dict[str, Any]:
-    return await cand.deployment.provider.chat(_body_for(cand, body), call)
-
-
-async def _open_stream_op(
-    cand: Candidate, body: dict[str, Any], call: CallContext
-) -> tuple[ChatChunk, AsyncIterator[ChatChunk]]:
-    return await open_stream(cand, _body_for(cand, body), call)
-
-
 async def open_stream(
     cand: Candidate, body: dict[str, Any], call: CallContext
 ) -> tuple[ChatChunk, AsyncIterator[ChatChunk]]:
@@ -184,110 +178,12 @@ async def open_stream(
     return first, chunks
 
 
-async def run(
-    request: web.Request,
-    ctx: RequestContext,
-    route: Route,
-    body: dict[str, Any],
-    op: Operation[T],
-) -> tuple[T, Candidate]:
-    """Try the route's plan until one deployment answers, within the request's budget.
-
-    A round walks the plan (the route's deployments in strategy order, then its fallbacks'),
-    skipping open breakers and moving on after each retryable failure; a typed failure
-    (context length, content policy) jumps to the route's typed fallbacks.  When a whole round
-    fails retryably, backoff waits and a new round starts, up to ``max_retries`` rounds, while
-    ``routing.max_attempts`` and ``routing.max_time_secs`` allow.
-    """
-    app = request.app
-    router = app[ROUTER]
-    limits = app[SETTINGS].routing
-    deadline = ctx.started + limits.max_time_secs
-    model = ctx.model or ""
-    previous: list[Candidate] = []
-    metrics = app[METRICS]
-
-    def budget_left() -> bool:
-        return ctx.attempts < limits.max_attempts and time.perf_counter() < deadline
-
-    async def one_round() -> tuple[T, Candidate]:
-        plan = router.plan(route, model)
-        last: GatewayError | None = None
-        i = 0
-        while i < len(plan) and budget_left():
-            cand = plan[i]
-            i += 1
-            dep = cand.deployment
-            if not dep.breaker.acquire():
-                last = last or CircuitOpen(f"Deployment {dep.id} is unavailable (circuit open)")
-                continue
-            if previous:
-                before = previous[-1]
-                if before.deployment is dep:
-                    ctx.retries += 1
-                    metrics.retry(dep.id)
-                else:
-                    ctx.fallbacks += 1
-                    metrics.fallback(before.route.name, cand.route.name)
-                    ctx.log.info("falling back from {} to {}", before.deployment.id, dep.id)
-            previous.append(cand)
-            try:
-                result = await attempt(request, ctx, cand, body, op)
-            except GatewayError as exc:
-                record_outcome(dep, exc)
-                typed = [] if exc.retryable else router.typed_plan(cand.route, exc.code, model)
-                if typed:
-                    ctx.log.info("{} on {}: typed fallback", exc.code, dep.id)
-                    plan, i, last = typed, 0, exc
-                    continue
-                if not exc.retryable:
-                    raise
-                last = exc
-                continue
-            except asyncio.CancelledError:
-                dep.breaker.release()
-                raise
-            dep.breaker.record_success()
-            return result, cand
-        if last is None or (isinstance(last, CircuitOpen) and ctx.attempts == 0):
-            raise NoDeploymentAvailable(
-                f"No deployment of model '{model}' is available now "
-                "(circuit breakers open or health checks failing)",
-                retry_after=_soonest_retry(router.plan_routes(route)),
-            )
-        raise last
-
-    return await app[RETRIER].call(
-        one_round, max_retries=route.max_retries, budget_left=budget_left
-    )
-
-
-def _soonest_retry(routes: list[Route]) -> float | None:
-    waits = [
-        d.breaker.cooldown - (time.monotonic() - d.breaker.opened_at)
-        for r in routes
-        for d in r.deployments
-        if d.breaker.state == "open"
-    ]
-    return max(1.0, min(waits)) if waits else None
-
-
-def record_outcome(dep: Deployment, exc: GatewayError) -> None:
-    """Feed the breaker: upstream faults count as failures; a 4xx rejection shows it is alive."""
-    if isinstance(exc, ProviderRejected | InvalidRequest):
-        dep.breaker.record_success()
-    else:
-        dep.breaker.record_failure(exc.retry_after if exc.http_status == 429 else None)
-
-
 async def attempt(
-    request: web.Request,
-    ctx: RequestContext,
-    cand: Candidate,
-    body: dict[str, Any],
-    op: Operation[T],
-) -> T:
-    """One upstream attempt on one deployment: timing, health, span, in-flight accounting."""
+    request: web.Request, ctx: RequestContext, cand: Candidate, body: dict[str, Any]
+) -> dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]]:
+    """One upstream attempt on one deployment: the chat response, or a stream's first chunk
+    and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
+    bug as ``InternalError``), so the plan can account for it."""
     app = request.app
     health = app[HEALTH]
     telemetry = app[TELEMETRY]
@@ -302,10 +198,10 @@ async def attempt(
         headers=ctx.trace_headers,
         include_usage=ctx.include_usage,
     )
+    sent = _body_for(cand, body)
     metrics = app[METRICS]
     outcome = "CANCELLED"
     started = time.perf_counter()
-    dep.in_flight += 1
     with (
         telemetry.client_span("chat " + cand.upstream_model, _attempt_attributes(ctx, cand))
         if telemetry.recording()
@@ -316,29 +212,32 @@ async def attempt(
             telemetry.inject(ctx.trace_headers)
             telemetry.record_input(span, body.get("messages") or [])
         try:
-            result = await op(cand, body, call)
+            result: dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]]
+            if ctx.stream:
+                result = await open_stream(cand, sent, call)
+                telemetry.record_response(span, result[0])
+            else:
+                result = await dep.provider.chat(sent, call)
+                telemetry.record_response(span, result)
             outcome = "ok"
-            response = result[0] if isinstance(result, tuple) else result
-            if isinstance(response, dict):
-                telemetry.record_response(span, response)
         except GatewayError as exc:
             outcome = exc.code
             telemetry.record_error(span, exc.code, exc.message)
             if isinstance(exc, ProviderConnectionFailed):
                 health.mark(name, False, exc.message)
             raise
-        except Exception:
+        except Exception as exc:
+            # A plugin bug: the breaker, metrics and logs record it like any other failure.
             outcome = "INTERNAL_ERROR"
-            raise
+            ctx.log.opt(exception=exc).error("provider {} raised {}", name, type(exc).__name__)
+            telemetry.record_error(span, outcome, type(exc).__name__)
+            raise InternalError(f"Internal error in provider '{name}'") from exc
         finally:
             elapsed = time.perf_counter() - started
             ctx.upstream_secs += elapsed
-            dep.in_flight -= 1
             metrics.attempt_finished(name, dep.id, outcome, elapsed)
     dep.observe_latency(elapsed)
     health.mark(name, True, "request succeeded")
-    if ctx.stream:
-        dep.in_flight += 1  # the stream keeps the deployment busy until it ends
     return result
 
 
@@ -360,60 +259,56 @@ def _attempt_attributes(ctx: RequestContext, cand: Candidate) -> dict[str, Any]:
 async def stream(
     request: web.Request,
     ctx: RequestContext,
-    cand: Candidate,
+    lease: Lease,
     body: dict[str, Any],
     first: ChatChunk,
     chunks: AsyncIterator[ChatChunk],
-    include_usage: bool,
 ) -> web.StreamResponse:
     """Send the 200 + SSE headers now that a first chunk exists, then relay the rest."""
-    dep = cand.deployment
+    dep = lease.deployment
+    ctx.first_token_secs = time.perf_counter() - ctx.started
+    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+    response.headers["x-request-id"] = ctx.request_id
+    response.headers.update(ctx.routing_headers())
     try:
-        ctx.first_token_secs = time.perf_counter() - ctx.started
-        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-        response.headers.update(ctx.routing_headers())
-        try:
-            await response.prepare(request)
-        except BaseException:
-            await aclose_chunks(chunks)
-            raise
-        ctx.status = 200
-        open_streams = request.app[OPEN_STREAMS]
-        task = asyncio.current_task()
-        if task is not None:
-            open_streams.add(task)
-        telemetry = request.app[TELEMETRY]
-        try:
-            with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
-                text = await relay(
-                    request,
-                    response,
-                    ctx,
-                    body,
-                    first,
-                    chunks,
-                    include_usage=include_usage,
-                    error_format=request.app[SETTINGS].server.error_format,
-                    collect_text=span is not None and telemetry.record_content,
-                )
-                if text is not None:
-                    telemetry.record_output_text(span, text)
-                if span is not None:
-                    if ctx.usage and isinstance(ctx.usage.get("completion_tokens"), int):
-                        span.set_attribute(
-                            "gen_ai.usage.output_tokens", ctx.usage["completion_tokens"]
-                        )
-                    if ctx.error_code is not None:
-                        telemetry.record_error(span, ctx.error_code, ctx.error_code)
-        finally:
-            if task is not None:
-                open_streams.discard(task)
-            ctx.stream_secs = time.perf_counter() - ctx.started - ctx.first_token_secs
-        if ctx.error_code not in (None, "CLIENT_DISCONNECTED", "SERVICE_UNAVAILABLE"):
-            dep.breaker.record_failure()  # the deployment broke the stream it had started
-        return response
+        await response.prepare(request)
+    except BaseException:
+        await aclose_chunks(chunks)
+        raise
+    ctx.status = 200
+    open_streams = request.app[OPEN_STREAMS]
+    task = asyncio.current_task()
+    if task is not None:
+        open_streams.add(task)
+    telemetry = request.app[TELEMETRY]
+    try:
+        with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
+            text = await relay(
+                request,
+                response,
+                ctx,
+                body,
+                first,
+                chunks,
+                include_usage=ctx.include_usage,
+                error_format=request.app[SETTINGS].server.error_format,
+                collect_text=span is not None and telemetry.record_content,
+            )
+            if text is not None:
+                telemetry.record_output_text(span, text)
+            if span is not None:
+                if ctx.usage and isinstance(ctx.usage.get("completion_tokens"), int):
+                    span.set_attribute("gen_ai.usage.output_tokens", ctx.usage["completion_tokens"])
+                if ctx.error_code is not None:
+                    telemetry.record_error(span, ctx.error_code, ctx.error_code)
     finally:
-        dep.in_flight -= 1
+        if task is not None:
+            open_streams.discard(task)
+        ctx.stream_secs = time.perf_counter() - ctx.started - ctx.first_token_secs
+    if ctx.error_code not in (None, "CLIENT_DISCONNECTED", "SERVICE_UNAVAILABLE"):
+        # The deployment broke the stream it had started: a fault.
+        lease.broke(ctx.error_code, "the stream broke after it started")
+    return response
 
 
 def start_shadow(
@@ -441,10 +336,10 @@ async def run_shadow(
     usage: dict[str, Any] | None = None
     deployment = "-"
     try:
-        plan = router.plan(router.resolve(spec.model), spec.model)
-        if not plan:
+        candidates = router.candidates(router.resolve(spec.model), spec.model)
+        cand = next((c for c in candidates if c.deployment.selectable()), None)
+        if cand is None:
             raise NoDeploymentAvailable(f"no deployment of shadow model '{spec.model}'")
-        cand = plan[0]
         deployment = cand.deployment.id
         call = CallContext(
             request_id=f"{request_id}-shadow",

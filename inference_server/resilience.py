@@ -1,143 +1,109 @@
-"""Retries with ``backoff``: exponential with full jitter, Retry-After honoured up to a cap.
+"""Retry policy pieces the routing plan uses: the backoff schedule and the retry budget.
 
-Only errors whose class says ``retryable`` are retried, and only before anything was sent to the
-client (the pipeline calls this around a non-streaming call, or around opening a stream and
-reading its first chunk; never around the rest of a stream).
+The gateway is the one retrying layer (SRE book, "retry at one layer"): a request's plan retries
+and fails over inside the request's deadline, and the client is told ``x-should-retry: false``
+once the gateway has retried.  Two bounds keep retries from multiplying an upstream's trouble:
+
+- per request, the route's ``max_retries`` rounds within ``routing.max_attempts`` and
+  ``routing.max_time_secs``;
+- per process, a **retry budget** (Envoy's ``retry_budget``, gRPC's retry throttling): over a
+  sliding window, retries may be at most ``ratio`` × requests + ``min_retries``.  An upstream that
+  fails everything then sees about (1 + ratio) × the client's requests, not (1 + max_retries) ×.
+
+Waits come from ``backoff``'s own generators (exponential, full jitter); an upstream's
+Retry-After replaces them where it applies (routing.Plan).
 """
 
 from __future__ import annotations
 
-import asyncio
-import random
-from collections.abc import Awaitable, Callable, Generator
-from typing import Any, TypeVar
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
 
 import backoff
-from loguru import logger
 
-from inference_server.errors import GatewayError
-from inference_server.settings import RetrySettings
+from inference_server.settings import RetryBudgetSettings, RetrySettings
 
-T = TypeVar("T")
+_BUCKETS = 10
 
 
-class _BudgetSpent(Exception):
-    """The request's budget ran out between retry rounds."""
+class SlidingWindow:
+    """Counts of several kinds over the last ``window_secs``, kept in ten time buckets."""
+
+    __slots__ = ("_bucket_secs", "_buckets", "_clock", "_kinds")
+
+    def __init__(self, window_secs: float, kinds: int, clock: Callable[[], float]) -> None:
+        self._bucket_secs = window_secs / _BUCKETS
+        self._clock = clock
+        self._kinds = kinds
+        # [bucket index, count of kind 0, count of kind 1, ...]
+        self._buckets: deque[list[int]] = deque()
+
+    def add(self, kind: int, n: int = 1) -> None:
+        index = int(self._clock() / self._bucket_secs)
+        buckets = self._buckets
+        if not buckets or buckets[-1][0] != index:
+            buckets.append([index, *([0] * self._kinds)])
+            self.expire()
+        buckets[-1][kind + 1] += n
+
+    def totals(self) -> list[int]:
+        self.expire()
+        out = [0] * self._kinds
+        for bucket in self._buckets:
+            for i in range(self._kinds):
+                out[i] += bucket[i + 1]
+        return out
+
+    def expire(self) -> None:
+        oldest = int(self._clock() / self._bucket_secs) - _BUCKETS + 1
+        buckets = self._buckets
+        while buckets and buckets[0][0] < oldest:
+            buckets.popleft()
+
+    def clear(self) -> None:
+        self._buckets.clear()
 
 
-def wait_times(
-    base: float, cap: float, retry_after_cap: float
-) -> Generator[float, BaseException | None, None]:
-    """backoff wait generator; backoff sends it each failure, so it can read Retry-After."""
-    attempt = 0
-    exc = yield 0.0  # backoff primes the generator with send(None)
-    while True:
-        retry_after = getattr(exc, "retry_after", None)
-        if isinstance(retry_after, (int, float)):
-            # A hair past the upstream's delay, so its breaker pause is surely over.
-            value = min(float(retry_after), retry_after_cap) + 0.05
-        else:
-            value = random.uniform(0, min(cap, base * 2**attempt))  # noqa: S311 (jitter, not crypto)
-        attempt += 1
-        exc = yield value
+_REQUESTS, _RETRIES = 0, 1
 
 
-async def _run(fn: Callable[[], Awaitable[Any]]) -> Any:
-    return await fn()
+class RetryBudget:
+    """Retries allowed per process: at most ``ratio`` × requests + ``min_retries`` per window."""
 
+    __slots__ = ("_window", "denied", "settings")
 
-class Retrier:
-    """Runs an upstream attempt with up to ``max_retries`` retries, per the settings."""
-
-    def __init__(self, settings: RetrySettings) -> None:
+    def __init__(self, settings: RetryBudgetSettings, clock: Callable[[], float]) -> None:
         self.settings = settings
-        self._runners: dict[
-            tuple[int, int], Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]
-        ] = {}
+        self._window = SlidingWindow(settings.window_secs, 2, clock)
+        #: Retries refused since start (a metric reads it).
+        self.denied = 0
 
-    def _giveup(self, exc: Exception) -> bool:
-        if not isinstance(exc, GatewayError) or not exc.retryable:
-            return True
-        # A Retry-After beyond our cap: waiting that long inside a request helps nobody;
-        # the client gets the 429 with the header and decides.
-        return exc.retry_after is not None and exc.retry_after > self.settings.retry_after_max_secs
+    def request(self) -> None:
+        """Count one client request (each plan counts itself once)."""
+        self._window.add(_REQUESTS)
 
-    @staticmethod
-    def _log_backoff(details: Any) -> None:
-        exc = details.get("exception")
-        logger.warning(
-            "upstream attempt {} failed ({}); retrying in {:.3f}s",
-            details["tries"],
-            getattr(exc, "code", type(exc).__name__),
-            details["wait"],
-        )
-
-    def _runner(
-        self, max_tries: int, first_retry: int
-    ) -> Callable[[Callable[[], Awaitable[Any]]], Awaitable[Any]]:
-        """A backoff-wrapped runner for ``max_tries`` calls whose waits continue the schedule
-        from retry number ``first_retry`` (the fast path has already waited for the first)."""
-        key = (max_tries, first_retry)
-        runner = self._runners.get(key)
-        if runner is None:
-            s = self.settings
-            runner = backoff.on_exception(
-                wait_times,
-                GatewayError,
-                max_tries=max_tries,
-                giveup=self._giveup,
-                jitter=None,
-                on_backoff=self._log_backoff,
-                logger=None,
-                base=s.backoff_base_secs * 2**first_retry,
-                cap=s.backoff_max_secs,
-                retry_after_cap=s.retry_after_max_secs,
-            )(_run)
-            self._runners[key] = runner
-        return runner
-
-    def first_wait(self, exc: GatewayError) -> float:
-        """The wait before the first retry (the same schedule backoff continues)."""
+    def try_spend(self) -> bool:
+        """Take one retry from the budget; False (and counted) when it is spent."""
+        requests, retries = self._window.totals()
         s = self.settings
-        gen = wait_times(s.backoff_base_secs, s.backoff_max_secs, s.retry_after_max_secs)
-        next(gen)
-        return gen.send(exc)
+        if retries >= s.ratio * requests + s.min_retries:
+            self.denied += 1
+            return False
+        self._window.add(_RETRIES)
+        return True
 
-    async def call(
-        self,
-        fn: Callable[[], Awaitable[T]],
-        *,
-        max_retries: int,
-        budget_left: Callable[[], bool] | None = None,
-    ) -> T:
-        """Await ``fn()``; on a retryable ``GatewayError`` wait and call it again.
 
-        The first attempt runs bare (the common case costs nothing extra); backoff takes over
-        only once an attempt has failed retryably.  ``budget_left`` (the request's attempt and
-        time budget) is asked before each retry; when it says no, the last error is raised.
-        """
-        try:
-            return await fn()
-        except GatewayError as exc:
-            if max_retries <= 0 or self._giveup(exc) or (budget_left and not budget_left()):
-                raise
-            first = exc
-        wait = self.first_wait(first)
-        self._log_backoff({"tries": 1, "exception": first, "wait": wait})
-        await asyncio.sleep(wait)
-        last: list[GatewayError] = [first]
+def backoff_waits(settings: RetrySettings) -> Iterator[float]:
+    """Seconds to wait before retry round 1, 2, ...: backoff's exponential with full jitter."""
+    expo = backoff.expo(
+        base=2, factor=settings.backoff_base_secs, max_value=settings.backoff_max_secs
+    )
+    next(expo)  # backoff primes its generators with one send(None)
+    for value in expo:
+        yield backoff.full_jitter(value)
 
-        async def guarded() -> T:
-            if budget_left is not None and not budget_left():
-                raise _BudgetSpent
-            try:
-                return await fn()
-            except GatewayError as exc:
-                last[:] = [exc]
-                raise
 
-        try:
-            result: T = await self._runner(max_retries, first_retry=1)(guarded)
-        except _BudgetSpent:
-            raise last[0] from None
-        return result
+def now() -> float:
+    """The default clock of routing, breakers, pauses and budgets (one place)."""
+    return time.monotonic()

@@ -9,38 +9,72 @@ model name plus parameter overrides) sticky by a hash of a request key.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import random
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections import OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
+from loguru import logger
 
 from inference_server.breaker import CircuitBreaker, Listener
-from inference_server.errors import InvalidRequest, ModelNotFound
+from inference_server.errors import (
+    GatewayError,
+    InvalidRequest,
+    LocalResourceError,
+    ModelNotFound,
+    NoDeploymentAvailable,
+    ProviderRateLimited,
+    ProviderRejected,
+)
 from inference_server.providers.base import Provider, ProviderConfig, Timeouts
+from inference_server.resilience import RetryBudget, backoff_waits, now
 from inference_server.routing_config import DeploymentSpec, ExperimentSpec, RouteSpec, VariantSpec
 from inference_server.settings import Settings
 
+if TYPE_CHECKING:
+    from inference_server.context import RequestContext
+
 SHORTHAND_ROUTE = "*"
 _EWMA_ALPHA = 0.3
-CONTEXT_CODES = frozenset({"CONTEXT_LENGTH_EXCEEDED"})
-CONTENT_POLICY_CODES = frozenset({"CONTENT_POLICY_VIOLATION", "CONTENT_FILTER"})
+#: Error codes (lower-cased) that switch a plan to the route's typed fallbacks.
+CONTEXT_CODES = frozenset({"context_length_exceeded"})
+CONTENT_POLICY_CODES = frozenset({"content_policy_violation", "content_filter"})
+#: The shorthand keeps per-model state (breaker, pause) for at most this many model names.
+MAX_TRACKED_MODELS = 1024
+
+
+class ProviderHealth:
+    """A provider's active health-check verdict, shared by every deployment of the provider."""
+
+    __slots__ = ("detail", "healthy", "since")
+
+    def __init__(self) -> None:
+        self.healthy = True
+        #: Clock time of the last change (how long a failing provider has been ejected).
+        self.since = 0.0
+        self.detail = ""
 
 
 class Deployment:
-    """Runtime state of one deployment: breaker, in-flight count, latency EWMA, health."""
+    """Runtime state of one deployment: breaker, 429 pause, in-flight count, latency, health."""
 
     __slots__ = (
+        "_clock",
         "breaker",
         "config",
         "ewma_secs",
-        "healthy",
+        "health",
         "id",
         "in_flight",
         "params",
+        "pause_asked",
+        "pause_error",
+        "paused_until",
         "provider",
         "timeouts",
         "upstream_model",
@@ -55,23 +89,62 @@ class Deployment:
         params: Mapping[str, Any],
         timeouts: Timeouts,
         breaker: CircuitBreaker,
+        *,
+        health: ProviderHealth | None = None,
+        clock: Callable[[], float] = now,
+        id: str | None = None,  # noqa: A002 (the deployment's id)
     ) -> None:
         self.provider = provider
         self.config: ProviderConfig = provider.config
         #: None in the shorthand: the requested model name is sent upstream as is.
         self.upstream_model = upstream_model
-        self.id = f"{provider.config.name}/{upstream_model or '*'}"
+        self.id = id or f"{provider.config.name}/{upstream_model or '*'}"
         self.weight = weight
         self.params = params
         self.timeouts = timeouts
         self.breaker = breaker
+        self.health = health or ProviderHealth()
+        self._clock = clock
         self.in_flight = 0
         self.ewma_secs: float | None = None
-        #: False while an active health check of its provider fails.
-        self.healthy = True
+        #: Until this clock time the upstream asked us (429) not to send anything.
+        self.paused_until = 0.0
+        #: The 429 that paused it (what a refusal during the pause reports) and the pause it
+        #: asked for (maybe longer than the capped pause taken).
+        self.pause_error: ProviderRateLimited | None = None
+        self.pause_asked = 0.0
+
+    @property
+    def healthy(self) -> bool:
+        """False while an active health check of its provider fails."""
+        return self.health.healthy
 
     def selectable(self) -> bool:
-        return self.healthy and self.breaker.available()
+        """Usable now: healthy, breaker admitting, not paused by a 429."""
+        return self.health.healthy and self.breaker.available() and not self.paused_for()
+
+    def ejected(self) -> bool:
+        """Taken out by a fault signal (breaker or health check), as opposed to paused."""
+        return not (self.health.healthy and self.breaker.available())
+
+    def ejected_since(self) -> float:
+        """Clock time the current ejection began (panic routing picks the oldest)."""
+        if not self.breaker.available():
+            return self.breaker.opened_at
+        return self.health.since
+
+    def paused_for(self) -> float:
+        """Seconds left of an upstream 429's pause (0: not paused)."""
+        until = self.paused_until
+        return 0.0 if not until else max(0.0, until - self._clock())
+
+    def pause(self, secs: float, error: ProviderRateLimited, asked: float) -> None:
+        """Backpressure: send nothing here for ``secs`` (never shortens a longer pause)."""
+        until = self._clock() + secs
+        if until > self.paused_until:
+            self.paused_until = until
+            self.pause_error = error
+            self.pause_asked = asked
 
     def observe_latency(self, secs: float) -> None:
         prev = self.ewma_secs
@@ -79,10 +152,14 @@ class Deployment:
 
     def snapshot(self) -> dict[str, Any]:
         ok, failed = self.breaker.window()
+        last = self.breaker.last_error
         return {
             "available": self.selectable(),
             "healthy": self.healthy,
             "breaker": self.breaker.current_state(),
+            "retry_in_secs": round(self.breaker.retry_in(), 3),
+            "paused_secs": round(self.paused_for(), 3),
+            "last_error": None if last is None else {"code": last[0], "message": last[1]},
             "window": {"ok": ok, "failed": failed},
             "in_flight": self.in_flight,
             "latency_ewma_ms": None if self.ewma_secs is None else round(self.ewma_secs * 1000, 3),
@@ -106,8 +183,15 @@ class Route:
         return self.deployments[0].config.max_retries
 
     def ordered(self, rng: random.Random) -> list[Deployment]:
-        """This route's selectable deployments, best first, per the strategy."""
-        deps = [d for d in self.deployments if d.selectable()]
+        """This route's deployments: the selectable ones best first per the strategy, then the
+        ejected or paused ones (the plan skips those, but panic routing may still need them)."""
+        deps: list[Deployment] = []
+        out: list[Deployment] = []
+        for d in self.deployments:
+            (deps if d.selectable() else out).append(d)
+        return self._by_strategy(deps, rng) + out if out else self._by_strategy(deps, rng)
+
+    def _by_strategy(self, deps: list[Deployment], rng: random.Random) -> list[Deployment]:
         if len(deps) <= 1:
             return deps
         strategy = self.strategy
@@ -164,6 +248,336 @@ class Candidate:
     route: Route
     deployment: Deployment
     upstream_model: str
+
+
+# --- a request's plan ----------------------------------------------------------------------
+
+
+class Lease:
+    """One attempt's hold on a deployment: its in-flight count and, when half-open, the probe
+    permit.  ``async with lease:`` releases both on exit, whatever happened inside; an attempt
+    that ended without a verdict (the client left, a cancellation) frees the permit unjudged.
+    """
+
+    __slots__ = ("candidate", "deployment", "panic", "probe", "settled")
+
+    def __init__(self, candidate: Candidate, *, panic: bool) -> None:
+        self.candidate = candidate
+        self.deployment = candidate.deployment
+        #: Sent although every deployment was ejected (panic routing): no breaker permit held.
+        self.panic = panic
+        self.probe = not panic
+        self.settled = False
+
+    async def __aenter__(self) -> Lease:
+        self.deployment.in_flight += 1
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        dep = self.deployment
+        dep.in_flight -= 1
+        if not self.settled:
+            self.settled = True
+            dep.breaker.release(probe=self.probe)
+
+    def broke(self, code: str, message: str) -> None:
+        """The stream this deployment had started broke: a fault after the verdict."""
+        self.deployment.breaker.record_failure(code, message, probe=False)
+
+
+class MoveListener(Protocol):
+    """What a plan reports as it moves between candidates (the metrics implement it)."""
+
+    def retry(self, deployment: str) -> None: ...
+
+    def fallback(self, from_route: str, to_route: str) -> None: ...
+
+
+class Plan:
+    """The attempts of one request: which deployment next, when to wait, when to stop.
+
+    The pipeline walks it (``async for lease in plan``) and reports each outcome back
+    (:meth:`failed`, :meth:`succeeded`); the plan owns every rule in between:
+
+    - **order**: a round is the route's deployments in strategy order, then its fallbacks'; a
+      typed failure (context length, content policy) switches to the typed fallbacks' routes;
+    - **skips**: ejected deployments (breaker open, health check failing) and paused ones (an
+      upstream 429's Retry-After) are passed over;
+    - **rounds**: after a round failed retryably, wait (backoff with full jitter; or the
+      soonest pause's end when every usable deployment is paused) and start another, up to the
+      route's ``max_retries`` rounds, within ``routing.max_attempts`` and ``max_time_secs``;
+    - **budget**: an attempt on a deployment this request already tried is a retry and is
+      spent from the process's retry budget;
+    - **panic**: when nothing at all is selectable at the start, one attempt goes to the
+      deployment ejected longest ago (``routing.panic``), so the client sees the real error
+      and a recovered upstream is used at once; otherwise the refusal names the cause.
+
+    When iteration ends, :meth:`error` is what the client gets, with ``x-should-retry``
+    decided: false once the gateway retried, failed over or routed in panic.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        route: Route,
+        model: str,
+        ctx: RequestContext,
+        moves: MoveListener,
+    ) -> None:
+        self.router = router
+        self.route = route
+        self.model = model
+        self.ctx = ctx
+        self.moves = moves
+        settings = router.settings
+        self.limits = settings.routing
+        self.retry_after_cap = settings.retry.retry_after_max_secs
+        clock = router.clock
+        self.clock = clock
+        elapsed = time.perf_counter() - ctx.started
+        self.deadline = clock() + self.limits.max_time_secs - elapsed
+        self.max_rounds = 1 + route.max_retries
+        self.round = 0
+        self.round_leases = 0
+        self._routes: list[Route] = router.plan_routes(route)
+        self.queue: deque[Candidate] = deque(router.candidates(route, model))
+        self.tried: list[Deployment] = []
+        self.previous: Candidate | None = None
+        self.last: GatewayError | None = None
+        self.final: GatewayError | None = None
+        self.panicked = False
+        self.budget_denied = False
+        self.waited = False
+        self._waits: Iterator[float] | None = None
+        self._panic: Candidate | None = None
+        router.retry_budget.request()
+
+    # --- walking ---------------------------------------------------------------------------
+
+    def __aiter__(self) -> Plan:
+        return self
+
+    async def __anext__(self) -> Lease:
+        while self.final is None:
+            if self.ctx.attempts and not self._limits_allow():
+                self._end(self.last)
+                break
+            lease = self._select()
+            if lease is not None:
+                return lease
+            wait = self._round_over()
+            panic = self._panic
+            if panic is not None:
+                self._panic = None
+                return self._lease(panic, panic=True)
+            if self.final is None:
+                if wait > 0:
+                    self.waited = True
+                    await self.router.sleep(wait)
+                self.round += 1
+                self.round_leases = 0
+                self.queue = deque(self._candidates())
+        raise StopAsyncIteration
+
+    def _limits_allow(self) -> bool:
+        return self.ctx.attempts < self.limits.max_attempts and self.clock() < self.deadline
+
+    def _candidates(self) -> list[Candidate]:
+        out: list[Candidate] = []
+        for route in self._routes:
+            self.router.extend(out, route, self.model)
+        return out
+
+    def _select(self) -> Lease | None:
+        """The next candidate of this round that may be tried now, its permit taken."""
+        queue = self.queue
+        while queue:
+            cand = queue.popleft()
+            dep = cand.deployment
+            if dep.ejected() or dep.paused_for():
+                continue
+            retry = dep in self.tried
+            if retry and not self.router.retry_budget.try_spend():
+                self.budget_denied = True
+                continue
+            if not dep.breaker.acquire():  # a half-open breaker's probes are all out
+                continue
+            return self._lease(cand, panic=False)
+        return None
+
+    def _lease(self, cand: Candidate, *, panic: bool) -> Lease:
+        dep = cand.deployment
+        before = self.previous
+        if before is not None:
+            if before.deployment is dep:
+                self.ctx.retries += 1
+                self.moves.retry(dep.id)
+            else:
+                self.ctx.fallbacks += 1
+                self.moves.fallback(before.route.name, cand.route.name)
+                self.ctx.log.info("falling back from {} to {}", before.deployment.id, dep.id)
+        self.previous = cand
+        if dep not in self.tried:
+            self.tried.append(dep)
+        self.round_leases += 1
+        return Lease(cand, panic=panic)
+
+    def _round_over(self) -> float:
+        """The round has no candidate left: how long to wait before the next, or end."""
+        upcoming = self._candidates()
+        if not self.ctx.attempts:
+            return self._nothing_selectable(upcoming)
+        if self.round + 1 >= self.max_rounds or not self.round_leases:
+            self._end(self.last)
+            return 0.0
+        usable = [c.deployment for c in upcoming if not c.deployment.ejected()]
+        if not usable:
+            # Everything this request could use is ejected now: the last error is the cause.
+            self._end(self.last)
+            return 0.0
+        if all(d.paused_for() for d in usable):
+            pause = self._waitable_pause(usable)
+            if pause is None:
+                self._end(self.last)
+                return 0.0
+            wait = pause
+        else:
+            if self._waits is None:
+                self._waits = backoff_waits(self.router.settings.retry)
+            wait = next(self._waits)
+        if self.clock() + wait >= self.deadline:
+            self._end(self.last)
+            return 0.0
+        return wait
+
+    def _nothing_selectable(self, upcoming: list[Candidate]) -> float:
+        """Nothing was tried yet and nothing is selectable: panic, wait out a pause, or refuse."""
+        deps = [c.deployment for c in upcoming]
+        ejected = [c for c in upcoming if c.deployment.ejected()]
+        if ejected and self.limits.panic and not self.panicked:
+            self.panicked = True
+            cand = min(ejected, key=lambda c: c.deployment.ejected_since())
+            self.ctx.log.warning(
+                "every deployment of {} is ejected: panic-routing to {}",
+                self.model,
+                cand.deployment.id,
+            )
+            self._panic = cand
+            return 0.0
+        paused = [d for d in deps if not d.ejected() and d.paused_for()]
+        if paused:
+            wait = self._waitable_pause(paused)
+            if (
+                wait is not None
+                and self.round + 1 < self.max_rounds
+                and self.clock() + wait < self.deadline
+            ):
+                return wait
+            dep = min(paused, key=Deployment.paused_for)
+            self._end(_paused_error(dep, dep.paused_for()))
+            return 0.0
+        self._end(self._refusal(deps))
+        return 0.0
+
+    def _waitable_pause(self, paused: list[Deployment]) -> float | None:
+        """The shortest pause worth waiting out inside the request: one whose upstream asked
+        for no more than ``retry_after_max_secs`` (a longer ask goes back to the client)."""
+        cap = self.retry_after_cap
+        waits = [d.paused_for() for d in paused if d.pause_asked <= cap]
+        return min(waits) if waits else None
+
+    def _refusal(self, deps: list[Deployment]) -> GatewayError:
+        """503 naming why nothing is available and when the next probe is due."""
+        if not deps:
+            return NoDeploymentAvailable(f"No deployment serves model '{self.model}'")
+        first = min(deps, key=lambda d: d.breaker.retry_in())
+        causes = []
+        for d in deps:
+            last = d.breaker.last_error
+            if last is not None:
+                causes.append(f"{d.id}: {last[0]}: {last[1]}")
+            elif not d.healthy:
+                causes.append(f"{d.id}: health check failing: {d.health.detail}")
+        detail = "; ".join(causes) if causes else "circuit breakers open"
+        return NoDeploymentAvailable(
+            f"No deployment of model '{self.model}' is available now ({detail})",
+            retry_after=max(1.0, first.breaker.retry_in()),
+        )
+
+    def _end(self, err: GatewayError | None) -> None:
+        self.final = err or self._refusal([])
+
+    # --- outcomes --------------------------------------------------------------------------
+
+    def succeeded(self, lease: Lease) -> None:
+        lease.settled = True
+        lease.deployment.breaker.record_success(probe=lease.probe)
+
+    def failed(self, lease: Lease, exc: GatewayError) -> None:
+        """Account the failure (breaker, pause) and decide whether the plan goes on."""
+        lease.settled = True
+        dep = lease.deployment
+        self.last = exc
+        breaker = dep.breaker
+        if isinstance(exc, ProviderRateLimited) and exc.retryable:
+            # Backpressure, not a fault: pause exactly as long as the upstream asked.
+            asked = exc.retry_after if exc.retry_after is not None else 1.0
+            dep.pause(min(asked, self.retry_after_cap), exc, asked)
+            breaker.release(probe=lease.probe)
+        elif isinstance(exc, ProviderRejected | InvalidRequest):
+            breaker.record_success(probe=lease.probe)  # it answered: alive
+        elif isinstance(exc, LocalResourceError):
+            breaker.release(probe=lease.probe)  # our own shortage, not the upstream's fault
+        else:
+            breaker.record_failure(exc.code, exc.message, probe=lease.probe)
+        if lease.panic:
+            self._end(exc)
+            return
+        if exc.retryable:
+            return
+        typed = self.router.typed_routes(lease.candidate.route, exc.code)
+        if typed:
+            self.ctx.log.info("{} on {}: typed fallback", exc.code, dep.id)
+            self._routes = typed
+            self.queue = deque(self._candidates())
+            self.round_leases = 0
+            return
+        self._end(exc)
+
+    def error(self) -> GatewayError:
+        """What the client gets once the plan is exhausted."""
+        err = self.final or self.last or self._refusal([])
+        if isinstance(err, ProviderRateLimited) and err.retryable:
+            # The client's Retry-After is what is left of the pause it ran into.
+            pauses = [d.paused_for() for d in self.tried if d.paused_for()]
+            if pauses:
+                err.retry_after = min(pauses)
+        if err.client_retry is None:
+            # One retrying layer: once the gateway retried, failed over, waited or routed in
+            # panic, a client retry only multiplies the load (and the SDK would retry 2 more).
+            gateway_tried = (
+                self.ctx.attempts > 1 or self.waited or self.panicked or self.budget_denied
+            )
+            err.client_retry = err.retryable and not gateway_tried
+        return err
+
+
+def _paused_error(dep: Deployment, remaining: float) -> GatewayError:
+    """The 429 for a request that found its deployments paused: the upstream's own error, with
+    the time left of the pause as its Retry-After (a fresh object: the stored one is shared)."""
+    src = dep.pause_error
+    if src is None:
+        return ProviderRateLimited(
+            f"Deployment {dep.id} is paused by its upstream's rate limit",
+            retry_after=remaining,
+        )
+    return ProviderRateLimited(
+        src.message,
+        code=src.wire_code,
+        param=src.param,
+        error_type=src.error_type,
+        retry_after=max(remaining, 0.001),
+    )
 
 
 # --- experiments ---------------------------------------------------------------------------
@@ -307,23 +721,26 @@ class Router:
         providers: Mapping[str, Provider],
         *,
         rng: random.Random | None = None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = now,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         on_breaker: Listener | None = None,
     ) -> None:
         self.settings = settings
         self.providers = providers
         self.rng = rng or random.Random()  # noqa: S311 (load balancing, not crypto)
+        #: The one clock of breakers, pauses, budgets and plans (tests pass a fake one).
+        self.clock = clock
+        self.sleep = sleep
+        self.retry_budget = RetryBudget(settings.routing.retry_budget, clock)
         self._allowed = frozenset(settings.allowed_models)
         self.aliases = dict(settings.aliases)
         self.deployments: list[Deployment] = []
         self._breakers: dict[str, CircuitBreaker] = {}
-
-        def breaker(name: str) -> CircuitBreaker:
-            b = self._breakers.get(name)
-            if b is None:
-                b = CircuitBreaker(name, settings.routing.breaker, clock=clock, listener=on_breaker)
-                self._breakers[name] = b
-            return b
+        self._on_breaker = on_breaker
+        #: One health flag per provider: an active check speaks for all its deployments.
+        self.provider_health = {name: ProviderHealth() for name in providers}
+        #: The shorthand's per-model deployments (one breaker per requested model), bounded.
+        self._model_deployments: OrderedDict[str, Deployment] = OrderedDict()
 
         def deployment(spec: DeploymentSpec | None, provider: Provider) -> Deployment:
             upstream = spec.upstream_model if spec else None
@@ -333,7 +750,9 @@ class Router:
                 spec.weight if spec else 1.0,
                 spec.params if spec else {},
                 spec.timeouts if spec else provider.config.timeouts,
-                breaker(f"{provider.config.name}/{upstream or '*'}"),
+                self._breaker(f"{provider.config.name}/{upstream or '*'}"),
+                health=self.provider_health[provider.config.name],
+                clock=clock,
             )
             self.deployments.append(dep)
             return dep
@@ -349,6 +768,55 @@ class Router:
         self.experiments = {m: Experiment(e) for m, e in settings.experiments.items()}
         self._created = int(time.time())
         self._models_cache: tuple[float, list[dict[str, Any]]] | None = None
+
+    def _breaker(self, name: str) -> CircuitBreaker:
+        b = self._breakers.get(name)
+        if b is None:
+            b = CircuitBreaker(
+                name, self.settings.routing.breaker, clock=self.clock, listener=self._on_breaker
+            )
+            self._breakers[name] = b
+        return b
+
+    def model_deployment(self, model: str) -> Deployment:
+        """The shorthand's deployment for one requested model: its own breaker and pause, so
+        one model's failures never block another.  At most MAX_TRACKED_MODELS are kept; the
+        least recently used idle one with a closed breaker goes first."""
+        table = self._model_deployments
+        dep = table.get(model)
+        if dep is not None:
+            table.move_to_end(model)
+            return dep
+        if len(table) >= MAX_TRACKED_MODELS:
+            victim = next(
+                (
+                    k
+                    for k, d in table.items()
+                    if not d.in_flight and d.breaker.state == "closed" and not d.paused_for()
+                ),
+                next(iter(table)),
+            )
+            del table[victim]
+        shorthand = self.shorthand
+        if shorthand is None:
+            raise RuntimeError("model_deployment() is for the one-provider shorthand only")
+        template = shorthand.deployments[0]
+        name = f"{template.config.name}/{model}"
+        dep = Deployment(
+            template.provider,
+            None,
+            1.0,
+            template.params,
+            template.timeouts,
+            CircuitBreaker(
+                name, self.settings.routing.breaker, clock=self.clock, listener=self._on_breaker
+            ),
+            health=template.health,
+            clock=self.clock,
+            id=name,
+        )
+        table[model] = dep
+        return dep
 
     def _route(
         self, spec: RouteSpec, make: Callable[[DeploymentSpec | None, Provider], Deployment]
@@ -399,43 +867,72 @@ class Router:
         names.extend(m for m in self.experiments if m not in names)
         return names
 
-    def plan(self, route: Route, model: str) -> list[Candidate]:
-        """Deployments to try in order: the route's (per strategy), then its fallbacks'."""
+    def plan(self, route: Route, model: str, ctx: RequestContext, moves: MoveListener) -> Plan:
+        """The attempts of one request for ``model`` on ``route`` (see :class:`Plan`)."""
+        return Plan(self, route, model, ctx, moves)
+
+    def candidates(self, route: Route, model: str) -> list[Candidate]:
+        """Deployments in order: the route's (per strategy), then its fallbacks', each once;
+        selectable ones first within each route."""
         out: list[Candidate] = []
-        self._extend(out, route, model, {route.name})
+        self.extend(out, route, model)
         for name in route.fallbacks:
-            self._extend(out, self._known(name), model, {route.name})
+            self.extend(out, self._known(name), model)
         return out
 
-    def typed_plan(self, route: Route, code: str, model: str) -> list[Candidate]:
-        """The plan for a typed fallback (context window, content policy), or [] if none."""
-        if code in CONTEXT_CODES:
+    def typed_routes(self, route: Route, code: str) -> list[Route]:
+        """The typed fallback routes for an error code (context window, content policy)."""
+        lowered = code.lower()
+        if lowered in CONTEXT_CODES:
             names = route.context_window_fallbacks
-        elif code in CONTENT_POLICY_CODES:
+        elif lowered in CONTENT_POLICY_CODES:
             names = route.content_policy_fallbacks
         else:
             return []
-        out: list[Candidate] = []
-        for name in names:
-            self._extend(out, self._known(name), model, {route.name})
-        return out
+        return [self._known(name) for name in names]
 
-    def _extend(self, out: list[Candidate], route: Route, model: str, seen: set[str]) -> None:
+    def extend(self, out: list[Candidate], route: Route, model: str) -> None:
+        """Append ``route``'s deployments for ``model`` to ``out`` (skipping ones already in)."""
+        if route is self.shorthand:
+            dep = self.model_deployment(model)
+            if not any(c.deployment is dep for c in out):
+                out.append(Candidate(route, dep, model))
+            return
         for dep in route.ordered(self.rng):
             if not any(c.deployment is dep for c in out):
                 out.append(Candidate(route, dep, dep.upstream_model or model))
 
     def plan_routes(self, route: Route) -> list[Route]:
-        """The route and its fallback routes (for Retry-After hints)."""
+        """The route and its fallback routes."""
         return [route, *(self._known(n) for n in route.fallbacks)]
+
+    def route_deployments(self, route: Route) -> list[Deployment]:
+        """What /health reports for a route: the shorthand's per-model deployments once any
+        model was requested, else the route's own."""
+        if route is self.shorthand and self._model_deployments:
+            return list(self._model_deployments.values())
+        return route.deployments
+
+    def set_provider_health(self, name: str, healthy: bool, detail: str) -> None:
+        """An active health check's verdict for every deployment of provider ``name``."""
+        flag = self.provider_health.get(name)
+        if flag is None:
+            return
+        if flag.healthy != healthy:
+            logger.bind(provider=name).log(
+                "INFO" if healthy else "WARNING",
+                "provider {} {} by active health check ({})",
+                name,
+                "back in selection" if healthy else "taken out of selection",
+                detail,
+            )
+            flag.since = self.clock()
+        flag.healthy, flag.detail = healthy, detail
 
     def routes_status(self) -> dict[str, Route]:
         if self.shorthand is not None:
             return {SHORTHAND_ROUTE: self.shorthand}
         return self.routes
-
-    def deployments_of(self, provider: str) -> Iterable[Deployment]:
-        return (d for d in self.deployments if d.config.name == provider)
 
     # --- /v1/models ------------------------------------------------------------------------
 

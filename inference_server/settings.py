@@ -128,6 +128,17 @@ CORE_SCHEMA: dict[str, Any] = {
     "routing": {
         "max_attempts": S((int,), 6, gte=1, lte=100, description="upstream attempts per request"),
         "max_time_secs": S(_NUM, 120, gte=0.001, lte=86400, description="time budget per request"),
+        "panic": S(
+            (bool,),
+            True,
+            description="when every deployment of a request is ejected, send it to the one "
+            "ejected longest ago instead of refusing (503)",
+        ),
+        "retry_budget": {
+            "ratio": S(_NUM, 0.2, gte=0, lte=10, description="retries per request, per window"),
+            "min_retries": S((int,), 10, gte=0, lte=100000, description="retries always allowed"),
+            "window_secs": S(_NUM, 10, gte=0.1, lte=3600),
+        },
         "breaker": {
             "enabled": S((bool,), True),
             "window_secs": S(_NUM, 30, gte=0.1, lte=3600),
@@ -135,7 +146,7 @@ CORE_SCHEMA: dict[str, Any] = {
             "failure_rate": S(_NUM, 0.5, gte=0.01, lte=1),
             "consecutive_failures": S((int,), 5, gte=1, lte=100000),
             "cooldown_secs": S(_NUM, 30, gte=0.001, lte=86400),
-            "max_cooldown_secs": S(_NUM, 300, gte=0.001, lte=86400),
+            "max_cooldown_secs": S(_NUM, 60, gte=0.001, lte=86400),
             "half_open_probes": S((int,), 1, gte=1, lte=1000),
         },
     },
@@ -243,10 +254,21 @@ class BreakerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudgetSettings:
+    ratio: float
+    min_retries: int
+    window_secs: float
+
+
+@dataclass(frozen=True, slots=True)
 class RoutingSettings:
     max_attempts: int
     max_time_secs: float
     breaker: BreakerSettings
+    retry_budget: RetryBudgetSettings = field(
+        default_factory=lambda: RetryBudgetSettings(0.2, 10, 10.0)
+    )
+    panic: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -702,6 +724,12 @@ def load_settings(
             max_attempts=int(resolved["routing"]["max_attempts"]),
             max_time_secs=float(resolved["routing"]["max_time_secs"]),
             breaker=BreakerSettings(**resolved["routing"]["breaker"]),
+            retry_budget=RetryBudgetSettings(
+                ratio=float(resolved["routing"]["retry_budget"]["ratio"]),
+                min_retries=int(resolved["routing"]["retry_budget"]["min_retries"]),
+                window_secs=float(resolved["routing"]["retry_budget"]["window_secs"]),
+            ),
+            panic=bool(resolved["routing"]["panic"]),
         ),
         admin_token=srv.get("admin_token"),
         health_checks=health_checks,

@@ -8,6 +8,7 @@ gateway's error hierarchy at this boundary, so nothing above it ever sees an aio
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -16,11 +17,14 @@ import aiohttp
 import orjson
 
 from inference_server.errors import (
+    QUOTA_CODES,
     GatewayError,
+    LocalResourceError,
     ProviderAuthFailed,
     ProviderBadResponse,
     ProviderConnectionFailed,
     ProviderError,
+    ProviderQuotaExceeded,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimeout,
@@ -38,6 +42,9 @@ from inference_server.providers.base import (
 from inference_server.providers.sse import SSEDecoder
 
 _JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
+#: Connect errors that are the gateway's own shortage (file descriptors, memory, ports), not
+#: the upstream's fault: never counted against its breaker.
+LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -50,54 +57,87 @@ def parse_retry_after(value: str | None) -> float | None:
         return None
 
 
-def _error_message(payload: Any, fallback: str) -> tuple[str, str | None, str | None]:
-    """Pull (message, code, param) out of the many error shapes upstreams use.
+class UpstreamErrorFields:
+    """The fields of an upstream error body, whatever shape it came in."""
+
+    __slots__ = ("code", "message", "param", "type")
+
+    def __init__(
+        self, message: str, code: str | None, param: str | None, type_: str | None
+    ) -> None:
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type_
+
+
+def _error_fields(payload: Any, fallback: str) -> UpstreamErrorFields:
+    """Pull message, code, param and type out of the many error shapes upstreams use.
 
     OpenAI sends ``{"error": {...}}``, LM Studio sometimes omits ``code``, llama.cpp uses an
-    integer ``code`` and Triton/LM Studio may send ``{"error": "text"}`` or plain text.
+    integer ``code`` (dropped: it only repeats the status) and Triton/LM Studio may send
+    ``{"error": "text"}`` or plain text.
     """
     if isinstance(payload, dict):
         err = payload.get("error", payload.get("detail"))
         if isinstance(err, dict):
-            message = str(err.get("message") or fallback)
             code = err.get("code")
             param = err.get("param")
-            return (
-                message,
-                str(code) if code is not None and not isinstance(code, int) else None,
+            type_ = err.get("type")
+            return UpstreamErrorFields(
+                str(err.get("message") or fallback),
+                code if isinstance(code, str) and code else None,
                 str(param) if param is not None else None,
+                type_ if isinstance(type_, str) and type_ else None,
             )
         if isinstance(err, str) and err:
-            return err, None, None
-    return fallback, None, None
+            return UpstreamErrorFields(err, None, None, None)
+    return UpstreamErrorFields(fallback, None, None, None)
+
+
+def _error_message(payload: Any, fallback: str) -> tuple[str, str | None, str | None]:
+    """(message, code, param) of an upstream error body (see :func:`_error_fields`)."""
+    fields = _error_fields(payload, fallback)
+    return fields.message, fields.code, fields.param
 
 
 def map_upstream_status(
     provider: str, status: int, body: bytes, headers: Mapping[str, str]
 ) -> GatewayError:
-    """Turn an upstream HTTP error into the gateway error a client should see."""
+    """Turn an upstream HTTP error into the gateway error a client should see.
+
+    4xx and 429 keep the upstream's identity: its status and its ``message``, ``type``,
+    ``param`` and ``code`` reach the client unchanged (``x-inference-error-source: upstream``).
+    A 429 is backpressure (retryable after its Retry-After) unless its code or type says the
+    account is out of quota or credit (never retried).  5xx, and 401/403 (the gateway's own
+    credentials failing: an operator problem, not the client's), become the gateway's codes.
+    """
     try:
         payload: Any = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
         payload = body.decode("utf-8", "replace").strip()[:500]
     fallback = payload if isinstance(payload, str) and payload else f"HTTP {status}"
-    message, code, param = _error_message(payload, fallback)
-    if status == 429:
-        return ProviderRateLimited(
-            f"Provider '{provider}' is rate limiting: {message}",
-            retry_after=parse_retry_after(headers.get("Retry-After")),
-        )
+    f = _error_fields(payload, fallback)
     if status in (401, 403):
         return ProviderAuthFailed(
-            f"Provider '{provider}' rejected the gateway's credentials ({status}): {message}"
+            f"Provider '{provider}' rejected the gateway's credentials ({status}): {f.message}"
         )
     if status >= 500:
-        return ProviderError(f"Provider '{provider}' failed ({status}): {message}")
-    if status == 404 and code in (None, "model_not_found"):
-        return ProviderRejected(message, code="MODEL_NOT_FOUND", param=param, status=404)
-    return ProviderRejected(
-        message, code=code.upper() if code else None, param=param, status=status
-    )
+        return ProviderError(
+            f"Provider '{provider}' failed ({status}): {f.message}",
+            retry_after=parse_retry_after(headers.get("Retry-After")),
+        )
+    if status == 429:
+        quota = (f.code or "").lower() in QUOTA_CODES or (f.type or "").lower() in QUOTA_CODES
+        cls = ProviderQuotaExceeded if quota else ProviderRateLimited
+        return cls(
+            f.message,
+            code=f.code,
+            param=f.param,
+            error_type=f.type,
+            retry_after=None if quota else parse_retry_after(headers.get("Retry-After")),
+        )
+    return ProviderRejected(f.message, code=f.code, param=f.param, status=status, error_type=f.type)
 
 
 def map_client_exception(provider: str, exc: BaseException) -> GatewayError:
@@ -105,23 +145,48 @@ def map_client_exception(provider: str, exc: BaseException) -> GatewayError:
     if isinstance(exc, GatewayError):
         return exc
     if isinstance(exc, aiohttp.ClientConnectorError):
+        if exc.os_error.errno in LOCAL_RESOURCE_ERRNOS:
+            return LocalResourceError(
+                f"The gateway is out of local resources ({exc.os_error.strerror}); "
+                f"provider '{provider}' was not reached"
+            )
         return ProviderConnectionFailed(
             f"Connection failed: error sending request to provider '{provider}' ({exc.os_error})"
+        )
+    if isinstance(exc, OSError) and exc.errno in LOCAL_RESOURCE_ERRNOS:
+        return LocalResourceError(
+            f"The gateway is out of local resources ({exc.strerror}); "
+            f"provider '{provider}' was not reached"
         )
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return ProviderTimeout(f"Provider '{provider}' timed out")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return ProviderError(f"Provider '{provider}' closed the connection")
-    return ProviderError(f"Provider '{provider}' failed: {type(exc).__name__}: {exc}")
+    if isinstance(exc, aiohttp.ClientPayloadError):
+        return ProviderError(f"Provider '{provider}' closed the connection mid-response")
+    return ProviderError(f"Provider '{provider}' failed: {type(exc).__name__}")
 
 
-def stream_failure(provider: str, exc: BaseException, *, started: bool) -> GatewayError:
+def stream_failure(
+    provider: str, exc: BaseException, *, started: bool, chunks: int | None = None
+) -> GatewayError:
     """The error for a transport failure while streaming: retryable before the first chunk was
-    yielded, :class:`StreamInterrupted` after it (only an in-band event can report it then)."""
+    yielded, :class:`StreamInterrupted` after it (only an in-band event can report it then).
+
+    The message says what a user can act on (who closed what, after how many chunks), never a
+    library's class name.
+    """
     err = map_client_exception(provider, exc)
-    if started:
-        return StreamInterrupted(f"Stream from provider '{provider}' broke: {err.message}")
-    return err
+    if not started:
+        return err
+    after = f" after {chunks} chunk{'s' if chunks != 1 else ''}" if chunks is not None else ""
+    if isinstance(err, ProviderTimeout):
+        what = f"sent nothing for longer than the stream's idle timeout{after}"
+    elif isinstance(err, LocalResourceError):
+        return err
+    else:
+        what = f"closed the stream{after} before it was complete"
+    return StreamInterrupted(f"The upstream (provider '{provider}') {what}")
 
 
 class OpenAICompatibleProvider(Provider):
@@ -226,7 +291,7 @@ class OpenAICompatibleProvider(Provider):
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(name, exc) from exc
-        started = False
+        sent = 0  # chunks yielded: after the first, a failure can only end the stream
         finished = False
         try:
             if resp.status >= 400:
@@ -238,24 +303,27 @@ class OpenAICompatibleProvider(Provider):
                     if event.startswith(b"[DONE]"):
                         finished = True
                         return
-                    chunk = self._decode_chunk(event, started)
-                    started = True
+                    chunk = self._decode_chunk(event, sent > 0)
+                    sent += 1
                     yield chunk
             for event in decoder.flush():
                 if event.startswith(b"[DONE]"):
                     finished = True
                     return
-                chunk = self._decode_chunk(event, started)
-                started = True
+                chunk = self._decode_chunk(event, sent > 0)
+                sent += 1
                 yield chunk
-            if started:
-                raise StreamInterrupted(f"Provider '{name}' ended the stream without [DONE]")
+            if sent:
+                raise StreamInterrupted(
+                    f"The upstream (provider '{name}') ended the stream after {sent} "
+                    f"chunk{'s' if sent != 1 else ''} without finishing it ([DONE])"
+                )
             # llama.cpp does this for a prompt longer than its context: a 200 with no events.
             raise ProviderBadResponse(
                 f"Provider '{name}' ended the stream without sending anything"
             )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise stream_failure(name, exc, started=started) from exc
+            raise stream_failure(name, exc, started=sent > 0, chunks=sent) from exc
         finally:
             if finished:
                 resp.release()

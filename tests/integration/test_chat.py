@@ -252,14 +252,32 @@ async def test_upstream_429_retry_after_honoured_then_kept(gateway_for, fake_ups
     started = loop.time()
     assert (await post(client, {"messages": USER})).status == 200
     assert loop.time() - started >= 0.9
-    # A Retry-After beyond the cap is not waited out: the client gets 429 + the header.
+    # A Retry-After beyond the cap is not waited out: the client gets the upstream's 429 with
+    # the pause the gateway took (the cap) as Retry-After, and nothing more goes upstream.
     fake_upstream.script(
-        Action("status", 429, {"error": {"message": "later"}}, headers={"Retry-After": "120"})
+        Action(
+            "status",
+            429,
+            {"error": {"message": "later", "type": "requests", "code": "rate_limit_exceeded"}},
+            headers={"Retry-After": "120"},
+        )
     )
     resp = await post(client, {"messages": USER})
     assert resp.status == 429
-    assert resp.headers["Retry-After"] == "120"
-    assert (await resp.json())["error"]["code"] == "RATE_LIMITED"
+    assert resp.headers["Retry-After"] == "5"
+    assert resp.headers["x-should-retry"] == "true"  # one attempt: the client may come back
+    assert resp.headers["x-inference-error-source"] == "upstream"
+    assert (await resp.json())["error"] == {
+        "message": "later",
+        "type": "requests",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+    sent = len(fake_upstream.requests)
+    again = await post(client, {"messages": USER})
+    assert again.status == 429
+    assert int(again.headers["Retry-After"]) <= 5
+    assert len(fake_upstream.requests) == sent  # paused: not sent upstream
 
 
 async def test_upstream_4xx_keeps_status_and_message(gateway_for, fake_upstream):
@@ -282,7 +300,11 @@ async def test_upstream_4xx_keeps_status_and_message(gateway_for, fake_upstream)
     assert resp.status == 400
     err = (await resp.json())["error"]
     assert err["message"] == "This model's maximum context length is 256 tokens"
-    assert err["code"] == "CONTEXT_LENGTH_EXCEEDED"
+    assert err["code"] == "context_length_exceeded"  # the upstream's own, unchanged
+    assert err["type"] == "invalid_request_error"
+    assert err["param"] == "messages"
+    assert resp.headers["x-inference-error-source"] == "upstream"
+    assert resp.headers["x-should-retry"] == "false"
     assert len(fake_upstream.requests) == 1
 
 

@@ -155,21 +155,26 @@ async def test_429_moves_on_and_pauses_that_deployment(
     assert len(a.requests) == 1
 
 
-async def test_no_deployment_available_is_503(make_settings, make_gateway) -> None:
+async def test_no_deployment_available_is_503_when_panic_is_off(
+    make_settings, make_gateway
+) -> None:
     client = await gateway(
         make_settings,
         make_gateway,
         {"dead": lm(f"http://127.0.0.1:{free_port()}/v1")},
         {"chat": {"provider": "dead"}},
-        routing={"breaker": {"consecutive_failures": 1, "cooldown_secs": 60}},
+        routing={"panic": False, "breaker": {"consecutive_failures": 1, "cooldown_secs": 60}},
         inference={"max_retries": 0},
     )
     first = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
     assert first.status == 502
     second = await client.post("/v1/chat/completions", json={"model": "chat", "messages": USER})
     assert second.status == 503
-    assert (await second.json())["error"]["code"] == "NO_DEPLOYMENT_AVAILABLE"
-    assert int(second.headers["Retry-After"]) >= 1
+    err = (await second.json())["error"]
+    assert err["code"] == "NO_DEPLOYMENT_AVAILABLE"
+    # The refusal names the cause: the deployment's last error.
+    assert "dead/chat: PROVIDER_CONNECTION_FAILED" in err["message"]
+    assert 55 <= int(second.headers["Retry-After"]) <= 60  # the real time to the next probe
     health = await client.get("/health")
     assert health.status == 503
     assert (await health.json())["status"] == "unhealthy"

@@ -360,7 +360,7 @@ async def test_other_400s_are_not_retried(
     with pytest.raises(ProviderRejected) as info:
         await provider.chat(chat_request(max_tokens=5, temperature=0.2), call(provider, "gpt-6"))
     assert info.value.http_status == 400
-    assert info.value.code == "UNSUPPORTED_VALUE"
+    assert info.value.code == "unsupported_value"  # the upstream's own code, unchanged
     assert info.value.param == "temperature"
     assert len(sent(http_mock)) == 1
 
@@ -484,10 +484,12 @@ async def test_upstream_429_keeps_retry_after_beyond_the_retry_cap(
     )
     status, body, headers = await gateway_post(make_settings, make_gateway)
     assert status == 429
-    assert body["error"]["code"] == "RATE_LIMITED"
-    assert body["error"]["type"] == "rate_limit_error"
-    assert headers["Retry-After"] == "120"
-    assert len(sent(http_mock)) == 1  # 120 s > retry_after_max_secs: the client decides
+    assert body["error"]["code"] is None  # the upstream's fields, unchanged
+    assert body["error"]["type"] == "requests"
+    assert body["error"]["message"] == "Rate limit reached"
+    # Paused for the cap (retry_after_max_secs: 30), not waited out: the client decides.
+    assert headers["Retry-After"] == "30"
+    assert len(sent(http_mock)) == 1
 
 
 async def test_upstream_429_retry_after_passed_on_when_retries_are_off(
@@ -538,7 +540,7 @@ async def test_upstream_404_model_not_found_is_404(
         },
     )
     status, body, _ = await gateway_post(make_settings, make_gateway)
-    assert (status, body["error"]["code"]) == (404, "MODEL_NOT_FOUND")
+    assert (status, body["error"]["code"]) == (404, "model_not_found")
 
 
 async def test_gateway_renames_for_a_routed_reasoning_model(

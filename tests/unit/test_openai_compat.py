@@ -65,7 +65,7 @@ async def test_no_auth_header_without_key(http_mock, session) -> None:
     [
         (500, {"error": {"message": "boom"}}, e.ProviderError, "PROVIDER_ERROR"),
         (401, {"error": {"message": "bad key"}}, e.ProviderAuthFailed, "PROVIDER_AUTH_FAILED"),
-        (429, {"error": {"message": "slow"}}, e.ProviderRateLimited, "RATE_LIMITED"),
+        (429, {"error": {"message": "slow"}}, e.ProviderRateLimited, "rate_limit_exceeded"),
         (400, {"error": "No models loaded"}, e.ProviderRejected, "PROVIDER_REJECTED"),
     ],
 )

@@ -29,7 +29,7 @@ def router(
 
 def first_picks(r: Router, model: str, n: int) -> Counter[str]:
     route = r.resolve(model)
-    return Counter(r.plan(route, model)[0].deployment.id for _ in range(n))
+    return Counter(r.candidates(route, model)[0].deployment.id for _ in range(n))
 
 
 TWO = [
@@ -52,7 +52,7 @@ def test_priority_keeps_order_and_appends_fallbacks(make_settings) -> None:
             "backup": {"provider": "c", "upstream_model": "z"},
         },
     )
-    plan = r.plan(r.resolve("chat"), "chat")
+    plan = r.candidates(r.resolve("chat"), "chat")
     assert [(c.deployment.id, c.upstream_model) for c in plan] == [
         ("a/m", "m"),
         ("b/m", "m"),
@@ -62,7 +62,7 @@ def test_priority_keeps_order_and_appends_fallbacks(make_settings) -> None:
 
 def test_round_robin_rotates(make_settings) -> None:
     r = router(make_settings, {"chat": {"strategy": "round_robin", "deployments": TWO}})
-    assert [r.plan(r.resolve("chat"), "chat")[0].deployment.id for _ in range(4)] == [
+    assert [r.candidates(r.resolve("chat"), "chat")[0].deployment.id for _ in range(4)] == [
         "a/m",
         "b/m",
         "a/m",
@@ -96,7 +96,8 @@ def test_open_breaker_removes_deployment_at_once(make_settings) -> None:
     route.deployments[0].breaker.force_open("test")
     assert set(first_picks(r, "chat", 500)) == {"b/m"}
     route.deployments[1].breaker.force_open("test")
-    assert r.plan(route, "chat") == []
+    # Ejected deployments stay in the candidates (last), for panic routing; none is selectable.
+    assert not any(c.deployment.selectable() for c in r.candidates(route, "chat"))
     assert not route.available()
 
 
@@ -127,13 +128,10 @@ def test_typed_fallbacks(make_settings) -> None:
         },
     )
     route = r.resolve("chat")
-    assert [c.deployment.id for c in r.typed_plan(route, "CONTEXT_LENGTH_EXCEEDED", "chat")] == [
-        "b/long-ctx"
-    ]
-    assert [c.deployment.id for c in r.typed_plan(route, "CONTENT_POLICY_VIOLATION", "chat")] == [
-        "c/lenient"
-    ]
-    assert r.typed_plan(route, "PROVIDER_ERROR", "chat") == []
+    # Upstream codes arrive as sent (lower case); the gateway's own are upper case.
+    assert [x.name for x in r.typed_routes(route, "context_length_exceeded")] == ["long"]
+    assert [x.name for x in r.typed_routes(route, "CONTENT_POLICY_VIOLATION")] == ["lenient"]
+    assert r.typed_routes(route, "PROVIDER_ERROR") == []
 
 
 @pytest.mark.parametrize(

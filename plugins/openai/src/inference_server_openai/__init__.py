@@ -191,7 +191,7 @@ class OpenAIProvider(OpenAICompatibleProvider):
         """True for OpenAI's 400 "Unsupported parameter: 'max_tokens' ... use max_completion_tokens"."""
         if not isinstance(exc, ProviderRejected) or exc.http_status != 400:
             return False
-        if exc.code != "UNSUPPORTED_PARAMETER" or "max_tokens" not in request:
+        if exc.code.lower() != "unsupported_parameter" or "max_tokens" not in request:
             return False
         if self.uses_max_completion_tokens(ctx.upstream_model):
             return False  # already renamed: retrying would send the same body again

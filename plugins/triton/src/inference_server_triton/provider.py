@@ -556,9 +556,11 @@ class TritonProvider(Provider):
 
         started = False
         at_eof = False
+        received = 0  # events read from Triton (what a broken stream's message reports)
         try:
             async with contextlib.aclosing(self._events(resp, model)) as events:
                 async for payload in events:
+                    received += 1
                     self._check_event(payload, model, started=started)
                     piece = gen.add(payload)
                     if not started:
@@ -581,7 +583,7 @@ class TritonProvider(Provider):
             # so streaming and non-streaming answers count the same way.
             yield {**base, "choices": [], "usage": gen.usage(prompt)}
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise stream_failure(name, exc, started=started) from exc
+            raise stream_failure(name, exc, started=started, chunks=received) from exc
         except GatewayError as exc:
             if started and not isinstance(exc, StreamInterrupted):
                 raise StreamInterrupted(
