@@ -313,7 +313,8 @@ class Plan:
       and a recovered upstream is used at once; otherwise the refusal names the cause.
 
     When iteration ends, :meth:`error` is what the client gets, with ``x-should-retry``
-    decided: false once the gateway retried, failed over or routed in panic.
+    decided: true only where a client retry can get past what stopped the gateway (no gateway
+    retries configured, a Retry-After longer than the gateway waits, nothing sent yet).
     """
 
     def __init__(
@@ -346,8 +347,9 @@ class Plan:
         self.last: GatewayError | None = None
         self.final: GatewayError | None = None
         self.panicked = False
-        self.budget_denied = False
-        self.waited = False
+        #: Set where the plan stops for a reason a client retry can get past (no gateway
+        #: retries configured, a pause longer than the gateway waits): x-should-retry true.
+        self.client_may_retry = False
         self._waits: Iterator[float] | None = None
         self._panic: Candidate | None = None
         router.retry_budget.request()
@@ -372,7 +374,6 @@ class Plan:
                 return self._lease(panic, panic=True)
             if self.final is None:
                 if wait > 0:
-                    self.waited = True
                     await self.router.sleep(wait)
                 self.round += 1
                 self.round_leases = 0
@@ -398,7 +399,6 @@ class Plan:
                 continue
             retry = dep in self.tried
             if retry and not self.router.retry_budget.try_spend():
-                self.budget_denied = True
                 continue
             if not dep.breaker.acquire():  # a half-open breaker's probes are all out
                 continue
@@ -428,6 +428,8 @@ class Plan:
         if not self.ctx.attempts:
             return self._nothing_selectable(upcoming)
         if self.round + 1 >= self.max_rounds or not self.round_leases:
+            # No retries configured: the client is the retrying layer (one attempt made).
+            self.client_may_retry = self.max_rounds == 1 and self.ctx.attempts == 1
             self._end(self.last)
             return 0.0
         usable = [c.deployment for c in upcoming if not c.deployment.ejected()]
@@ -438,6 +440,8 @@ class Plan:
         if all(d.paused_for() for d in usable):
             pause = self._waitable_pause(usable)
             if pause is None:
+                # The upstream asked for longer than the gateway waits: the client may.
+                self.client_may_retry = self.ctx.attempts == 1
                 self._end(self.last)
                 return 0.0
             wait = pause
@@ -474,6 +478,7 @@ class Plan:
             ):
                 return wait
             dep = min(paused, key=Deployment.paused_for)
+            self.client_may_retry = True  # nothing was sent: after Retry-After it may go
             self._end(_paused_error(dep, dep.paused_for()))
             return 0.0
         self._end(self._refusal(deps))
@@ -553,12 +558,10 @@ class Plan:
             if pauses:
                 err.retry_after = min(pauses)
         if err.client_retry is None:
-            # One retrying layer: once the gateway retried, failed over, waited or routed in
-            # panic, a client retry only multiplies the load (and the SDK would retry 2 more).
-            gateway_tried = (
-                self.ctx.attempts > 1 or self.waited or self.panicked or self.budget_denied
-            )
-            err.client_retry = err.retryable and not gateway_tried
+            # One retrying layer: where the gateway retried, failed over, routed in panic, ran
+            # out of budget or found the deployment ejected, a client retry only multiplies
+            # the load (the openai SDK would send it twice more).
+            err.client_retry = err.retryable and self.client_may_retry
         return err
 
 

@@ -62,6 +62,10 @@ class FakeUpstream:
     def __init__(self, models: tuple[str, ...] = ("gpt-oss-20b", "llama-2-7b")) -> None:
         self.models = models
         self.actions: deque[Action] = deque()
+        #: What every request for a model gets, for as long as it is set (before ``actions``).
+        self.by_model: dict[str, Action] = {}
+        #: What every request gets while set (a persistent failure), before ``actions``.
+        self.always: Action | None = None
         self.requests: list[dict[str, Any]] = []
         self.headers: list[CIMultiDict[str]] = []
         self.cancelled = asyncio.Event()
@@ -87,7 +91,9 @@ class FakeUpstream:
         body = await request.json()
         self.requests.append(body)
         self.headers.append(CIMultiDict(request.headers))
-        action = self.actions.popleft() if self.actions else Action()
+        action = self.by_model.get(body.get("model")) or self.always
+        if action is None:
+            action = self.actions.popleft() if self.actions else Action()
         try:
             if action.delay:
                 await asyncio.sleep(action.delay)
@@ -186,3 +192,40 @@ class FakeUpstream:
             self.cancelled.set()
             raise
         return resp
+
+
+class PortUpstream:
+    """A fake upstream on one fixed free port that can be killed and started again there
+    (each start serves a fresh :class:`FakeUpstream`; ``requests`` counts over all of them)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port: int = sock.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.fake: FakeUpstream | None = None
+        self.past_requests = 0
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def requests(self) -> int:
+        return self.past_requests + (len(self.fake.requests) if self.fake else 0)
+
+    async def start(self) -> FakeUpstream:
+        self.fake = FakeUpstream()
+        runner = web.AppRunner(self.fake.app, handle_signals=False, handler_cancellation=True)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", self.port, reuse_address=True)
+        await site.start()
+        self._runner = runner
+        return self.fake
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        if self.fake is not None:
+            self.past_requests += len(self.fake.requests)
+            self.fake = None
