@@ -10,6 +10,7 @@ from inference_server.errors import (
     ProviderBadResponse,
     ProviderConnectionFailed,
     ProviderError,
+    ProviderQuotaExceeded,
     ProviderRateLimited,
     ProviderRejected,
     ProviderTimeout,
@@ -32,12 +33,13 @@ from inference_server.providers.base import (
 )
 from inference_server.providers.openai_compat import (
     OpenAICompatibleProvider,
+    decode_object,
     map_client_exception,
     map_upstream_status,
     parse_retry_after,
     stream_failure,
 )
-from inference_server.providers.sse import SSEDecoder
+from inference_server.providers.sse import SSEDecoder, sse_events
 
 __all__ = [
     "PROVIDER_API_VERSION",
@@ -58,6 +60,7 @@ __all__ = [
     "ProviderError",
     "ProviderFactory",
     "ProviderPlugin",
+    "ProviderQuotaExceeded",
     "ProviderRateLimited",
     "ProviderRejected",
     "ProviderTimeout",
@@ -65,8 +68,10 @@ __all__ = [
     "Setting",
     "StreamInterrupted",
     "Timeouts",
+    "decode_object",
     "map_client_exception",
     "map_upstream_status",
     "parse_retry_after",
+    "sse_events",
     "stream_failure",
 ]

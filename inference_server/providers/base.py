@@ -120,6 +120,23 @@ class Provider(abc.ABC):
         self.session = session
         self.config = config
 
+    def http_headers(
+        self, ctx: CallContext | None = None, *, accept: str = "application/json"
+    ) -> dict[str, str]:
+        """Headers for an HTTP upstream: JSON body, ``accept``, the bearer key when configured,
+        and for a call the request id and trace context.
+
+        The request id goes as ``X-Client-Request-Id``, not ``x-request-id``: llama-cpp-python
+        (starlette-context) answers an empty 400 to any x-request-id that is not a UUID.
+        """
+        headers = {"Content-Type": "application/json", "Accept": accept}
+        if self.config.api_key:
+            headers["Authorization"] = f"Bearer {self.config.api_key}"
+        if ctx is not None:
+            headers["X-Client-Request-Id"] = ctx.request_id
+            headers.update(ctx.headers)
+        return headers
+
     @abc.abstractmethod
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
         """Return a complete ``chat.completion``; raise a ``GatewayError`` subclass on failure."""

@@ -8,6 +8,7 @@ gateway's error hierarchy at this boundary, so nothing above it ever sees an aio
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -39,9 +40,8 @@ from inference_server.providers.base import (
     ModelInfo,
     Provider,
 )
-from inference_server.providers.sse import SSEDecoder
+from inference_server.providers.sse import sse_events
 
-_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json"}
 #: Connect errors that are the gateway's own shortage (file descriptors, memory, ports), not
 #: the upstream's fault: never counted against its breaker.
 LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
@@ -99,6 +99,20 @@ def _error_message(payload: Any, fallback: str) -> tuple[str, str | None, str | 
     """(message, code, param) of an upstream error body (see :func:`_error_fields`)."""
     fields = _error_fields(payload, fallback)
     return fields.message, fields.code, fields.param
+
+
+def decode_object(
+    raw: bytes, what: str, *, error: type[GatewayError] = ProviderBadResponse
+) -> dict[str, Any]:
+    """``raw`` as a JSON object, or ``error`` saying ``what`` was not one (the shared check of
+    every upstream body and stream event: a 200 is not proof of protocol)."""
+    try:
+        payload = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise error(f"{what} is not valid JSON") from exc
+    if not isinstance(payload, dict):
+        raise error(f"{what} is not a JSON object")
+    return payload
 
 
 def map_upstream_status(
@@ -194,15 +208,7 @@ class OpenAICompatibleProvider(Provider):
 
     def request_headers(self, ctx: CallContext | None = None) -> dict[str, str]:
         """Headers for every upstream request; subclasses add auth or vendor headers."""
-        headers = dict(_JSON_HEADERS)
-        if self.config.api_key:
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        if ctx is not None:
-            # Correlation id for the upstream's logs.  Not "x-request-id": llama-cpp-python
-            # (starlette-context) answers an empty 400 to any x-request-id that is not a UUID.
-            headers["X-Client-Request-Id"] = ctx.request_id
-            headers.update(ctx.headers)
-        return headers
+        return self.http_headers(ctx)
 
     def build_body(self, request: ChatRequest, ctx: CallContext, *, stream: bool) -> dict[str, Any]:
         """The upstream body: the client's request with the upstream model id (a shallow copy)."""
@@ -266,14 +272,9 @@ class OpenAICompatibleProvider(Provider):
             headers=self.request_headers(ctx),
             limits=ctx.timeouts.call_limits,
         )
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ProviderBadResponse(
-                f"Provider '{self.config.name}' returned invalid JSON"
-            ) from exc
+        payload = decode_object(raw, f"Provider '{self.config.name}''s chat completion")
         self._check_payload(payload)
-        if not isinstance(payload, dict) or "choices" not in payload:
+        if "choices" not in payload:
             raise ProviderBadResponse(
                 f"Provider '{self.config.name}' returned no 'choices' in its chat completion"
             )
@@ -297,22 +298,14 @@ class OpenAICompatibleProvider(Provider):
             if resp.status >= 400:
                 raw = await resp.read()
                 raise map_upstream_status(name, resp.status, raw, resp.headers)
-            decoder = SSEDecoder()
-            async for data in resp.content.iter_any():
-                for event in decoder.feed(data):
+            async with contextlib.aclosing(sse_events(resp.content.iter_any())) as events:
+                async for event in events:
                     if event.startswith(b"[DONE]"):
                         finished = True
                         return
                     chunk = self._decode_chunk(event, sent > 0)
                     sent += 1
                     yield chunk
-            for event in decoder.flush():
-                if event.startswith(b"[DONE]"):
-                    finished = True
-                    return
-                chunk = self._decode_chunk(event, sent > 0)
-                sent += 1
-                yield chunk
             if sent:
                 raise StreamInterrupted(
                     f"The upstream (provider '{name}') ended the stream after {sent} "
@@ -333,16 +326,11 @@ class OpenAICompatibleProvider(Provider):
                 resp.close()
 
     def _decode_chunk(self, event: bytes, started: bool) -> ChatChunk:
-        try:
-            chunk = orjson.loads(event)
-        except orjson.JSONDecodeError as exc:
-            raise (StreamInterrupted if started else ProviderBadResponse)(
-                f"Provider '{self.config.name}' sent a non-JSON stream event"
-            ) from exc
-        if not isinstance(chunk, dict):
-            raise (StreamInterrupted if started else ProviderBadResponse)(
-                f"Provider '{self.config.name}' sent a stream event that is not an object"
-            )
+        chunk = decode_object(
+            event,
+            f"A stream event from provider '{self.config.name}'",
+            error=StreamInterrupted if started else ProviderBadResponse,
+        )
         if chunk.get("error"):
             message, code, _ = _error_message(chunk, "upstream reported an error")
             raise (StreamInterrupted if started else ProviderError)(

@@ -8,6 +8,8 @@ llama.cpp and sse-starlette), split events across TCP reads at arbitrary bytes a
 
 from __future__ import annotations
 
+from collections.abc import AsyncGenerator, AsyncIterable
+
 
 class SSEDecoder:
     """Incremental SSE parser: feed raw bytes, get complete ``data`` payloads back."""
@@ -52,3 +54,18 @@ class SSEDecoder:
         self._buf = b""
         self._data = []
         return out
+
+
+async def sse_events(body: AsyncIterable[bytes]) -> AsyncGenerator[bytes, None]:
+    """Every event's ``data`` from an upstream body read as it arrives (e.g.
+    ``resp.content.iter_any()``), including an event left without its closing blank line at EOF.
+
+    The one feed-then-flush loop every streaming plugin needs; close it (``aclosing``) when the
+    consumer stops early, so the body is not read further.
+    """
+    decoder = SSEDecoder()
+    async for data in body:
+        for event in decoder.feed(data):
+            yield event
+    for event in decoder.flush():
+        yield event

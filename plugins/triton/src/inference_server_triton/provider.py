@@ -47,8 +47,10 @@ from inference_server.providers import (
     SSEDecoder,
     StreamInterrupted,
     Timeouts,
+    decode_object,
     map_client_exception,
     map_upstream_status,
+    sse_events,
     stream_failure,
 )
 from inference_server_triton.convert import (
@@ -181,17 +183,8 @@ class TritonProvider(Provider):
         return url
 
     def _headers(self, ctx: CallContext | None, *, stream: bool = False) -> dict[str, str]:
-        headers = {
-            "Content-Type": "application/json",
-            "Accept": "text/event-stream" if stream else "application/json",
-        }
-        if self.config.api_key:  # for a proxy in front of Triton; Triton itself has no auth
-            headers["Authorization"] = f"Bearer {self.config.api_key}"
-        if ctx is not None:
-            # Correlation id for logs (the body's "id" is what Triton echoes back).
-            headers["X-Client-Request-Id"] = ctx.request_id
-            headers.update(ctx.headers)
-        return headers
+        # The bearer key is for a proxy in front of Triton; Triton itself has no auth.
+        return self.http_headers(ctx, accept="text/event-stream" if stream else "application/json")
 
     # --- errors -----------------------------------------------------------------------------
 
@@ -413,16 +406,7 @@ class TritonProvider(Provider):
             raw = await resp.read()
             if resp.status >= 400:
                 raise self.error_for(model, resp.status, raw, resp.headers)
-        try:
-            payload = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise ProviderBadResponse(
-                f"Triton provider '{self.config.name}' returned invalid JSON for '{model}'"
-            ) from exc
-        if not isinstance(payload, dict):
-            raise ProviderBadResponse(
-                f"Triton provider '{self.config.name}' returned a non-object for '{model}'"
-            )
+        payload = decode_object(raw, f"Triton provider '{self.config.name}''s answer for '{model}'")
         if payload.get("error"):
             if _DECOUPLED_HINT in str(payload["error"]):
                 return None
@@ -466,25 +450,14 @@ class TritonProvider(Provider):
         self, resp: aiohttp.ClientResponse, model: str
     ) -> AsyncGenerator[dict[str, Any], None]:
         """The JSON objects of a ``/generate_stream`` body, until EOF (there is no [DONE])."""
-        decoder = SSEDecoder()
-        async for data in resp.content.iter_any():
-            for event in decoder.feed(data):
+        async with contextlib.aclosing(sse_events(resp.content.iter_any())) as events:
+            async for event in events:
                 yield self._decode_event(event, model)
-        for event in decoder.flush():
-            yield self._decode_event(event, model)
 
     def _decode_event(self, event: bytes, model: str) -> dict[str, Any]:
-        try:
-            payload = orjson.loads(event)
-        except orjson.JSONDecodeError as exc:
-            raise ProviderBadResponse(
-                f"Triton provider '{self.config.name}' sent a non-JSON stream event for '{model}'"
-            ) from exc
-        if not isinstance(payload, dict):
-            raise ProviderBadResponse(
-                f"Triton provider '{self.config.name}' sent a stream event that is not an object"
-            )
-        return payload
+        return decode_object(
+            event, f"A stream event from Triton provider '{self.config.name}' for '{model}'"
+        )
 
     def _check_event(self, payload: dict[str, Any], model: str, *, started: bool) -> None:
         """Raise for Triton's in-band ``{"error": "..."}`` (checked on every event).
