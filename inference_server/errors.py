@@ -236,26 +236,9 @@ class ProviderRejected(GatewayError):
     default_code = "PROVIDER_REJECTED"
     source = "upstream"
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        code: str | None = None,
-        param: str | None = None,
-        status: int | None = None,
-        retry_after: float | None = None,
-        headers: Mapping[str, str] | None = None,
-        error_type: str | None = None,
-    ) -> None:
-        super().__init__(
-            message,
-            code=code,
-            param=param,
-            status=status,
-            retry_after=retry_after,
-            headers=headers,
-        )
-        self._wire_code = code
+    def __init__(self, message: str, *, error_type: str | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self._wire_code: str | None = kwargs.get("code")
         self._error_type = error_type
 
     @property

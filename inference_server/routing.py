@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from aiohttp import web
-from loguru import logger
 
 from inference_server.breaker import CircuitBreaker, Listener
 from inference_server.errors import (
@@ -917,18 +916,12 @@ class Router:
         return route.deployments
 
     def set_provider_health(self, name: str, healthy: bool, detail: str) -> None:
-        """An active health check's verdict for every deployment of provider ``name``."""
+        """An active health check's verdict for every deployment of provider ``name`` (the
+        health monitor logs the change)."""
         flag = self.provider_health.get(name)
         if flag is None:
             return
         if flag.healthy != healthy:
-            logger.bind(provider=name).log(
-                "INFO" if healthy else "WARNING",
-                "provider {} {} by active health check ({})",
-                name,
-                "back in selection" if healthy else "taken out of selection",
-                detail,
-            )
             flag.since = self.clock()
         flag.healthy, flag.detail = healthy, detail
 
