@@ -303,8 +303,10 @@ async def test_otlp_grpc_export_configured_by_environment(otlp_grpc: GrpcReceive
     await asyncio.get_running_loop().run_in_executor(None, telemetry.shutdown)
 
 
+@pytest.mark.differential
 def test_request_spans_are_what_the_sdk_would_record() -> None:
-    """The request path's light spans reach processors as the SDK's own spans would."""
+    """The span helpers (server_span, span, client_span) give processors what the SDK's own
+    ``start_as_current_span`` would: ids, parents, flags, attributes, status, events."""
     telemetry, memory = memory_telemetry()
     assert telemetry.provider is not None
     sdk = telemetry.provider.get_tracer("inference_server", __version__)
