@@ -451,17 +451,18 @@ class Metrics:
 
         prometheus-client picked in-memory values if it was imported before
         ``PROMETHEUS_MULTIPROC_DIR`` was set; then this process's counts would silently be
-        missing from every scrape.  The build-info gauge was just set: the merged view must show
-        it for this pid.
+        missing from every scrape.  The build-info gauge was just set: this process's own files
+        (the library names them ``<kind>_<pid>.db``; other workers' files may be half-written
+        right now, so they are not read) must hold it.
         """
-        from prometheus_client.parser import text_string_to_metric_families
+        from prometheus_client.multiprocess import MultiProcessCollector
 
         assert self.multiprocess_dir is not None
-        pid = str(os.getpid())
-        text = render_directory(self.multiprocess_dir).decode()
-        for family in text_string_to_metric_families(text):
+        pid = os.getpid()
+        own = glob.glob(os.path.join(glob.escape(self.multiprocess_dir), f"*_{pid}.db"))
+        for family in MultiProcessCollector.merge(own, accumulate=False):  # type: ignore[no-untyped-call]
             if family.name == "inference_build_info" and any(
-                s.labels.get("pid") == pid for s in family.samples
+                s.labels.get("pid") == str(pid) for s in family.samples
             ):
                 return
         raise RuntimeError(
