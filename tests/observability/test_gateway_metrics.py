@@ -171,3 +171,25 @@ async def test_a_spray_of_huge_model_names_leaves_nothing_behind(
     stored = [k for t in metrics._names.values() for k in t] + list(metrics._listed)
     assert max(len(k) for k in stored) <= 100
     assert all(len(s) <= 100 for key in metrics._bundles for s in key)
+
+
+async def test_the_providers_model_list_is_re_read(
+    gateway_for, fake_upstream: FakeUpstream, monkeypatch: Any
+) -> None:
+    """A model the provider starts listing later gets its own label after the next read."""
+    from inference_server import app as app_module
+    from inference_server.keys import METRICS
+
+    monkeypatch.setattr(app_module, "LISTED_MODELS_REFRESH_SECS", 0.02)
+    client = await gateway_for({"models_cache_secs": 0}, **QUIET)
+    metrics = client.app[METRICS]
+    assert metrics._label("model", "new-model") == "other"
+    fake_upstream.models = ("gpt-oss-20b", "new-model")
+    for _ in range(250):  # bounded: 5 s at most
+        if metrics._label("model", "new-model") == "new-model":
+            break
+        await asyncio.sleep(0.02)
+    assert metrics._label("model", "new-model") == "new-model"
+    resp = await client.post(CHAT, json={"model": "new-model", "messages": USER})
+    assert resp.status == 200
+    assert value(await scrape(client), "inference_requests_total", model="new-model") == 1
