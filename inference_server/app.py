@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import orjson
 from aiohttp import web
+from loguru import logger
 
 from inference_server import logs
 from inference_server.health import HealthMonitor
@@ -70,6 +71,7 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         providers[name] = plugin.factory(session, config)
     metrics = app[METRICS]
     router = Router(settings, providers, on_breaker=metrics.breaker_transition)
+    _known_names(settings, router, metrics)
     for dep in router.deployments:
         metrics.breaker_state(dep.id, dep.breaker.state)
     health = HealthMonitor(
@@ -82,6 +84,11 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     app[ROUTER] = router
     app[HEALTH] = health
     health.start()
+    if not settings.routes and not settings.allowed_models:
+        # The shorthand serves whatever name its provider has: the names it lists (bounded)
+        # become metric labels, read now and kept current; any other name counts as "other".
+        await _list_models(router, metrics, settings.health_probe_timeout_secs)
+        app[BACKGROUND].add(asyncio.create_task(_keep_listing_models(router, metrics)))
     yield
     background = app[BACKGROUND]
     for task in background:
@@ -89,6 +96,58 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*background, return_exceptions=True)
     await health.aclose()
     await router.aclose()
+
+
+#: How often the shorthand's provider is asked for its models (metric labels, see above).
+LISTED_MODELS_REFRESH_SECS = 60.0
+
+
+def _known_names(settings: Settings, router: Router, metrics: Metrics) -> None:
+    """Tell metrics every name the configuration declares: only these (and the models the
+    shorthand's provider lists) become label values; the rest count as "other"."""
+    experiments = settings.experiments.values()
+    metrics.know(
+        models=[
+            settings.default_model,
+            *settings.allowed_models,
+            *settings.routes,
+            *settings.aliases,
+            *settings.experiments,
+        ],
+        routes=[*router.routes_status(), *settings.allowed_models],
+        providers=settings.providers,
+        deployments=[
+            *(dep.id for dep in router.deployments),
+            # The shorthand's per-model deployments of the names the configuration declares.
+            *(
+                f"{router.shorthand.deployments[0].config.name}/{m}"
+                for m in (settings.default_model, *settings.allowed_models)
+                if router.shorthand is not None
+            ),
+        ],
+        experiments=[exp.name for exp in experiments],
+        variants=[variant.name for exp in experiments for variant in exp.variants],
+    )
+
+
+async def _list_models(router: Router, metrics: Metrics, limit_secs: float) -> None:
+    """One read of the provider's model list into metrics (a failure keeps the last list)."""
+    try:
+        async with asyncio.timeout(limit_secs):
+            models = await router.list_models()
+        shorthand = router.shorthand
+        metrics.listed_models(
+            (str(m.get("id")) for m in models),
+            shorthand.deployments[0].config.name if shorthand is not None else None,
+        )
+    except Exception as exc:  # noqa: BLE001 (labels only: the provider may be down)
+        logger.debug("metrics: could not list the provider's models: {}", exc)
+
+
+async def _keep_listing_models(router: Router, metrics: Metrics) -> None:
+    while True:
+        await asyncio.sleep(LISTED_MODELS_REFRESH_SECS)
+        await _list_models(router, metrics, LISTED_MODELS_REFRESH_SECS / 2)
 
 
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -135,4 +194,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(_providers_ctx)
     setup_routes(app)
+    app[METRICS].know(
+        endpoints=["unmatched", *(r.canonical for r in app.router.resources())],
+    )
     return app

@@ -6,21 +6,30 @@ Design choices, and why:
   and calls :meth:`Metrics.request_finished` once; everything about the request (count, duration,
   overhead, TTFT, time per output token, tokens, A/B variant) is derived from that record here, so
   the request path has a single metrics call site and the numbers cannot disagree.
-* **Cheap on the hot path.** ``labels()`` costs ~1.5 µs (tuple building, validation, a lock), so
-  the label children a request needs are resolved once per distinct label combination and kept in
-  a small "bundle" (one dict lookup per request); observations then go straight to the children.
-  Series that only some requests need (TTFT, tokens) are created on first use, so a JSON-only
-  deployment does not export empty stream histograms.
-* **Bounded labels.** Label values come from configuration (routes, deployments, experiments)
-  or from a closed set (status class, error code), never from user ids or raw paths.  The one
-  value a client chooses, ``model``, is only used once routing accepted it, and every label kind
-  is capped at ``max_label_values`` distinct values per process (then ``"other"``), so a client
-  spraying model names cannot grow the series count.
+* **Library calls only.** Values are written through prometheus-client's public API
+  (``labels()``, ``inc``, ``observe``, ``set``), never by reaching into its value objects or
+  swapping its value class (issue 11: those fast paths saved ~1 µs per request and broke on
+  any release).  ``labels()`` costs ~1.5 µs (tuple building, validation, a lock), so the label
+  children a request needs are resolved once per distinct label combination and kept in a small
+  "bundle" (one dict lookup per request).  Series that only some requests need (TTFT, tokens)
+  are created on first use, so a JSON-only deployment does not export empty stream histograms.
+* **Bounded labels, from names the gateway knows.** A label value for a model, route, provider,
+  deployment, experiment or variant is one the configuration declares (:meth:`Metrics.know`:
+  routes, aliases, allowed models, the default model, deployments' ids, experiments) or one of
+  at most ``max_label_values`` names the shorthand's provider listed
+  (:meth:`Metrics.listed_models`); anything else counts as ``"other"``.  Error codes come from
+  a closed set (every ``errors.py`` class's code, the gateway's and plugins' explicit codes,
+  OpenAI's codes; matched ignoring case); endpoints are the app's route patterns.  No table is
+  keyed by a string a client chose: a client spraying 1 MB model names leaves nothing behind.
 * **Multiprocess.** With ``--workers N`` each worker writes its values to mmap'd files in one
   directory (prometheus-client's multiprocess mode) and any worker's ``/metrics`` merges them, so a
   scrape sees the whole server whichever worker answers.  The parent prepares the directory
   before forking (:func:`prepare_multiprocess`), each worker's live gauges are dropped when it
-  exits (:func:`worker_exit`).  A single process keeps values in memory (about half the cost).
+  exits (:func:`worker_exit`).  A single process keeps values in memory.  prometheus-client
+  decides between the two when it is first imported (from ``PROMETHEUS_MULTIPROC_DIR``), so
+  this module imports it only inside :class:`Metrics` and :func:`worker_exit`, after
+  :func:`prepare_multiprocess` has set the variable; :class:`Metrics` checks that its values
+  really reach the directory and refuses to start otherwise.
 * **Never raises.** A metrics bug must not fail a request: every public method catches and logs
   (rate-limited) instead.
 
@@ -33,33 +42,23 @@ and ``gen_ai_client_token_usage``.  docs/observability.md lists every metric.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import functools
 import glob
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from loguru import logger
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-    generate_latest,
-    values,
-)
-from prometheus_client.mmap_dict import MmapedDict, mmap_key
-from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 
 from inference_server import __version__
+from inference_server.errors import GatewayError
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from inference_server.context import RequestContext
 
 #: The classic text format (what ``generate_latest`` writes with legacy metric names); newer
@@ -97,11 +96,37 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 #: A label value for "no such thing" (no route resolved, no error): Prometheus treats an empty
 #: label as an absent one, so ``error_code=""`` selects successes.
 NONE: Final = ""
-#: What a label value becomes once its kind has ``max_label_values`` distinct values.
+#: What a label value becomes when the gateway does not know the name (see the docstring).
 OTHER: Final = "other"
+#: The outcome label of a successful upstream attempt or shadow request.
+OK: Final = "ok"
 _MAX_LABEL_CHARS: Final = 100
+_MAX_CODE_CHARS: Final = 64
+#: Caches of resolved label children (keyed by label values, so bounded by the known names):
+#: cleared when this large, which costs only re-resolving through ``labels()``.
 _MAX_BUNDLES: Final = 10_000
+#: Error codes that may be label values besides every ``errors.py`` class's default code:
+#: codes the gateway and the bundled plugins raise explicitly, and OpenAI's documented codes
+#: (upstream errors keep theirs, upper-cased).  Matched ignoring case, emitted as written here.
+KNOWN_ERROR_CODES: Final = (
+    # the gateway's and the bundled plugins' explicit codes
+    "CLIENT_DISCONNECTED", "EMPTY_MESSAGES", "INVALID_JSON", "INVALID_PARAMETER",
+    "MISSING_PARAMETER", "MODEL_NOT_ALLOWED", "UNKNOWN_VARIANT", "UNSUPPORTED_PARAMETER",
+    "MODEL_ERROR", "MODEL_MISCONFIGURED", "MODEL_NOT_READY", "TEMPLATE_ERROR", "UNSUPPORTED",
+    # OpenAI's
+    "RATE_LIMIT_EXCEEDED", "INSUFFICIENT_QUOTA", "CONTEXT_LENGTH_EXCEEDED", "MODEL_NOT_FOUND",
+    "INVALID_API_KEY", "INVALID_REQUEST_ERROR", "SERVER_ERROR", "CONTENT_POLICY_VIOLATION",
+    "CONTENT_FILTER", "INVALID_VALUE", "INVALID_TYPE", "UNSUPPORTED_VALUE",
+    "UNSUPPORTED_COUNTRY_REGION_TERRITORY", "STRING_ABOVE_MAX_LENGTH", "ARRAY_ABOVE_MAX_LENGTH",
+    "INVALID_IMAGE_URL", "INVALID_ORGANIZATION", "INVALID_PROJECT", "ACCOUNT_DEACTIVATED",
+    "BILLING_HARD_LIMIT_REACHED", "ENGINE_OVERLOADED", "MODEL_OVERLOADED", "UNKNOWN_URL",
+    "INVALID_PROMPT", "TOKENS_EXCEEDED", "PERMISSION_DENIED", "INTERNAL_ERROR",
+)  # fmt: skip
 _STATUS_CLASS: Final = ("unknown", "1xx", "2xx", "3xx", "4xx", "5xx")
+#: Label kinds whose values are names the gateway knows (see :meth:`Metrics.know`).
+_NAME_KINDS: Final = (
+    "endpoint", "model", "route", "provider", "deployment", "experiment", "variant",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +138,8 @@ class MetricsSettings:
     #: Where workers write their mmap'd values. ``None``: a fresh temporary directory when
     #: ``--workers`` > 1 (made by :func:`prepare_multiprocess`), in-memory values otherwise.
     multiprocess_dir: str | None = None
-    #: Distinct values per label kind (model, route, deployment, …) before ``"other"``.
+    #: Model names a provider lists (the shorthand without ``allowed_models``) that may become
+    #: label values; configured names always do, anything else is ``"other"``.
     max_label_values: int = 200
 
 
@@ -160,6 +186,8 @@ def worker_exit(pid: int | None = None) -> None:
     """
     path = os.environ.get(MULTIPROC_ENV)
     if path and os.path.isdir(path):
+        from prometheus_client.multiprocess import mark_process_dead
+
         with contextlib.suppress(OSError):
             mark_process_dead(os.getpid() if pid is None else pid, path)  # type: ignore[no-untyped-call]
 
@@ -168,149 +196,33 @@ def _noop() -> None:
     return None
 
 
-@functools.cache
-def _multiprocess_value_class(directory: str) -> type:
-    """This process's mmap-backed value class for ``directory`` (files are named by pid, so
-    there must be one writer per process and directory: a second would map the same file and
-    overwrite its entries).
-
-    prometheus-client's own ``MmapedValue`` takes a lock and calls ``os.getpid()`` (a syscall)
-    on every increment so that it survives a fork; together that is ~0.6 of its ~1 µs.  Here
-    values are only ever created after the fork (``create_app`` runs in each worker) and touched
-    from the event loop's thread, so this class writes the same files in the same format through
-    the same ``MmapedDict`` without either (~0.35 µs), and ``MultiProcessCollector`` reads them
-    as usual.  A fork clears this cache, so a child process gets its own class and files.
-    """
-    pid = os.getpid()
-    files: dict[str, Any] = {}  # MmapedDict is untyped
-
-    class MmapedValue:
-        _multiprocess = True
-        __slots__ = ("_file", "_key", "_value")
-
-        def __init__(
-            self,
-            typ: str,
-            metric_name: str,
-            name: str,
-            labelnames: Sequence[str],
-            labelvalues: Sequence[str],
-            help_text: str,
-            multiprocess_mode: str = "",
-            **_kwargs: Any,
-        ) -> None:
-            prefix = f"{typ}_{multiprocess_mode}" if typ == "gauge" else typ
-            file: Any = files.get(prefix)
-            if file is None:
-                path = os.path.join(directory, f"{prefix}_{pid}.db")
-                file = files[prefix] = MmapedDict(path)  # type: ignore[no-untyped-call]
-            self._file = file
-            self._key = mmap_key(metric_name, name, list(labelnames), list(labelvalues), help_text)
-            self._value: float = file.read_value(self._key)[0]
-
-        def inc(self, amount: float) -> None:
-            self._value += amount
-            self._file.write_value(self._key, self._value, 0.0)
-
-        def set(self, value: float, timestamp: float | None = None) -> None:
-            self._value = value
-            self._file.write_value(self._key, value, timestamp or 0.0)
-
-        def set_exemplar(self, _exemplar: Any) -> None:
-            return None  # prometheus-client has no exemplars in multiprocess mode either
-
-        def get(self) -> float:
-            return self._value
-
-        def get_exemplar(self) -> None:
-            return None
-
-    return MmapedValue
+def error_codes() -> dict[str, str]:
+    """Every error code that may be a label value, keyed by its upper-case form: the default
+    code of every :class:`~inference_server.errors.GatewayError` subclass imported so far (the
+    gateway's and any plugin's) and :data:`KNOWN_ERROR_CODES`."""
+    codes: dict[str, str] = {c.upper(): c for c in KNOWN_ERROR_CODES}
+    todo: list[type[GatewayError]] = [GatewayError]
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        code = cls.default_code
+        if isinstance(code, str) and code and len(code) <= _MAX_CODE_CHARS:
+            codes.setdefault(code.upper(), code)
+    return codes
 
 
-os.register_at_fork(after_in_child=_multiprocess_value_class.cache_clear)
+def render_directory(directory: str) -> bytes:
+    """The merged exposition of every worker's files in ``directory`` (any process can read it,
+    whatever mode its own prometheus-client runs in)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.multiprocess import MultiProcessCollector
 
-
-@contextlib.contextmanager
-def _value_class(cls: Any) -> Iterator[None]:
-    """Make prometheus-client build values of ``cls`` for the duration of the block.
-
-    The library picks in-memory or mmap'd values from a module global chosen at import time; this
-    lets each :class:`Metrics` choose its own mode (tests build both in one process).  Children are
-    only created on a cache miss, on the event loop's thread, so the swap is never observed.
-    """
-    saved = values.ValueClass
-    values.ValueClass = cls
-    try:
-        yield
-    finally:
-        values.ValueClass = saved
+    registry = CollectorRegistry(auto_describe=False)
+    MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    return generate_latest(registry)
 
 
 # --- the recorder ------------------------------------------------------------------------------
-
-
-class _LoopValue:
-    """prometheus-client's in-memory ``MutexValue`` without the mutex.
-
-    Every write and every read (``render``) happens on the event loop's thread, so the lock
-    protects nothing here and costs ~0.2 µs per write, a dozen times per request.
-    """
-
-    _multiprocess = False
-    __slots__ = ("_exemplar", "_value")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self._value = 0.0
-        self._exemplar: Any = None
-
-    def inc(self, amount: float) -> None:
-        self._value += amount
-
-    def set(self, value: float, timestamp: float | None = None) -> None:
-        self._value = value
-
-    def set_exemplar(self, exemplar: Any) -> None:
-        self._exemplar = exemplar
-
-    def get(self) -> float:
-        return self._value
-
-    def get_exemplar(self) -> Any:
-        return self._exemplar
-
-
-class _Writer:
-    """The writes the gateway makes on one metric child, straight to its values.
-
-    The library's ``inc``/``observe`` re-check observability and exemplars and walk histogram
-    bounds in Python on every call (~1.5 µs); the gateway's children are always concrete and
-    never take exemplars, so this goes to the values (a bisect for the bucket) and writes the
-    same numbers.  Histograms keep their buckets non-cumulative, as the library does.
-    """
-
-    __slots__ = ("_bounds", "_buckets", "_sum", "_value")
-
-    def __init__(self, child: Any) -> None:
-        if isinstance(child, Histogram):
-            self._sum = child._sum
-            self._bounds: list[float] = child._upper_bounds
-            self._buckets: list[Any] = child._buckets
-        else:
-            self._value = child._value
-
-    def inc(self, amount: float = 1.0) -> None:
-        self._value.inc(amount)
-
-    def dec(self, amount: float = 1.0) -> None:
-        self._value.inc(-amount)
-
-    def set(self, value: float) -> None:
-        self._value.set(float(value))
-
-    def observe(self, amount: float) -> None:
-        self._sum.inc(amount)
-        self._buckets[bisect.bisect_left(self._bounds, amount)].inc(1)
 
 
 class _Bundle:
@@ -350,201 +262,288 @@ class Metrics:
 
     def __init__(self, settings: MetricsSettings) -> None:
         self.enabled = settings.enabled
-        self._max_values = settings.max_label_values
+        self._max_listed = settings.max_label_values
         self._errors = 0
         path = settings.multiprocess_dir or os.environ.get(MULTIPROC_ENV) or None
         #: The multiprocess directory, or None for in-memory values.
         self.multiprocess_dir = os.path.abspath(path) if path and self.enabled else None
         if self.multiprocess_dir:
             os.makedirs(self.multiprocess_dir, exist_ok=True)
-            self._values_cls: Any = _multiprocess_value_class(self.multiprocess_dir)
-            registry: CollectorRegistry | None = None  # rendering reads the files instead
-        else:
-            self._values_cls = _LoopValue
+            # prometheus-client names the directory of every value it creates from this
+            # variable (and picks multiprocess values at its import from it: see the docstring).
+            os.environ[MULTIPROC_ENV] = self.multiprocess_dir
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        registry: CollectorRegistry | None = None  # multiprocess: rendering reads the files
+        if not self.multiprocess_dir:
             registry = CollectorRegistry(auto_describe=True)
             if self.enabled:
+                from prometheus_client import (
+                    disable_created_metrics,
+                    gc_collector,
+                    platform_collector,
+                    process_collector,
+                )
+
                 # ``*_created`` series would double the exposition for no dashboard use.
                 disable_created_metrics()  # type: ignore[no-untyped-call]
-                from prometheus_client import gc_collector, platform_collector, process_collector
-
                 process_collector.ProcessCollector(registry=registry)
                 platform_collector.PlatformCollector(registry=registry)
                 gc_collector.GCCollector(registry=registry)
         self._registry = registry
-        self._bundles: dict[tuple[Any, ...], _Bundle] = {}
-        self._children: dict[tuple[Any, ...], Any] = {}
-        self._inflight_by_endpoint: dict[str, Any] = {}
-        self._variants: dict[tuple[Any, ...], tuple[Any, Any, Any, Any]] = {}
-        self._seen: dict[str, dict[str, str]] = {}
+        #: Label children per label values (bounded: values come from the known names).
+        self._bundles: dict[tuple[str, ...], _Bundle] = {}
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self._variants: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        #: Known names per label kind: name → label value (see :meth:`know`).
+        self._configured: dict[str, dict[str, str]] = {kind: {} for kind in _NAME_KINDS}
+        self._names: dict[str, dict[str, str]] = {kind: {} for kind in _NAME_KINDS}
+        self._listed: dict[str, str] = {}
+        self._listed_deployments: dict[str, str] = {}
+        self._codes = error_codes()
+        self._codes_exact: dict[str, str] = {**{c: c for c in self._codes.values()}, OK: OK}
 
         r = registry
-        with _value_class(self._values_cls):
-            self.requests = Counter(
-                "inference_requests",
-                "Requests answered, by endpoint, model, route, provider, deployment, "
-                "status class and error code.",
-                ("endpoint", "model", "route", "provider", "deployment", "status_class",
-                 "error_code"),
-                registry=r,
-            )  # fmt: skip
-            self.request_duration = Histogram(
-                "inference_request_duration_seconds",
-                "Time from request arrival to the last byte of the response (streams included).",
-                ("endpoint", "model", "stream", "status_class"),
-                buckets=DURATION_BUCKETS,
-                registry=r,
-            )
-            self.in_flight = Gauge(
-                "inference_requests_in_flight",
-                "Requests being handled now.",
-                ("endpoint",),
-                multiprocess_mode="livesum",
-                registry=r,
-            )
-            self.overhead = Histogram(
-                "inference_gateway_overhead_seconds",
-                "Request time not spent waiting on an upstream (or, for streams, relaying it): "
-                "validation, routing, serialisation, retry backoff.",
-                ("endpoint", "stream"),
-                buckets=OVERHEAD_BUCKETS,
-                registry=r,
-            )
-            self.ttft = Histogram(
-                "gen_ai_server_time_to_first_token_seconds",
-                "Streams: time from request arrival to the first chunk sent to the client.",
-                ("model", "deployment"),
-                buckets=TTFT_BUCKETS,
-                registry=r,
-            )
-            self.tpot = Histogram(
-                "gen_ai_server_time_per_output_token_seconds",
-                "Streams: time per output token after the first "
-                "((end - first token) / (output tokens - 1)).",
-                ("model", "deployment"),
-                buckets=TPOT_BUCKETS,
-                registry=r,
-            )
-            self.tokens = Counter(
-                "inference_tokens",
-                "Tokens of answered requests (token_type input = prompt, output = completion).",
-                ("model", "deployment", "token_type"),
-                registry=r,
-            )
-            self.token_usage = Histogram(
-                "gen_ai_client_token_usage",
-                "Tokens per request (token_type input or output).",
-                ("model", "token_type"),
-                buckets=TOKEN_BUCKETS,
-                registry=r,
-            )
-            self.usage_estimated = Counter(
-                "inference_usage_estimated",
-                "Requests whose token usage the gateway estimated (the upstream reported none).",
-                ("model", "deployment"),
-                registry=r,
-            )
-            self.upstream_duration = Histogram(
-                "gen_ai_client_operation_duration_seconds",
-                "Each upstream attempt, by outcome (ok or the error code); for a stream, until "
-                "its first chunk.",
-                ("provider", "deployment", "outcome"),
-                buckets=DURATION_BUCKETS,
-                registry=r,
-            )
-            self.retries = Counter(
-                "inference_upstream_retries",
-                "Attempts repeated on the same deployment.",
-                ("deployment",),
-                registry=r,
-            )
-            self.fallbacks = Counter(
-                "inference_fallbacks",
-                "Moves from one route to another after a failure.",
-                ("from_route", "to_route"),
-                registry=r,
-            )
-            self.breaker_states = Gauge(
-                "inference_circuit_breaker_state",
-                "Worker processes whose breaker for the deployment is in this state "
-                "(0 or 1 with a single worker).",
-                ("deployment", "state"),
-                multiprocess_mode="livesum",
-                registry=r,
-            )
-            self.breaker_transitions = Counter(
-                "inference_circuit_breaker_transitions",
-                "Circuit breaker state changes.",
-                ("deployment", "from_state", "to_state"),
-                registry=r,
-            )
-            self.variant_requests = Counter(
-                "inference_experiment_requests",
-                "Requests assigned to an A/B experiment variant, by status class.",
-                ("experiment", "variant", "status_class"),
-                registry=r,
-            )
-            self.variant_duration = Histogram(
-                "inference_experiment_request_duration_seconds",
-                "Duration of requests assigned to an A/B experiment variant.",
-                ("experiment", "variant"),
-                buckets=DURATION_BUCKETS,
-                registry=r,
-            )
-            self.variant_tokens = Counter(
-                "inference_experiment_tokens",
-                "Tokens of requests assigned to an A/B experiment variant.",
-                ("experiment", "variant", "token_type"),
-                registry=r,
-            )
-            self.shadow_requests = Counter(
-                "inference_shadow_requests",
-                "Shadow (mirrored) requests, by outcome (ok or the error code).",
-                ("experiment", "outcome"),
-                registry=r,
-            )
-            self.shadow_duration = Histogram(
-                "inference_shadow_duration_seconds",
-                "Duration of shadow (mirrored) requests.",
-                ("experiment",),
-                buckets=DURATION_BUCKETS,
-                registry=r,
-            )
-            self.build_info = Gauge(
-                "inference_build_info",
-                "Always 1; the version label says what runs (with --workers, one series per "
-                "live worker, labelled pid).",
-                ("version",),
-                multiprocess_mode="liveall",
-                registry=r,
-            )
+        self.requests = Counter(
+            "inference_requests",
+            "Requests answered, by endpoint, model, route, provider, deployment, "
+            "status class and error code.",
+            ("endpoint", "model", "route", "provider", "deployment", "status_class",
+             "error_code"),
+            registry=r,
+        )  # fmt: skip
+        self.request_duration = Histogram(
+            "inference_request_duration_seconds",
+            "Time from request arrival to the last byte of the response (streams included).",
+            ("endpoint", "model", "stream", "status_class"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "inference_requests_in_flight",
+            "Requests being handled now.",
+            ("endpoint",),
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.overhead = Histogram(
+            "inference_gateway_overhead_seconds",
+            "Request time not spent waiting on an upstream (or, for streams, relaying it): "
+            "validation, routing, serialisation, retry backoff.",
+            ("endpoint", "stream"),
+            buckets=OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "gen_ai_server_time_to_first_token_seconds",
+            "Streams: time from request arrival to the first chunk sent to the client.",
+            ("model", "deployment"),
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "gen_ai_server_time_per_output_token_seconds",
+            "Streams: time per output token after the first "
+            "((end - first token) / (output tokens - 1)).",
+            ("model", "deployment"),
+            buckets=TPOT_BUCKETS,
+            registry=r,
+        )
+        self.tokens = Counter(
+            "inference_tokens",
+            "Tokens of answered requests (token_type input = prompt, output = completion).",
+            ("model", "deployment", "token_type"),
+            registry=r,
+        )
+        self.token_usage = Histogram(
+            "gen_ai_client_token_usage",
+            "Tokens per request (token_type input or output).",
+            ("model", "token_type"),
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.usage_estimated = Counter(
+            "inference_usage_estimated",
+            "Requests whose token usage the gateway estimated (the upstream reported none).",
+            ("model", "deployment"),
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "gen_ai_client_operation_duration_seconds",
+            "Each upstream attempt, by outcome (ok or the error code); for a stream, until "
+            "its first chunk.",
+            ("provider", "deployment", "outcome"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            "inference_upstream_retries",
+            "Attempts repeated on the same deployment.",
+            ("deployment",),
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "inference_fallbacks",
+            "Moves from one route to another after a failure.",
+            ("from_route", "to_route"),
+            registry=r,
+        )
+        self.breaker_states = Gauge(
+            "inference_circuit_breaker_state",
+            "Worker processes whose breaker for the deployment is in this state "
+            "(0 or 1 with a single worker).",
+            ("deployment", "state"),
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.breaker_transitions = Counter(
+            "inference_circuit_breaker_transitions",
+            "Circuit breaker state changes.",
+            ("deployment", "from_state", "to_state"),
+            registry=r,
+        )
+        self.variant_requests = Counter(
+            "inference_experiment_requests",
+            "Requests assigned to an A/B experiment variant, by status class.",
+            ("experiment", "variant", "status_class"),
+            registry=r,
+        )
+        self.variant_duration = Histogram(
+            "inference_experiment_request_duration_seconds",
+            "Duration of requests assigned to an A/B experiment variant.",
+            ("experiment", "variant"),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.variant_tokens = Counter(
+            "inference_experiment_tokens",
+            "Tokens of requests assigned to an A/B experiment variant.",
+            ("experiment", "variant", "token_type"),
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "inference_shadow_requests",
+            "Shadow (mirrored) requests, by outcome (ok or the error code).",
+            ("experiment", "outcome"),
+            registry=r,
+        )
+        self.shadow_duration = Histogram(
+            "inference_shadow_duration_seconds",
+            "Duration of shadow (mirrored) requests.",
+            ("experiment",),
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self.build_info = Gauge(
+            "inference_build_info",
+            "Always 1; the version label says what runs (with --workers, one series per "
+            "live worker, labelled pid).",
+            ("version",),
+            multiprocess_mode="liveall",
+            registry=r,
+        )
         if self.enabled:
             self._child(self.build_info, (__version__,)).set(1)
+            if self.multiprocess_dir:
+                self._check_multiprocess()
+
+    def _check_multiprocess(self) -> None:
+        """Refuse to run with values that never reach the workers' directory.
+
+        prometheus-client picked in-memory values if it was imported before
+        ``PROMETHEUS_MULTIPROC_DIR`` was set; then this process's counts would silently be
+        missing from every scrape.  The build-info gauge was just set: this process's own files
+        (the library names them ``<kind>_<pid>.db``; other workers' files may be half-written
+        right now, so they are not read) must hold it.
+        """
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        assert self.multiprocess_dir is not None
+        pid = os.getpid()
+        own = glob.glob(os.path.join(glob.escape(self.multiprocess_dir), f"*_{pid}.db"))
+        for family in MultiProcessCollector.merge(own, accumulate=False):  # type: ignore[no-untyped-call]
+            if family.name == "inference_build_info" and any(
+                s.labels.get("pid") == str(pid) for s in family.samples
+            ):
+                return
+        raise RuntimeError(
+            f"metrics: prometheus-client was imported before {MULTIPROC_ENV} was set, so this "
+            f"process cannot write to {self.multiprocess_dir}; set the variable before the "
+            "process starts (the gateway's CLI does)"
+        )
 
     # --- label handling ---------------------------------------------------------------------
 
-    def _child(self, metric: Any, labels: tuple[str, ...]) -> _Writer:
-        """A metric's child for ``labels``, created once (values of this instance's mode)."""
+    def know(self, **names: Iterable[str]) -> None:
+        """Declare configured names that may be label values, per kind (``models``,
+        ``routes``, ``providers``, ``deployments``, ``experiments``, ``variants``,
+        ``endpoints``); added to what is known.  Configuration is finite, so these are
+        not capped (a label value is cut to 100 characters)."""
+        for plural, values in names.items():
+            kind = plural.removesuffix("s")
+            if kind not in self._configured:
+                raise ValueError(f"unknown label kind {plural!r}")
+            table = self._configured[kind]
+            for value in values:
+                table[value] = value[:_MAX_LABEL_CHARS]
+            self._merge(kind)
+
+    def listed_models(self, names: Iterable[str], provider: str | None = None) -> None:
+        """The model names the shorthand's provider lists now (replacing the previous list):
+        at most ``max_label_values`` of them become label values, in the order given; with
+        ``provider``, so do the shorthand's per-model deployments ``<provider>/<model>``."""
+        listed: dict[str, str] = {}
+        for name in names:
+            if len(listed) >= self._max_listed:
+                break
+            if isinstance(name, str) and name:
+                listed[name] = name[:_MAX_LABEL_CHARS]
+        self._listed = listed
+        self._listed_deployments = (
+            {f"{provider}/{k}": f"{provider}/{v}"[:_MAX_LABEL_CHARS] for k, v in listed.items()}
+            if provider
+            else {}
+        )
+        self._merge("model")
+        self._merge("deployment")
+
+    def _merge(self, kind: str) -> None:
+        table = self._configured[kind]
+        if kind == "model":
+            self._names[kind] = {**table, **self._listed}
+        elif kind == "deployment":
+            self._names[kind] = {**table, **self._listed_deployments}
+        else:
+            self._names[kind] = dict(table)
+
+    def _label(self, kind: str, value: str | None) -> str:
+        """The label value for a name: itself when known, ``""`` for none, else "other"."""
+        if value is None:
+            return NONE
+        return self._names[kind].get(value, OTHER)
+
+    def _code(self, code: str | None) -> str:
+        """An error code's label value: one of the known codes (ignoring case), else "other"."""
+        if code is None:
+            return NONE
+        label = self._codes_exact.get(code)
+        if label is not None:
+            return label
+        if len(code) > _MAX_CODE_CHARS:
+            return OTHER
+        return self._codes.get(code.upper(), OTHER)
+
+    def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
+        """A metric's child for ``labels`` through the library's ``labels()``, cached (the
+        cache is keyed by label values, which are bounded)."""
         key = (id(metric), labels)
         child = self._children.get(key)
         if child is None:
-            with _value_class(self._values_cls):
-                child = _Writer(metric.labels(*labels))
+            child = metric.labels(*labels)
+            if len(self._children) >= _MAX_BUNDLES:
+                self._children.clear()
             self._children[key] = child
         return child
-
-    def _label(self, kind: str, value: str | None) -> str:
-        """A bounded label value: the first ``max_label_values`` distinct values, then "other"."""
-        if value is None:
-            return NONE
-        seen = self._seen.get(kind)
-        if seen is None:
-            seen = self._seen[kind] = {}
-        label = seen.get(value)
-        if label is None:
-            if len(seen) >= self._max_values:
-                return OTHER
-            label = seen[value] = str(value)[:_MAX_LABEL_CHARS]
-        return label
 
     def _failed(self, what: str) -> None:
         """Log a recording failure (the first, then every 1000th: never a log flood)."""
@@ -559,12 +558,7 @@ class Metrics:
         if not self.enabled:
             return
         try:
-            child = self._inflight_by_endpoint.get(endpoint)
-            if child is None:
-                child = self._inflight_by_endpoint[endpoint] = self._child(
-                    self.in_flight, (self._label("endpoint", endpoint),)
-                )
-            child.inc()
+            self._child(self.in_flight, (self._label("endpoint", endpoint),)).inc()
         except Exception:  # noqa: BLE001 (never fail a request over metrics)
             self._failed("request_started")
 
@@ -580,15 +574,18 @@ class Metrics:
     def _request_finished(self, ctx: RequestContext, duration: float) -> None:
         status = ctx.status
         status_class = _STATUS_CLASS[status // 100] if status and 100 <= status < 600 else "unknown"
+        names = self._names
+        model = ctx.model if (ctx.route is not None or ctx.deployment is not None) else None
+        route, provider, deployment = ctx.route, ctx.provider, ctx.deployment
         key = (
-            ctx.endpoint,
-            ctx.model if (ctx.route is not None or ctx.deployment is not None) else None,
-            ctx.route,
-            ctx.provider,
-            ctx.deployment,
-            ctx.stream,
+            names["endpoint"].get(ctx.endpoint, OTHER),
+            NONE if model is None else names["model"].get(model, OTHER),
+            NONE if route is None else names["route"].get(route, OTHER),
+            NONE if provider is None else names["provider"].get(provider, OTHER),
+            NONE if deployment is None else names["deployment"].get(deployment, OTHER),
+            "true" if ctx.stream else "false",
             status_class,
-            ctx.error_code,
+            self._code(ctx.error_code),
         )
         bundle = self._bundles.get(key)
         if bundle is None:
@@ -630,31 +627,16 @@ class Metrics:
         if ctx.variant is not None:
             self._variant(ctx, status_class, duration)
 
-    def _bundle(self, key: tuple[Any, ...]) -> _Bundle:
-        endpoint, model, route, provider, deployment, stream, status_class, error_code = key
-        labels = (
-            self._label("endpoint", endpoint),
-            self._label("model", model),
-            self._label("route", route),
-            self._label("provider", provider),
-            self._label("deployment", deployment),
-            "true" if stream else "false",
-            status_class,
-            self._label("error_code", error_code),
-        )
+    def _bundle(self, labels: tuple[str, ...]) -> _Bundle:
         bundle = _Bundle(labels)
         ep, mdl, rte, prv, dep, strm, sc, err = labels
         bundle.requests = self._child(self.requests, (ep, mdl, rte, prv, dep, sc, err))
         bundle.duration = self._child(self.request_duration, (ep, mdl, strm, sc))
         bundle.overhead = self._child(self.overhead, (ep, strm))
-        bundle.inflight = self._inflight_by_endpoint.get(endpoint)
-        if bundle.inflight is None:
-            bundle.inflight = self._inflight_by_endpoint[endpoint] = self._child(
-                self.in_flight, (ep,)
-            )
+        bundle.inflight = self._child(self.in_flight, (ep,))
         if len(self._bundles) >= _MAX_BUNDLES:
-            self._bundles.clear()  # bounded memory; children stay cached in _children
-        self._bundles[key] = bundle
+            self._bundles.clear()
+        self._bundles[labels] = bundle
         return bundle
 
     def _token_children(self, bundle: _Bundle) -> None:
@@ -665,11 +647,11 @@ class Metrics:
         bundle.output_hist = self._child(self.token_usage, (model, "output"))
 
     def _variant(self, ctx: RequestContext, status_class: str, duration: float) -> None:
-        key = (ctx.experiment, ctx.variant, status_class)
+        experiment = self._label("experiment", ctx.experiment)
+        variant = self._label("variant", ctx.variant)
+        key = (experiment, variant, status_class)
         children = self._variants.get(key)
         if children is None:
-            experiment = self._label("experiment", ctx.experiment)
-            variant = self._label("variant", ctx.variant)
             children = (
                 self._child(self.variant_requests, (experiment, variant, status_class)),
                 self._child(self.variant_duration, (experiment, variant)),
@@ -703,7 +685,7 @@ class Metrics:
             labels = (
                 self._label("provider", provider),
                 self._label("deployment", deployment),
-                self._label("error_code", outcome),
+                self._code(outcome),
             )
             self._child(self.upstream_duration, labels).observe(duration_secs)
         except Exception:  # noqa: BLE001
@@ -735,8 +717,8 @@ class Metrics:
         try:
             labels = (
                 self._label("deployment", deployment),
-                self._label("breaker_state", old),
-                self._label("breaker_state", new),
+                old if old in BREAKER_STATES else OTHER,
+                new if new in BREAKER_STATES else OTHER,
             )
             self._child(self.breaker_transitions, labels).inc()
         except Exception:  # noqa: BLE001
@@ -752,7 +734,7 @@ class Metrics:
             for known in BREAKER_STATES:
                 self._child(self.breaker_states, (dep, known)).set(1 if known == state else 0)
             if state not in BREAKER_STATES:
-                self._child(self.breaker_states, (dep, self._label("breaker_state", state))).set(1)
+                self._child(self.breaker_states, (dep, OTHER)).set(1)
         except Exception:  # noqa: BLE001
             self._failed("breaker_state")
 
@@ -762,7 +744,7 @@ class Metrics:
             return
         try:
             exp = self._label("experiment", experiment)
-            self._child(self.shadow_requests, (exp, self._label("error_code", outcome))).inc()
+            self._child(self.shadow_requests, (exp, self._code(outcome))).inc()
             self._child(self.shadow_duration, (exp,)).observe(duration_secs)
         except Exception:  # noqa: BLE001
             self._failed("shadow_finished")
@@ -777,10 +759,10 @@ class Metrics:
         """
         try:
             if self.multiprocess_dir:
-                registry = CollectorRegistry(auto_describe=False)
-                MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-                return generate_latest(registry), CONTENT_TYPE
+                return render_directory(self.multiprocess_dir), CONTENT_TYPE
             if self._registry is not None and self.enabled:
+                from prometheus_client import generate_latest
+
                 return generate_latest(self._registry), CONTENT_TYPE
             return b"", CONTENT_TYPE
         except Exception:  # noqa: BLE001 (a broken scrape must not take the process down)

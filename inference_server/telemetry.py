@@ -17,11 +17,13 @@ Why it looks like this:
 * **GenAI semantic conventions** for attribute names (``gen_ai.request.model``,
   ``gen_ai.response.model``, ``gen_ai.usage.input_tokens``, …) so GenAI-aware backends understand
   the spans; gateway-only facts (route, deployment, variant, attempts) use ``inference.*``.
-* **Cheap when on.** An unsampled request makes one non-recording server span and no children
-  (its context is still propagated upstream).  A sampled request's spans are
-  :class:`RequestSpan` objects: the SDK's sampler, id generator, resource, processors and
-  exporters, but the span itself is plain data until it ends (~4x cheaper than the SDK's
-  ``Span``), and OTLP/HTTP export uses a hand-written encoder (otlp_encode.py, ~7x cheaper).
+* **Cheap when on, and only the SDK's public API.** An unsampled request makes one
+  non-recording server span and no children (its context is still propagated upstream).  A
+  sampled request's spans are the SDK's own (``Tracer.start_span`` + ``trace.use_span``), so
+  span limits (``OTEL_SPAN_*_LIMIT``), processors' ``on_start`` and every exporter behave as the
+  SDK documents; export uses the SDK's ``OTLPSpanExporter``.  A plain-data span class and a
+  hand-written OTLP encoder used to save ~10 µs per span, but they read the SDK's private state
+  and skipped its semantics (issue 11): they are gone.
 * **No content by default.** Prompts and completions may be personal data; they are recorded
   (``gen_ai.input.messages`` / ``gen_ai.output.messages``, truncated) only with
   ``telemetry.traces.record_content: true``.
@@ -30,8 +32,6 @@ Why it looks like this:
 from __future__ import annotations
 
 import os
-import time
-import traceback
 from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -39,10 +39,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 from loguru import logger
-from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import Event, ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import (
     BatchSpanProcessor,
     ConsoleSpanExporter,
@@ -52,22 +51,18 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.sdk.trace.sampling import (
     ALWAYS_OFF,
     ALWAYS_ON,
-    Decision,
     ParentBased,
     Sampler,
     TraceIdRatioBased,
 )
-from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import (
-    NonRecordingSpan,
     Span,
-    SpanContext,
     SpanKind,
     Status,
     StatusCode,
-    TraceFlags,
     get_current_span,
     set_span_in_context,
+    use_span,
 )
 
 from inference_server import __version__
@@ -94,139 +89,6 @@ _SAMPLERS: Final = (
 #: The shared do-nothing span context (tracing off): no allocation per request.
 NO_SPAN: Final[AbstractContextManager[None]] = nullcontext(None)
 _NO_SPAN = NO_SPAN
-_SAMPLED: Final = TraceFlags(TraceFlags.SAMPLED)
-_NOT_SAMPLED: Final = TraceFlags(TraceFlags.DEFAULT)
-
-
-class _Scope:
-    """``span`` made current for a block, then ended: what ``start_as_current_span`` does,
-    without its generator-based context managers (a third of its cost on the request path).
-    An exception leaving the block is recorded on the span and marks it failed, as there."""
-
-    __slots__ = ("_token", "span")
-
-    def __init__(self, span: Span) -> None:
-        self.span = span
-        self._token: object = None
-
-    def __enter__(self) -> Span:
-        self._token = otel_context.attach(set_span_in_context(self.span))
-        return self.span
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any
-    ) -> None:
-        otel_context.detach(self._token)  # type: ignore[arg-type]
-        span = self.span
-        if exc is not None:
-            span.record_exception(exc)
-            span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-        span.end()
-
-
-class RequestSpan(Span):
-    """A sampled span of the request path, kept as plain data until it ends.
-
-    The SDK's ``Span`` guards every write with a lock, validates and copies attributes into a
-    ``BoundedAttributes`` and builds its read-only snapshot at ``end()``: ~20 µs per span here,
-    four or five spans per request.  The gateway's spans live on one task and get a handful of
-    well-typed attributes, so this class records them in a dict and, at ``end()``, hands the
-    SDK's span processors the same ``ReadableSpan`` the SDK would (same resource, scope, ids,
-    sampler decision and flags): ~5 µs.  It is a real ``opentelemetry.trace.Span``: it can be
-    current, child spans made through any tracer (a plugin's) parent on it, and propagators
-    inject its context.
-    """
-
-    def __init__(
-        self,
-        owner: Telemetry,
-        name: str,
-        context: SpanContext,
-        parent: SpanContext | None,
-        kind: SpanKind,
-        attributes: dict[str, Any],
-    ) -> None:
-        self._owner = owner
-        self._name = name
-        self._context = context
-        self._parent = parent
-        self._kind = kind
-        self._attributes = attributes
-        self._events: list[Event] = []
-        self._status = _UNSET
-        self._start = time.time_ns()
-        self._end: int | None = None
-
-    def get_span_context(self) -> SpanContext:
-        return self._context
-
-    def is_recording(self) -> bool:
-        return self._end is None
-
-    def set_attribute(self, key: str, value: Any) -> None:
-        if self._end is None and value is not None:
-            self._attributes[key] = tuple(value) if isinstance(value, list) else value
-
-    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
-        for key, value in attributes.items():
-            self.set_attribute(key, value)
-
-    def add_event(
-        self, name: str, attributes: Mapping[str, Any] | None = None, timestamp: int | None = None
-    ) -> None:
-        if self._end is None:
-            self._events.append(Event(name, dict(attributes or {}), timestamp or time.time_ns()))
-
-    def update_name(self, name: str) -> None:
-        self._name = name
-
-    def set_status(self, status: Status | StatusCode, description: str | None = None) -> None:
-        if self._end is not None or self._status.status_code is StatusCode.OK:
-            return  # as the SDK: OK is final
-        self._status = status if isinstance(status, Status) else Status(status, description)
-
-    def record_exception(
-        self,
-        exception: BaseException,
-        attributes: Mapping[str, Any] | None = None,
-        timestamp: int | None = None,
-        escaped: bool = False,
-    ) -> None:
-        kind = type(exception)
-        module = kind.__module__
-        event: dict[str, Any] = {
-            "exception.type": f"{module}.{kind.__qualname__}"
-            if module and module != "builtins"
-            else kind.__qualname__,
-            "exception.message": str(exception),
-            "exception.stacktrace": "".join(traceback.format_exception(exception)),
-            "exception.escaped": str(escaped),
-        }
-        event.update(attributes or {})
-        self.add_event("exception", event, timestamp)
-
-    def end(self, end_time: int | None = None) -> None:
-        if self._end is not None:
-            return
-        self._end = end_time or time.time_ns()
-        self._owner.finish(
-            ReadableSpan(
-                name=self._name,
-                context=self._context,
-                parent=self._parent,
-                resource=self._owner.resource,
-                attributes=self._attributes,
-                events=tuple(self._events),
-                kind=self._kind,
-                status=self._status,
-                start_time=self._start,
-                end_time=self._end,
-                instrumentation_scope=self._owner.scope,
-            )
-        )
-
-
-_UNSET: Final = Status(StatusCode.UNSET)
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,11 +243,11 @@ def _otlp_exporter(config: TraceConfig) -> SpanExporter:
         )
 
         return GrpcExporter(endpoint=config.endpoint, headers=headers)
-    # The SDK's HTTP exporter with a hand-written protobuf encoder (~7x cheaper per span, and
-    # it runs on the export thread holding the GIL): see otlp_encode.py.
-    from inference_server.otlp_encode import FastOTLPSpanExporter
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
+        OTLPSpanExporter as HttpExporter,
+    )
 
-    return FastOTLPSpanExporter(endpoint=config.endpoint, headers=headers)
+    return HttpExporter(endpoint=config.endpoint, headers=headers)
 
 
 class Telemetry:
@@ -416,13 +278,6 @@ class Telemetry:
                 provider.add_span_processor(BatchSpanProcessor(_otlp_exporter(self.config)))
         self.provider = provider
         self.tracer = provider.get_tracer("inference_server", __version__)
-        self.resource = provider.resource
-        self.scope = InstrumentationScope("inference_server", __version__)
-        self._sampler = provider.sampler
-        self._ids = provider.id_generator
-        #: The provider's processor fan-out: every processor added to the provider, now or
-        #: later (tests add in-memory exporters), sees the request path's spans at their end.
-        self.finish = provider._active_span_processor.on_end
         #: Header names the configured propagators read (traceparent, tracestate, baggage, …).
         self._fields = frozenset(propagate.get_global_textmap().fields)
         logger.info("{}", self.config.describe())
@@ -441,39 +296,10 @@ class Telemetry:
         if not self.enabled:
             return _NO_SPAN
         parent = propagate.extract(headers) if self._carries_context(headers) else None
-        span = self._start(name, SpanKind.SERVER, attributes, parent)
+        span = self.tracer.start_span(name, parent, SpanKind.SERVER, attributes)
         if not span.is_recording():
             return nullcontext(span)
-        return _Scope(span)
-
-    def _start(
-        self, name: str, kind: SpanKind, attributes: dict[str, Any] | None, parent: Any = None
-    ) -> Span:
-        """What ``Tracer.start_span`` decides (ids, sampler, flags), making a
-        :class:`RequestSpan` when sampled and a ``NonRecordingSpan`` otherwise."""
-        parent_span = get_current_span(parent).get_span_context()
-        parent_context: SpanContext | None = parent_span
-        if parent_span.is_valid:
-            trace_id = parent_span.trace_id
-            random_id = parent_span.trace_flags.random_trace_id
-        else:
-            parent_context = None
-            trace_id = self._ids.generate_trace_id()
-            random_id = self._ids.is_trace_id_random()
-        result = self._sampler.should_sample(parent, trace_id, name, kind, attributes)
-        decision = result.decision
-        flags = _SAMPLED if decision is Decision.RECORD_AND_SAMPLE else _NOT_SAMPLED
-        if random_id:
-            flags = TraceFlags(flags | TraceFlags.RANDOM_TRACE_ID)
-        context = SpanContext(
-            trace_id, self._ids.generate_span_id(), False, flags, result.trace_state
-        )
-        if decision is Decision.DROP:
-            return NonRecordingSpan(context)
-        attrs = dict(attributes) if attributes else {}
-        if result.attributes:
-            attrs.update(result.attributes)
-        return RequestSpan(self, name, context, parent_context, kind, attrs)
+        return use_span(span, end_on_exit=True)
 
     def _carries_context(self, headers: Mapping[str, str]) -> bool:
         """Whether ``headers`` hold any field of the configured propagators (skip extract())."""
@@ -485,7 +311,7 @@ class Telemetry:
         """A span for one upstream attempt (name: ``"chat <upstream model>"`` per GenAI)."""
         if not self.recording():
             return _NO_SPAN
-        return _Scope(self._start(name, SpanKind.CLIENT, attributes))
+        return use_span(self.tracer.start_span(name, None, SpanKind.CLIENT, attributes), True)
 
     def span(
         self, name: str, attributes: dict[str, Any] | None = None
@@ -495,7 +321,7 @@ class Telemetry:
         becomes current."""
         if not self.recording():
             return _NO_SPAN
-        return _Scope(self._start(name, SpanKind.INTERNAL, attributes))
+        return use_span(self.tracer.start_span(name, None, SpanKind.INTERNAL, attributes), True)
 
     def recording(self) -> bool:
         """Whether the current request is traced and sampled (its spans are recorded)."""

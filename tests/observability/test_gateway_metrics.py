@@ -137,3 +137,59 @@ async def test_variants_and_shadows(make_settings, make_gateway, make_fake_upstr
 async def test_metrics_can_be_turned_off(gateway_for) -> None:
     client = await gateway_for(metrics={"enabled": False}, **QUIET)
     assert (await client.get("/metrics")).status == 404
+
+
+async def test_a_spray_of_huge_model_names_leaves_nothing_behind(
+    gateway_for, fake_upstream: FakeUpstream
+) -> None:
+    """Issue 11 (4): 300 requests with distinct 100 KB model names (the shorthand serves any
+    name) count as model="other"; the names the provider lists keep their own label; no metrics
+    table grows and /metrics stays small."""
+    import aiohttp
+
+    from inference_server.keys import METRICS
+
+    client = await gateway_for(**QUIET)
+    metrics = client.app[METRICS]
+    resp = await client.post(CHAT, json={"model": "llama-2-7b", "messages": USER})  # listed
+    assert resp.status == 200
+    # (x-inference-deployment echoes the upstream model: a client that reads such headers)
+    async with aiohttp.ClientSession(max_line_size=200_000, max_field_size=200_000) as session:
+        for i in range(300):
+            name = f"{i:03d}" + "x" * 100_000
+            body = {"model": name, "messages": USER}
+            async with session.post(client.make_url(CHAT), json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+    out = await scrape(client)
+    assert len(out) < 60_000
+    assert "xxxxxxxxxx" not in out
+    assert value(out, "inference_requests_total", endpoint=CHAT, model="other") == 300
+    assert value(out, "inference_requests_total", endpoint=CHAT, model="llama-2-7b") == 1
+    assert len(metrics._bundles) <= 4
+    assert len(metrics._children) <= 40
+    stored = [k for t in metrics._names.values() for k in t] + list(metrics._listed)
+    assert max(len(k) for k in stored) <= 100
+    assert all(len(s) <= 100 for key in metrics._bundles for s in key)
+
+
+async def test_the_providers_model_list_is_re_read(
+    gateway_for, fake_upstream: FakeUpstream, monkeypatch: Any
+) -> None:
+    """A model the provider starts listing later gets its own label after the next read."""
+    from inference_server import app as app_module
+    from inference_server.keys import METRICS
+
+    monkeypatch.setattr(app_module, "LISTED_MODELS_REFRESH_SECS", 0.02)
+    client = await gateway_for({"models_cache_secs": 0}, **QUIET)
+    metrics = client.app[METRICS]
+    assert metrics._label("model", "new-model") == "other"
+    fake_upstream.models = ("gpt-oss-20b", "new-model")
+    for _ in range(250):  # bounded: 5 s at most
+        if metrics._label("model", "new-model") == "new-model":
+            break
+        await asyncio.sleep(0.02)
+    assert metrics._label("model", "new-model") == "new-model"
+    resp = await client.post(CHAT, json={"model": "new-model", "messages": USER})
+    assert resp.status == 200
+    assert value(await scrape(client), "inference_requests_total", model="new-model") == 1

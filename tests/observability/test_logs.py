@@ -138,6 +138,7 @@ def test_access_and_slow_request_lines_have_fields(log_to: Any) -> None:
     assert slow["output_tokens"] == 5
 
 
+@pytest.mark.differential
 def test_direct_access_line_is_the_line_loguru_writes(
     log_to: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -1,5 +1,6 @@
-"""Metrics recorder on its own: what a finished request records, bounded labels, multiprocess
-merging, never raising, and an exposition promtool accepts."""
+"""Metrics recorder on its own: what a finished request records, bounded labels (known names
+only, known error codes only), multiprocess merging, never raising, and an exposition promtool
+accepts."""
 
 from __future__ import annotations
 
@@ -18,32 +19,18 @@ from inference_server.metrics import (
     Metrics,
     MetricsSettings,
     prepare_multiprocess,
-    worker_exit,
+    render_directory,
 )
+from tests.observability import metrics_worker
 from tests.observability.conftest import check_metrics, series, value
+from tests.observability.metrics_worker import CHAT, NAMES, finished
 
-CHAT = "/v1/chat/completions"
 
-
-def finished(**fields: Any) -> RequestContext:
-    """A context as the pipeline leaves it after a successful routed request."""
-    ctx = RequestContext(request_id="r1")
-    defaults: dict[str, Any] = {
-        "endpoint": CHAT,
-        "model": "gpt-oss-20b",
-        "route": "gpt-oss-20b",
-        "provider": "local",
-        "deployment": "local/gpt-oss-20b",
-        "upstream_model": "gpt-oss-20b",
-        "attempts": 1,
-        "status": 200,
-        "upstream_secs": 0.2,
-        "queue_secs": 0.0005,
-        "usage": {"prompt_tokens": 12, "completion_tokens": 7, "total_tokens": 19},
-    }
-    for key, val in {**defaults, **fields}.items():
-        setattr(ctx, key, val)
-    return ctx
+def Known(settings: MetricsSettings | None = None, **names: list[str]) -> Metrics:
+    """A recorder that knows the names ``finished()`` uses, as create_app declares them."""
+    m = Metrics(settings or MetricsSettings())
+    m.know(**{**NAMES, **names})
+    return m
 
 
 def record(metrics: Metrics, ctx: RequestContext, duration: float) -> None:
@@ -58,7 +45,7 @@ def text(metrics: Metrics) -> str:
 
 
 def test_a_json_request_records_count_duration_overhead_and_tokens() -> None:
-    m = Metrics(MetricsSettings())
+    m = Known()
     m.request_started(CHAT)
     assert value(text(m), "inference_requests_in_flight", endpoint=CHAT) == 1
     m.request_finished(finished(), 0.2012)
@@ -87,7 +74,7 @@ def test_a_json_request_records_count_duration_overhead_and_tokens() -> None:
 
 
 def test_a_stream_records_ttft_and_time_per_output_token() -> None:
-    m = Metrics(MetricsSettings())
+    m = Known()
     ctx = finished(
         stream=True,
         first_token_secs=0.25,
@@ -108,7 +95,7 @@ def test_a_stream_records_ttft_and_time_per_output_token() -> None:
 
 
 def test_errors_before_routing_do_not_label_the_clients_model() -> None:
-    m = Metrics(MetricsSettings())
+    m = Known()
     for i in range(5):
         ctx = finished(
             model=f"junk-{i}",
@@ -128,17 +115,96 @@ def test_errors_before_routing_do_not_label_the_clients_model() -> None:
     assert value(out, "inference_gateway_overhead_seconds_count") == 0
 
 
-def test_label_values_are_capped_per_kind() -> None:
-    m = Metrics(MetricsSettings(max_label_values=3))
-    for i in range(10):
-        record(m, finished(model=f"m{i}", route=f"m{i}"), 0.1)
-    models = {s["model"] for s in series(text(m), "inference_requests_total")}
-    assert models == {"m0", "m1", "m2", OTHER}
-    assert value(text(m), "inference_requests_total", model=OTHER) == 7
+def test_only_known_names_become_label_values() -> None:
+    """Issue 11 (4): a name becomes a label value only when configuration declares it or the
+    provider listed it (at most ``max_label_values`` of those); the rest count as "other"."""
+    m = Known(MetricsSettings(max_label_values=3), routes=["*"])
+    m.listed_models(f"listed-{i}" for i in range(10))  # only the first 3 are taken
+    for model in ["gpt-oss-20b", "listed-0", "listed-2", "listed-3", "junk", "x" * 500]:
+        record(m, finished(model=model, route="*"), 0.1)
+    record(m, finished(route="unknown-route", deployment="p/unknown", provider="p"), 0.1)
+    out = text(m)
+    models = {s["model"] for s in series(out, "inference_requests_total")}
+    assert models == {"gpt-oss-20b", "listed-0", "listed-2", OTHER}
+    assert value(out, "inference_requests_total", model=OTHER) == 3
+    odd = {"route": OTHER, "deployment": OTHER, "provider": OTHER}
+    assert value(out, "inference_requests_total", **odd) == 1
+    # A new list replaces the old one.
+    m.listed_models(["listed-3"])
+    record(m, finished(model="listed-0", route="*"), 0.1)
+    record(m, finished(model="listed-3", route="*"), 0.1)
+    out = text(m)
+    assert value(out, "inference_requests_total", model="listed-3") == 1
+    assert value(out, "inference_requests_total", model=OTHER) == 4
+
+
+def test_tables_stay_small_under_a_spray_of_huge_names() -> None:
+    """300 distinct 100 KB names (model, route, deployment, experiment, variant, error code,
+    breaker state): no table grows and no stored string is longer than a label."""
+    m = Known(routes=["*"])
+    for i in range(300):
+        huge = f"{i}-" + "m" * 100_000
+        record(
+            m,
+            finished(
+                model=huge,
+                route=huge if i % 2 else "*",
+                deployment=huge,
+                experiment=huge,
+                variant=huge,
+                error_code=huge,
+                status=400,
+            ),
+            0.1,
+        )
+        m.attempt_finished(huge, huge, huge, 0.1)
+        m.retry(huge)
+        m.fallback(huge, huge)
+        m.breaker_transition(huge, huge, huge)
+        m.shadow_finished(huge, huge, 0.1)
+    tables: list[Any] = [m._bundles, m._children, m._variants, m._names, m._listed]
+    assert len(m._bundles) <= 4
+    assert len(m._children) <= 40
+
+    def strings(obj: Any) -> Any:
+        if isinstance(obj, str):
+            yield obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from strings(k)
+                yield from strings(v)
+        elif isinstance(obj, tuple | list):
+            for v in obj:
+                yield from strings(v)
+
+    assert max(len(s) for t in tables for s in strings(t)) <= 100
+    body = m.render()[0]
+    assert len(body) < 60_000
+    assert b"mmmmmmmmmm" not in body
+
+
+def test_error_codes_come_from_a_known_set() -> None:
+    """Issue 11 (5): upstream codes are labels only when known (ignoring case, emitted as the
+    known set writes them); the gateway's own codes, from errors.py's classes, always are."""
+    m = Known()
+    for code in ["rate_limit_exceeded", "Context_Length_Exceeded", "CIRCUIT_OPEN",
+                 "PROVIDER_TIMEOUT", "made_up_code", "c" * 10_000, "ok"]:  # fmt: skip
+        m.attempt_finished("local", "local/a", code, 0.1)
+    out = text(m)
+    name = "gen_ai_client_operation_duration_seconds_count"
+    outcomes = {s["outcome"]: value(out, name, outcome=s["outcome"]) for s in series(out, name)}
+    assert outcomes == {
+        "RATE_LIMIT_EXCEEDED": 1,
+        "CONTEXT_LENGTH_EXCEEDED": 1,
+        "CIRCUIT_OPEN": 1,
+        "PROVIDER_TIMEOUT": 1,
+        OTHER: 2,
+        "ok": 1,
+    }
 
 
 def test_attempts_retries_fallbacks_breakers_variants_and_shadows() -> None:
-    m = Metrics(MetricsSettings())
+    m = Known(routes=["gpt-oss-20b", "chat", "backup"], experiments=["exp"], variants=["b"])
     m.attempt_finished("local", "local/a", "PROVIDER_ERROR", 0.05)
     m.attempt_finished("local", "local/a", "ok", 0.5)
     m.retry("local/a")
@@ -168,7 +234,7 @@ def test_attempts_retries_fallbacks_breakers_variants_and_shadows() -> None:
 
 
 def test_recording_never_raises_into_the_request() -> None:
-    m = Metrics(MetricsSettings())
+    m = Known()
     broken = finished(usage={"prompt_tokens": "many"}, status=999)
     broken.upstream_secs = None  # type: ignore[assignment]
     m.request_started(CHAT)
@@ -186,7 +252,7 @@ def test_disabled_records_nothing() -> None:
 
 
 def test_exposition_passes_promtool(promtool: str) -> None:
-    m = Metrics(MetricsSettings())
+    m = Known(routes=["gpt-oss-20b", "a", "b"], experiments=["e"], variants=["v"])
     record(m, finished(), 0.2)
     record(m, finished(stream=True, first_token_secs=0.1, stream_secs=0.5), 0.6)
     record(m, finished(status=502, error_code="PROVIDER_ERROR", usage=None), 0.05)
@@ -202,18 +268,6 @@ def test_exposition_passes_promtool(promtool: str) -> None:
 # --- multiprocess ------------------------------------------------------------------------------
 
 
-def _worker(directory: str, requests: int, conn: Any) -> None:
-    """A forked 'worker': its own Metrics on the shared directory, like cli.py's workers."""
-    m = Metrics(MetricsSettings(multiprocess_dir=directory))
-    m.request_started(CHAT)  # one still in flight when it exits: must vanish with it
-    for _ in range(requests):
-        record(m, finished(), 0.1)
-    m.breaker_state("local/gpt-oss-20b", "open")
-    conn.send(os.getpid())
-    conn.close()
-    worker_exit()
-
-
 @pytest.fixture
 def clean_multiproc_env() -> Iterator[None]:
     """prepare_multiprocess sets the variable for the process: restore it afterwards."""
@@ -224,6 +278,19 @@ def clean_multiproc_env() -> Iterator[None]:
         os.environ[MULTIPROC_ENV] = saved
 
 
+def spawn(target: Any, *args: Any) -> Any:
+    """Run ``target(*args, conn)`` in a new interpreter (see metrics_worker); its message."""
+    ctx = multiprocessing.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=target, args=(*args, child))
+    proc.start()
+    assert parent.poll(60), "the spawned worker sent nothing"
+    message = parent.recv()
+    proc.join(timeout=30)
+    assert proc.exitcode == 0
+    return message
+
+
 @pytest.mark.usefixtures("clean_multiproc_env")
 def test_workers_merge_into_one_view(tmp_path: Path) -> None:
     directory = tmp_path / "mp"
@@ -232,18 +299,9 @@ def test_workers_merge_into_one_view(tmp_path: Path) -> None:
     cleanup = prepare_multiprocess(MetricsSettings(multiprocess_dir=str(directory)), workers=2)
     assert os.environ[MULTIPROC_ENV] == str(directory)
     assert not (directory / "counter_999999.db").exists()
-    ctx = multiprocessing.get_context("fork")
-    pids = []
-    for requests in (3, 4):
-        parent, child = ctx.Pipe()
-        proc = ctx.Process(target=_worker, args=(str(directory), requests, child))
-        proc.start()
-        pids.append(parent.recv())
-        proc.join(timeout=30)
-        assert proc.exitcode == 0
+    pids = [spawn(metrics_worker.worker, str(directory), n) for n in (3, 4)]
     # Any process reading the directory sees both workers' counts.
-    reader = Metrics(MetricsSettings(multiprocess_dir=str(directory)))
-    out = text(reader)
+    out = render_directory(str(directory)).decode()
     assert value(out, "inference_requests_total", endpoint=CHAT) == 7
     assert value(out, "inference_request_duration_seconds_count") == 7
     assert value(out, "inference_tokens_total", token_type="output") == 7 * 7
@@ -257,16 +315,22 @@ def test_workers_merge_into_one_view(tmp_path: Path) -> None:
     assert directory.exists()  # configured by the user: not ours to delete
 
 
+@pytest.mark.usefixtures("clean_multiproc_env")
 def test_multiprocess_live_gauges_sum_over_workers(tmp_path: Path, promtool: str) -> None:
-    m = Metrics(MetricsSettings(multiprocess_dir=str(tmp_path)))
-    m.request_started(CHAT)
-    m.request_started(CHAT)
-    m.breaker_state("local/a", "half_open")
-    out = text(m)
-    assert value(out, "inference_requests_in_flight", endpoint=CHAT) == 2
-    assert value(out, "inference_circuit_breaker_state", state="half_open") == 1
-    record(m, finished(stream=True, first_token_secs=0.1, stream_secs=0.5), 0.6)
-    check_metrics(promtool, text(m))
+    os.environ[MULTIPROC_ENV] = str(tmp_path)
+    before, after = spawn(metrics_worker.live, str(tmp_path))
+    assert value(before, "inference_requests_in_flight", endpoint=CHAT) == 2
+    assert value(before, "inference_circuit_breaker_state", state="half_open") == 1
+    assert value(after, "gen_ai_server_time_to_first_token_seconds_count") == 1
+    check_metrics(promtool, after)
+
+
+@pytest.mark.usefixtures("clean_multiproc_env")
+def test_a_process_that_cannot_write_the_directory_refuses_to_start(tmp_path: Path) -> None:
+    """This test process imported prometheus-client without the variable (in-memory values):
+    a multiprocess recorder here would lose every count, so it says so instead."""
+    with pytest.raises(RuntimeError, match="imported before PROMETHEUS_MULTIPROC_DIR"):
+        Metrics(MetricsSettings(multiprocess_dir=str(tmp_path)))
 
 
 @pytest.mark.usefixtures("clean_multiproc_env")
@@ -279,68 +343,3 @@ def test_single_worker_needs_no_directory() -> None:
     assert os.path.isdir(directory)
     cleanup()
     assert not os.path.exists(directory)  # a temporary directory we made: removed
-
-
-@pytest.mark.parametrize("mode", ["memory", "multiprocess"])
-def test_direct_writes_equal_the_librarys(mode: str, tmp_path: Path) -> None:
-    """The hot path writes values directly (metrics._Writer); the exposition must be what the
-    library's own inc/dec/set/observe would give for the same calls."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-
-    from inference_server import metrics as m
-
-    amounts = [0.0, 0.00004, 0.001, 0.0010001, 0.3, 7.0, 599.0, 601.0, 10**9]
-    reference = CollectorRegistry()
-    counter = Counter("c", "c", ("a",), registry=reference).labels("x")
-    gauge = Gauge("g", "g", ("a",), multiprocess_mode="livesum", registry=reference).labels("x")
-    hist = Histogram("h", "h", ("a",), buckets=m.DURATION_BUCKETS, registry=reference).labels("x")
-    for amount in amounts:
-        counter.inc(amount)
-        gauge.inc(amount)
-        hist.observe(amount)
-    gauge.dec(2)
-    gauge.set(3)
-    gauge.inc(0.5)
-    expected = generate_latest(reference)
-
-    value_class: Any = m._LoopValue
-    if mode == "multiprocess":
-        value_class = m._multiprocess_value_class(str(tmp_path))
-    ours = CollectorRegistry()
-    with m._value_class(value_class):
-        writers = (
-            m._Writer(Counter("c", "c", ("a",), registry=ours).labels("x")),
-            m._Writer(
-                Gauge("g", "g", ("a",), multiprocess_mode="livesum", registry=ours).labels("x")
-            ),
-            m._Writer(
-                Histogram("h", "h", ("a",), buckets=m.DURATION_BUCKETS, registry=ours).labels("x")
-            ),
-        )
-    c, g, h = writers
-    for amount in amounts:
-        c.inc(amount)
-        g.inc(amount)
-        h.observe(amount)
-    g.dec(2)
-    g.set(3)
-    g.inc(0.5)
-    if mode == "memory":
-        assert generate_latest(ours) == expected
-    else:
-        from prometheus_client.multiprocess import MultiProcessCollector
-
-        merged = CollectorRegistry()
-        MultiProcessCollector(merged, path=str(tmp_path))  # type: ignore[no-untyped-call]
-        got = {
-            (s.name, tuple(sorted(s.labels.items())), s.value)
-            for f in merged.collect()
-            for s in f.samples
-        }
-        want = {
-            (s.name, tuple(sorted(s.labels.items())), s.value)
-            for f in reference.collect()
-            for s in f.samples
-            if not s.name.endswith("_created")
-        }
-        assert got == want

@@ -303,8 +303,10 @@ async def test_otlp_grpc_export_configured_by_environment(otlp_grpc: GrpcReceive
     await asyncio.get_running_loop().run_in_executor(None, telemetry.shutdown)
 
 
+@pytest.mark.differential
 def test_request_spans_are_what_the_sdk_would_record() -> None:
-    """The request path's light spans reach processors as the SDK's own spans would."""
+    """The span helpers (server_span, span, client_span) give processors what the SDK's own
+    ``start_as_current_span`` would: ids, parents, flags, attributes, status, events."""
     telemetry, memory = memory_telemetry()
     assert telemetry.provider is not None
     sdk = telemetry.provider.get_tracer("inference_server", __version__)
@@ -389,3 +391,51 @@ def test_spans_from_other_tracers_nest_under_the_request_spans() -> None:
     assert parent is not None
     assert parent.span_id == attempt.get_span_context().span_id
     assert carrier["traceparent"].split("-")[2] == f"{attempt.get_span_context().span_id:016x}"
+
+
+def test_span_limits_from_the_environment_apply_to_request_spans(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT`` (read by the SDK's ``SpanLimits``) bounds the
+    request path's spans like any SDK span (issue 11: the former plain-data spans ignored it)."""
+    monkeypatch.setenv("OTEL_SPAN_ATTRIBUTE_COUNT_LIMIT", "2")
+    monkeypatch.setenv("OTEL_SPAN_EVENT_COUNT_LIMIT", "1")
+    telemetry, memory = memory_telemetry()
+    attrs = {"a": 1, "b": 2, "c": 3, "d": 4}
+    with telemetry.server_span("POST /", {}, dict(attrs)) as server:
+        assert server is not None
+        with telemetry.client_span("chat m", dict(attrs)) as client:
+            assert client is not None
+            client.add_event("one")
+            client.add_event("two")
+        server.set_attributes({"e": 5, "f": 6})
+    spans = {s.name: s for s in memory.get_finished_spans()}
+    for span in spans.values():
+        assert len(span.attributes or {}) == 2
+        assert span.dropped_attributes > 0
+    assert len(spans["chat m"].events) == 1
+    assert spans["chat m"].dropped_events == 1
+
+
+def test_processors_see_request_spans_start() -> None:
+    """A span processor's ``on_start`` runs for every request span, with its parent context
+    (issue 11: the former plain-data spans went to processors only at their end)."""
+    from opentelemetry.sdk.trace import SpanProcessor
+
+    started: list[tuple[str, bool]] = []
+
+    class Starts(SpanProcessor):
+        def on_start(self, span: Any, parent_context: Any = None) -> None:
+            started.append((span.name, span.is_recording()))
+
+    telemetry, memory = memory_telemetry()
+    assert telemetry.provider is not None
+    telemetry.provider.add_span_processor(Starts())
+    with (
+        telemetry.server_span("POST /", {}, {}),
+        telemetry.span("inference.route"),
+        telemetry.client_span("chat m", {}),
+    ):
+        pass
+    assert started == [("POST /", True), ("inference.route", True), ("chat m", True)]
+    assert len(memory.get_finished_spans()) == 3

@@ -165,6 +165,7 @@ def _schema_answer(body: dict[str, Any]) -> dict[str, Any] | None:
         return None
 
 
+@pytest.mark.differential
 def test_fast_path_accepts_only_what_the_schema_accepts_and_returns_the_same() -> None:
     """Thousands of generated bodies: whenever the fast path answers, marshmallow agrees."""
     rng = random.Random(7)

@@ -148,7 +148,10 @@ class TritonProvider(Provider):
         base = config.base_url.rstrip("/")
         self.base_url = base[: -len("/v2")] if base.endswith("/v2") else base
         self._metadata: dict[str, tuple[float, ModelMetadata]] = {}
-        self._metadata_locks: dict[str, asyncio.Lock] = {}
+        #: One lock per model whose metadata is being fetched now, with its number of users:
+        #: an entry lives only while someone holds or waits for it, so model names a client
+        #: sprays cannot grow the table (issue 11).
+        self._metadata_locks: dict[str, tuple[asyncio.Lock, int]] = {}
 
     # --- per-model settings ------------------------------------------------------------------
 
@@ -248,8 +251,7 @@ class TritonProvider(Provider):
         cached = self._metadata.get(model)
         if cached is not None and now < cached[0]:
             return cached[1]
-        lock = self._metadata_locks.setdefault(model, asyncio.Lock())
-        async with lock:
+        async with self._metadata_lock(model):
             cached = self._metadata.get(model)
             if cached is not None and time.monotonic() < cached[0]:
                 return cached[1]
@@ -277,6 +279,22 @@ class TritonProvider(Provider):
             if self.metadata_ttl > 0:
                 self._metadata[model] = (time.monotonic() + self.metadata_ttl, meta)
             return meta
+
+    @contextlib.asynccontextmanager
+    async def _metadata_lock(self, model: str) -> AsyncIterator[None]:
+        """Hold ``model``'s metadata lock (one fetch per model at a time); the entry goes when
+        its last user leaves."""
+        lock, users = self._metadata_locks.get(model) or (asyncio.Lock(), 0)
+        self._metadata_locks[model] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._metadata_locks[model]
+            if users <= 1:
+                del self._metadata_locks[model]
+            else:
+                self._metadata_locks[model] = (lock, users - 1)
 
     async def _decoupled(self, model_url: str, limits: aiohttp.ClientTimeout) -> bool:
         """Whether the model config says decoupled; False when the config is not readable."""
