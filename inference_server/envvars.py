@@ -66,12 +66,13 @@ def unresolved(environ: Mapping[str, str] | None = None) -> list[str]:
     return sorted(k for k in env if k.startswith(PREFIX) and resolve(k) is None)
 
 
-def _plain(value: Any) -> Any:
-    """A deep plain-dict copy of a dynaconf box (so a leaf can be replaced without merging)."""
+def plain(value: Any) -> Any:
+    """A deep copy of a dynaconf box as plain dicts (string keys, case kept) and lists, so a
+    leaf can be replaced without merging and nothing after settings sees dynaconf types."""
     if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
+        return {str(k): plain(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_plain(v) for v in value]
+        return [plain(v) for v in value]
     return copy.copy(value)
 
 
@@ -95,7 +96,7 @@ def load(
             obj.set(path[0], value, merge=False)
             continue
         top = obj.get(path[0])
-        tree = _plain(top) if isinstance(top, Mapping) else {}
+        tree = plain(top) if isinstance(top, Mapping) else {}
         node = tree
         for part in path[1:-1]:
             child = node.get(part)

@@ -379,19 +379,6 @@ def _walk_schema(schema: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[
             yield path, spec
 
 
-def _plain(value: Any) -> Any:
-    """Plain dicts and lists; top-level keys lower-cased (dynaconf upper-cases them).
-
-    Nested keys keep their case: names under providers/models/experiments are the user's own
-    (model ids are case-sensitive upstream), and every schema key is lower-case already.
-    """
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
-
-
 def _get(tree: Mapping[str, Any], path: str) -> Any:
     node: Any = tree
     for part in path.split("."):
@@ -544,7 +531,9 @@ def load_raw(
         problems.extend(str(message) for _, message in exc.details)
     except Exception as exc:  # a broken YAML file surfaces on first access
         raise ConfigError([f"cannot read settings: {exc}"]) from exc
-    tree = {str(k).lower(): _plain(v) for k, v in dyn.as_dict().items()}
+    # Top-level keys lower-cased (dynaconf upper-cases them); nested keys keep their case: names
+    # under providers/models/experiments are the user's own (model ids are case-sensitive).
+    tree = {str(k).lower(): envvars.plain(v) for k, v in dyn.as_dict().items()}
     for name in envvars.unresolved():
         problems.append(f"environment variable {name}: does not name any setting")
     return current_env, tree, problems
