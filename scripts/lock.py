@@ -6,8 +6,8 @@ requirements in one command: the core with its dev and test extras and every plu
 resolution runs in a throwaway venv made by the interpreter that runs this script (the one
 `make install` makes .venv with), with `--ignore-installed`, so what is installed anywhere does
 not matter and the old lock is not consulted: every package gets its newest release that the
-pyproject ranges allow. The project's own distributions (local directories) are left out, since
-pip refuses constraints on editable requirements' names.
+pyproject ranges allow. The project's own distributions are left out: they come from the work
+tree, never from an index (where an unrelated 'inference-server' exists).
 
 Usage: python scripts/lock.py OUTPUT REQUIREMENT... (the Makefile's `make lock` passes them).
        python scripts/lock.py --diff LOCK   (`make test-latest`: which installed versions, in
