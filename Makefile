@@ -1,21 +1,35 @@
-# inference-server — `make run` serves, `make test` runs every test tier (what CI runs).
+# inference-server — `make run` serves, `make test` lints and runs every test tier (what CI runs).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
-STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(wildcard plugins/*/pyproject.toml) | cksum | cut -d' ' -f1)
+# Exact versions of every dependency (runtime, test, dev, plugins); `make lock` rewrites it.
+LOCK := requirements/constraints.txt
+# Core and plugins in ONE pip command: an unrelated 'inference-server' exists on PyPI.
+REQUIREMENTS := -e '.[dev]' $(foreach p,$(PLUGINS),-e $(p))
+# Reinstall whenever a pyproject or the lock changes.
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(wildcard plugins/*/pyproject.toml) $(wildcard $(LOCK)) | cksum | cut -d' ' -f1)
+# pip run by a test (tests/thirdparty builds a fresh venv) resolves against the lock too.
+PIP_LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
+# `make test-latest`: the newest releases the pyproject ranges allow, no lock, own venv.
+LATEST_VENV := .venv-latest
+LATEST_PY := $(LATEST_VENV)/bin/python
 
-.PHONY: install run test test-fast upstreams system-deps lint fmt check-config bench clean
+.PHONY: install run test test-fast test-latest upstreams system-deps lint fmt lock check-config bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	rm -f $(VENV)/.installed-*
-	# Core and plugins in ONE pip command: an unrelated 'inference-server' exists on PyPI.
-	$(PY) -m pip install --disable-pip-version-check -q -e '.[dev]' $(foreach p,$(PLUGINS),-e $(p))
+	$(PY) -m pip install --disable-pip-version-check -q -c $(LOCK) $(REQUIREMENTS)
 	touch $@
 
 install: $(STAMP)
+
+# Re-resolve every dependency to its newest allowed release (pip's resolver, nothing installed),
+# then `make test` installs and tests exactly that. Commit the lock with the change that needs it.
+lock:
+	$(PYTHON) scripts/lock.py $(LOCK) $(REQUIREMENTS)
 
 run: install
 	$(PY) -m inference_server
@@ -34,16 +48,32 @@ system-deps:
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
 
-test: install upstreams system-deps
-	$(PY) -m pytest
+# Lint first (seconds), then every tier, on the locked versions.
+test: install lint upstreams system-deps
+	$(PIP_LOCKED) $(PY) -m pytest
 
 test-fast: install
-	$(PY) -m pytest -m "not real"
+	$(PIP_LOCKED) $(PY) -m pytest -m "not real"
+
+# The differential tests (fast paths held equal to the libraries they stand in for) against the
+# newest releases, in a venv of their own, to see a library change coming before `make lock`
+# takes it. Not part of `make test`. pytest's exit 5 (nothing marked `differential`) is reported
+# and passes; any other failure fails.
+test-latest:
+	test -x $(LATEST_PY) || $(PYTHON) -m venv $(LATEST_VENV)
+	$(LATEST_PY) -m pip install --disable-pip-version-check -q --upgrade --upgrade-strategy eager \
+	  $(REQUIREMENTS)
+	@$(LATEST_PY) scripts/lock.py --diff $(LOCK)
+	$(LATEST_PY) -m pytest -m differential; rc=$$?; \
+	if [ $$rc -eq 5 ]; then \
+	  echo "test-latest: no test is marked 'differential'; nothing to compare (not a failure)"; \
+	  exit 0; \
+	fi; exit $$rc
 
 lint: install
 	$(PY) -m ruff format --check .
 	$(PY) -m ruff check .
-	$(PY) -m mypy inference_server plugins/*/src tests bench
+	$(PY) -m mypy inference_server plugins/*/src tests bench scripts
 
 fmt: install
 	$(PY) -m ruff format .
@@ -53,4 +83,4 @@ bench: install
 	bash bench/run.sh
 
 clean:
-	rm -rf build dist *.egg-info plugins/*/src/*.egg-info .mypy_cache .ruff_cache
+	rm -rf build dist *.egg-info plugins/*/src/*.egg-info .mypy_cache .ruff_cache $(LATEST_VENV)
