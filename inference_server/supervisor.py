@@ -198,10 +198,22 @@ class Supervisor:
         self.log("INFO", f"worker {worker.pid} is serving", event="worker_ready", pid=worker.pid)
 
     def run(self) -> int:
-        count = self.settings.server.workers
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        """Supervise until SIGTERM/SIGINT or a fatal start-up failure; the exit code."""
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        try:
+            return self._run()
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _run(self) -> int:
+        count = self.settings.server.workers
         self.log("INFO", f"starting {count} workers (supervisor pid {os.getpid()})")
         for _ in range(count):
             self._spawn()
@@ -257,9 +269,6 @@ class Supervisor:
             metrics.worker_exit(worker.pid)
             worker.ready_conn.close()
         self.workers.clear()
-        signal.set_wakeup_fd(-1)
-        self._wake_r.close()
-        self._wake_w.close()
         if self.fatal is not None:
             return 1
         self.log("INFO", "all workers stopped", event="supervisor_stopped")

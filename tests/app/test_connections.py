@@ -476,3 +476,16 @@ async def test_pooled_upstream_connections_close_within_their_keepalive(
 
 def test_the_handler_class_is_aiohttps() -> None:
     assert issubclass(GatewayRequestHandler, web.RequestHandler)
+
+
+def test_the_connection_cap_is_derived_from_the_descriptor_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ulimit -n 1024: at most 480 client connections, so their upstream sockets fit too."""
+    import resource
+
+    from inference_server.server import derived_max_connections
+
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (1024, 4096))
+    assert derived_max_connections(None) == 480
+    assert derived_max_connections(7) == 7
