@@ -8,6 +8,7 @@ free loopback port and speaks raw HTTP/1.1, so what the client sees on the wire 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import json
 import time
@@ -64,6 +65,13 @@ async def connect(listener: Listener) -> tuple[asyncio.StreamReader, asyncio.Str
     return await asyncio.open_connection("127.0.0.1", listener.port)
 
 
+async def shut(writer: asyncio.StreamWriter) -> None:
+    """Close a client connection and wait until it is closed (no leaked transports)."""
+    writer.close()
+    with contextlib.suppress(ConnectionError):
+        await writer.wait_closed()
+
+
 async def read_response(reader: asyncio.StreamReader, timeout: float = 5) -> tuple[int, bytes]:
     """Read one response (status, body) that ends with the connection (Connection: close)."""
     raw = await asyncio.wait_for(reader.read(), timeout)
@@ -98,7 +106,7 @@ async def test_stalled_headers_get_408_and_the_connection_closes(start: Start) -
     assert status == 408
     assert envelope(body)["code"] == "REQUEST_TIMEOUT"
     assert 0.25 <= time.monotonic() - began < 2
-    writer.close()
+    await shut(writer)
 
 
 async def test_trickled_headers_do_not_extend_the_header_timeout(start: Start) -> None:
@@ -117,14 +125,14 @@ async def test_trickled_headers_do_not_extend_the_header_timeout(start: Start) -
     trickler.cancel()
     assert status == 408
     assert time.monotonic() - began < 1.5
-    writer.close()
+    await shut(writer)
 
 
 async def test_a_connection_that_sends_nothing_is_closed(start: Start) -> None:
     listener = await start(header_timeout_secs=0.3)
     reader, writer = await connect(listener)
     assert await closed_within(reader, 3) == b""  # closed, no response: it asked nothing
-    writer.close()
+    await shut(writer)
 
 
 async def test_the_header_timer_runs_again_for_a_second_request(start: Start) -> None:
@@ -137,7 +145,7 @@ async def test_the_header_timer_runs_again_for_a_second_request(start: Start) ->
     writer.write(b"GET / HTTP/1.1\r\nHost")  # a second request that stalls
     rest = await closed_within(reader, 3)
     assert b"HTTP/1.1 408" in rest
-    writer.close()
+    await shut(writer)
 
 
 async def test_a_slow_but_complete_request_is_served(start: Start) -> None:
@@ -149,7 +157,7 @@ async def test_a_slow_but_complete_request_is_served(start: Start) -> None:
     status, body = await read_response(reader)
     assert status == 200
     assert json.loads(body) == {"message": "Ok"}
-    writer.close()
+    await shut(writer)
 
 
 # --- connection cap ------------------------------------------------------------------------
@@ -173,10 +181,9 @@ async def test_connections_over_the_cap_get_a_json_503_and_capacity_returns(
     err = envelope(body)
     assert err["code"] == "GATEWAY_OVERLOADED"
     assert "limit 2" in err["message"]
-    writer.close()
+    await shut(writer)
     # One held connection goes away: a new one is served again.
-    held[0][1].close()
-    await held[0][1].wait_closed()
+    await shut(held[0][1])
     assert listener.factory is not None
     for _ in range(100):
         if listener.factory.open_connections < 2:
@@ -186,8 +193,8 @@ async def test_connections_over_the_cap_get_a_json_503_and_capacity_returns(
     writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     status, _ = await read_response(reader)
     assert status == 200
-    writer.close()
-    held[1][1].close()
+    await shut(writer)
+    await shut(held[1][1])
 
 
 def test_handler_limits_are_passed_explicitly() -> None:
@@ -211,7 +218,7 @@ async def test_a_bad_request_line_is_a_json_400_that_echoes_nothing(start: Start
     assert status == 400
     assert envelope(body)["code"] == "MALFORMED_REQUEST"
     assert b"script" not in body
-    writer.close()
+    await shut(writer)
 
 
 async def test_a_header_over_the_limit_is_a_json_400(start: Start) -> None:
@@ -222,7 +229,7 @@ async def test_a_header_over_the_limit_is_a_json_400(start: Start) -> None:
     assert status == 400
     assert envelope(body)["code"] == "HEADER_TOO_LARGE"
     assert b"AAAA" not in body
-    writer.close()
+    await shut(writer)
 
 
 async def test_legacy_error_format_applies_to_protocol_errors(start: Start) -> None:
@@ -232,7 +239,7 @@ async def test_legacy_error_format_applies_to_protocol_errors(start: Start) -> N
     status, body = await read_response(reader)
     assert status == 400
     assert json.loads(body)["code"] == "MALFORMED_REQUEST"
-    writer.close()
+    await shut(writer)
 
 
 # --- Expect: 100-continue ------------------------------------------------------------------
@@ -250,7 +257,7 @@ async def test_expect_continue_with_an_oversized_length_gets_413_and_no_continue
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 413"), head
     assert b"100 Continue" not in head
-    writer.close()
+    await shut(writer)
 
 
 async def test_expect_continue_within_the_limit_still_continues(start: Start) -> None:
@@ -266,7 +273,7 @@ async def test_expect_continue_within_the_limit_still_continues(start: Start) ->
     status, body = await read_response(reader)
     assert status == 200
     assert json.loads(body)["object"] == "chat.completion"
-    writer.close()
+    await shut(writer)
 
 
 # --- body-read timeouts (read_body) --------------------------------------------------------
@@ -319,7 +326,7 @@ async def raw_post(
             return head + await asyncio.wait_for(reader.readexactly(length), 10)
         finally:
             feeder.cancel()
-            writer.close()
+            await shut(writer)
 
     return asyncio.create_task(answer())
 
@@ -379,6 +386,25 @@ async def test_read_body_refuses_a_chunked_body_that_grows_too_large(
 
     async with session.post(f"http://127.0.0.1:{port}/", data=chunks()) as resp:
         assert resp.status == 413
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the chat body reader does not call server.read_body yet (to be wired by the lead); "
+    "when it does, this passes and the marker must go",
+)
+async def test_a_stalled_chat_body_gets_408(start: Start) -> None:
+    listener = await start(body_idle_timeout_secs=0.3, body_timeout_secs=1, shutdown_timeout_secs=1)
+    reader, writer = await connect(listener)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b'Content-Length: 100\r\n\r\n{"messages"'
+    )
+    try:
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 3)
+    finally:
+        await shut(writer)
+    assert head.startswith(b"HTTP/1.1 408")
 
 
 # --- the shutdown deadline -----------------------------------------------------------------
@@ -472,6 +498,7 @@ async def test_pooled_upstream_connections_close_within_their_keepalive(
     assert len(closed_at) == 1  # one connection, reused
     assert closed_at[0] - last_use <= 1.0 + 0.25
     upstream.close()
+    await upstream.wait_closed()
 
 
 def test_the_handler_class_is_aiohttps() -> None:
