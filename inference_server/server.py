@@ -31,7 +31,7 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import orjson
 from aiohttp import http_exceptions, web
@@ -46,6 +46,7 @@ from inference_server.errors import (
     error_body,
 )
 from inference_server.keys import SETTINGS
+from inference_server.middlewares import error_response
 from inference_server.settings import ServerSettings
 
 # --- errors this module reports ------------------------------------------------------------
@@ -154,18 +155,22 @@ async def read_body(
     return b"".join(parts)
 
 
-async def expect_continue(request: web.Request) -> None:
+async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """Route ``expect_handler``: ``100 Continue`` only for a body the gateway would accept.
 
     A ``Content-Length`` over ``client_max_size`` gets no ``100 Continue``; the request then goes
     on to :func:`deadline_guard`, which answers 413 without reading the body.  Any other
-    ``Expect`` value gets 417, as aiohttp's default handler does.
+    ``Expect`` value gets 417 (as aiohttp's default handler does, but as the JSON envelope).
     """
     expect = request.headers.get("Expect", "")
+    settings = request.app[SETTINGS].server
     if expect.lower() != "100-continue":
-        raise web.HTTPExpectationFailed(text="Unsupported Expect header")
+        err = InvalidRequest(
+            "Unsupported Expect header (only 100-continue)", code="EXPECTATION_FAILED", status=417
+        )
+        return error_response(err, settings.error_format)
     length = request.content_length
-    if length is not None and length > request.app[SETTINGS].server.max_body_bytes:
+    if length is not None and length > settings.max_body_bytes:
         return None
     if request.version >= (1, 1):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -312,7 +317,7 @@ class _Refuse(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         transport.write(self._response)
         # Half-close and read what the client still sends, so its request does not meet a
         # closed socket (a reset could destroy the 503 before the client reads it).
@@ -414,7 +419,9 @@ class GatewayRequestHandler(web.RequestHandler):
         transport = self.transport
         if self._gw_in_request or transport is None or transport.is_closing():
             return
-        if self._gw_partial:
+        # A 408 only on a quiet connection: a previous response still in the write buffer
+        # (a client that does not read) must not get bytes spliced into it; it is just closed.
+        if self._gw_partial and transport.get_write_buffer_size() == 0:
             limits = self._gw_factory.limits
             err = RequestTimeout(
                 f"Request headers not received within {limits.header_timeout_secs:g} s"

@@ -276,6 +276,19 @@ async def test_expect_continue_within_the_limit_still_continues(start: Start) ->
     await shut(writer)
 
 
+async def test_an_unknown_expectation_is_a_json_417(start: Start) -> None:
+    listener = await start()
+    reader, writer = await connect(listener)
+    writer.write(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: 2\r\nExpect: teapot\r\nConnection: close\r\n\r\n{}"
+    )
+    status, body = await read_response(reader)
+    assert status == 417
+    assert envelope(body)["code"] == "EXPECTATION_FAILED"
+    await shut(writer)
+
+
 # --- body-read timeouts (read_body) --------------------------------------------------------
 
 

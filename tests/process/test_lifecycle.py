@@ -23,7 +23,13 @@ from tests.process.test_server_process import (
     mock_config,
     serving_workers,
 )
-from tests.support.procs import child_pids, connection_owner, wait_for_lines
+from tests.support.procs import (
+    child_pids,
+    connection_owner,
+    free_port,
+    running_process,
+    wait_for_lines,
+)
 
 
 class SilentUpstream:
@@ -238,3 +244,66 @@ def test_a_killed_worker_is_replaced_and_leaves_no_stale_gauges(tmp_path: Path) 
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
     assert WORKER_SERVING.search((tmp_path / "server.log").read_text())
+
+
+def test_stalled_clients_at_a_low_file_limit_get_503s_and_the_server_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    """ulimit -n 128: the derived cap is (128 - 64) / 2 = 32 connections.  100 clients that
+    never finish their headers: those over the cap get a JSON 503 at once, the rest are cut at
+    the header timeout, nothing runs out of descriptors, and the server answers afterwards."""
+    port = free_port()
+    settings = tmp_path / "settings.yaml"
+    config = {**mock_config(), "server": {"header_timeout_secs": 1}}
+    settings.write_text(json.dumps({"default": config}))
+    cmd = [
+        "sh",
+        "-c",
+        'ulimit -n 128 && exec "$0" "$@"',
+        sys.executable,
+        "-m",
+        "inference_server",
+        "--config",
+        str(settings),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+    ]
+    with running_process(
+        cmd, env=None, ready_url=f"http://127.0.0.1:{port}/", timeout=30, log_path=tmp_path / "log"
+    ) as proc:
+        clients = []
+        for _ in range(100):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")  # never ends
+            clients.append(sock)
+        answers = []
+        for sock in clients:
+            data = b""
+            try:
+                while chunk := sock.recv(65536):  # until the server closes (bounded by timeout)
+                    data += chunk
+            except ConnectionResetError:
+                data += b"<RESET>"
+            answers.append(data)
+            sock.close()
+        refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+        timed_out = [a for a in answers if a.startswith(b"HTTP/1.1 408")]
+        assert len(refused) >= 100 - 32
+        assert len(refused) + len(timed_out) == 100
+        assert b'"GATEWAY_OVERLOADED"' in refused[0]
+        assert proc.poll() is None
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=b'{"messages": [{"role": "user", "content": "hi"}]}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert conn.getresponse().status == 200
+        conn.close()
+    log = (tmp_path / "log").read_text()
+    assert "Too many open files" not in log
+    assert "Traceback" not in log
+    assert "connection cap reached" in log
