@@ -55,7 +55,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _serve(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | None = None) -> int:
+def _serve(
+    settings: Settings,
+    reuse_port: bool,
+    on_ready: Callable[[], None] | None = None,
+    parent_pid: int | None = None,
+) -> int:
     """Run one worker until SIGTERM/SIGINT; its exit code (3: it could not bind).
 
     Logging, uvloop, the app, then ``server.serve``: bind first (a busy port is one clear log
@@ -97,7 +102,14 @@ def _serve(settings: Settings, reuse_port: bool, on_ready: Callable[[], None] | 
         app = create_app(settings)
         try:
             loop.run_until_complete(
-                serve(app, settings.server, reuse_port=reuse_port, on_ready=on_ready, banner=banner)
+                serve(
+                    app,
+                    settings.server,
+                    reuse_port=reuse_port,
+                    on_ready=on_ready,
+                    banner=banner,
+                    parent_pid=parent_pid,
+                )
             )
         except BindError as exc:
             logger.error("{}", exc)
@@ -123,7 +135,8 @@ def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def _worker(settings: Settings, on_ready: Callable[[], None]) -> int:
-    return _serve(settings, True, on_ready)
+    """A supervised worker (forked: its parent is the supervisor, which it watches)."""
+    return _serve(settings, True, on_ready, parent_pid=os.getppid())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import resource
 import signal
 import socket
@@ -597,6 +598,10 @@ class Listener:
         await self.runner.cleanup()
 
 
+#: How often a supervised worker checks that its supervisor is still alive.
+PARENT_CHECK_SECS = 1.0
+
+
 async def serve(
     app: web.Application,
     server: ServerSettings,
@@ -604,14 +609,32 @@ async def serve(
     reuse_port: bool,
     on_ready: Callable[[], None] | None = None,
     banner: Callable[[int], None] | None = None,
+    parent_pid: int | None = None,
 ) -> None:
-    """Run one worker until SIGTERM/SIGINT; BindError before anything started if it cannot bind."""
+    """Run one worker until SIGTERM/SIGINT; BindError before anything started if it cannot bind.
+
+    With ``parent_pid`` (a supervised worker) it also stops, gracefully, when that process is
+    gone (its parent pid changes), so a supervisor killed with SIGKILL leaves no orphan holding
+    the port.
+    """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     listener = Listener(app, server, reuse_port=reuse_port)
     await listener.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch: asyncio.TimerHandle | None = None
+
+    def check_parent() -> None:
+        nonlocal watch
+        if os.getppid() != parent_pid:
+            logger.warning("the supervisor (pid {}) is gone: stopping", parent_pid)
+            stop.set()
+        else:
+            watch = loop.call_later(PARENT_CHECK_SECS, check_parent)
+
+    if parent_pid is not None:
+        watch = loop.call_later(PARENT_CHECK_SECS, check_parent)
     if banner is not None:
         banner(listener.port)
     if on_ready is not None:
@@ -622,4 +645,6 @@ async def serve(
             "shutting down: in-flight requests get up to {} s", server.shutdown_timeout_secs
         )
     finally:
+        if watch is not None:
+            watch.cancel()
         await listener.stop()

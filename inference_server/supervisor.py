@@ -7,7 +7,9 @@ listens, or soon after, is a start-up failure: the replacement waits
 after ``server.worker_max_boot_failures`` in a row the server stops with exit code 1 and says
 why.  A worker that cannot start at all (exit code 3: busy port, bad address) stops the server at
 once.  SIGTERM/SIGINT go to every worker; the parent waits for them (at most the shutdown
-timeout plus a grace, then SIGKILL) and exits 0 when they stopped cleanly.
+timeout plus a grace, then SIGKILL) and exits 0 when they stopped cleanly.  A worker whose
+supervisor is gone (killed with SIGKILL) notices within a second and stops by itself
+(``server.serve(parent_pid=...)``), so no orphan keeps the port.
 
 The parent never starts threads (forking a process that has threads can deadlock the child), so
 it does not use the workers' batched log sink: its few lines are written directly, in the

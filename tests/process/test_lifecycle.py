@@ -307,3 +307,27 @@ def test_stalled_clients_at_a_low_file_limit_get_503s_and_the_server_keeps_servi
     assert "Too many open files" not in log
     assert "Traceback" not in log
     assert "connection cap reached" in log
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "\nState:\tZ" not in status
+
+
+def test_workers_stop_when_the_supervisor_is_killed(tmp_path: Path) -> None:
+    config = {**mock_config(), "server": {"shutdown_timeout_secs": 1}}
+    with gateway(tmp_path, config, "--workers", "2") as (proc, port):
+        workers = serving_workers(tmp_path, 2)
+        proc.kill()  # SIGKILL to the supervisor only: the workers are orphaned
+        proc.wait(timeout=10)
+        deadline = time.monotonic() + 15
+        while any(alive(pid) for pid in workers):
+            assert time.monotonic() < deadline, "orphaned workers still running"
+            time.sleep(0.1)
+        with socket.socket() as probe:  # nobody listens on the port any more
+            assert probe.connect_ex(("127.0.0.1", port)) != 0
+    assert "the supervisor" in (tmp_path / "server.log").read_text()
