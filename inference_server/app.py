@@ -33,6 +33,7 @@ from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
 from inference_server.routes import setup_routes
 from inference_server.routing import Router
+from inference_server.server import IN_FLIGHT, InFlight, cut_at_deadline, deadline_guard
 from inference_server.settings import Settings
 from inference_server.telemetry import Telemetry
 
@@ -41,13 +42,27 @@ def _dumps(obj: object) -> str:
     return orjson.dumps(obj).decode()
 
 
+def pool_keepalive(secs: float) -> float:
+    """The connector's ``keepalive_timeout`` that closes idle upstream connections within
+    ``secs`` of their last use (0: no reuse, as before).
+
+    aiohttp closes idle pooled connections in a sweep that runs every ``keepalive_timeout``
+    and drops those idle for at least that long, so a connection released just after a sweep
+    lived up to twice the setting (a 30 s setting: up to 60 s, past the upstream's own
+    keep-alive, where a reused connection meets a server that already closed it).  Half the
+    setting bounds the idle life by the setting itself (a connection idle longer than half of it
+    is not reused, aiohttp checks that on acquire).
+    """
+    return secs / 2
+
+
 async def _http_session_ctx(app: web.Application) -> AsyncIterator[None]:
     """The one pooled ClientSession every provider shares (keep-alive, limits from settings)."""
     hc = app[SETTINGS].http_client
     connector = aiohttp.TCPConnector(
         limit=hc.pool_size,
         limit_per_host=hc.pool_size_per_host,
-        keepalive_timeout=hc.keepalive_timeout_secs,
+        keepalive_timeout=pool_keepalive(hc.keepalive_timeout_secs),
         ttl_dns_cache=int(hc.dns_cache_secs) or None,
     )
     session = aiohttp.ClientSession(
@@ -158,38 +173,31 @@ async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
     await logs.complete()
 
 
-async def _cut_streams_at_deadline(app: web.Application) -> None:
-    """on_shutdown: streams still open just before the shutdown deadline get cut cleanly.
+async def _cut_at_deadline(app: web.Application) -> None:
+    """on_shutdown: every request still running just before the deadline is answered.
 
-    aiohttp waits ``shutdown_timeout`` for handlers, then cancels them and closes their sockets in
-    the same tick, which would leave a stream silently truncated.  Cancelling them a little
-    earlier ourselves lets each one write its in-band error event and finish the HTTP message.
+    Streams end with their in-band error event, requests that sent nothing yet get a 503 JSON
+    (see ``server.deadline_guard``), instead of aiohttp cancelling them and closing their
+    sockets in the same tick at (or, for a second ``shutdown_timeout``, after) the deadline.
     """
-    timeout = app[SETTINGS].server.shutdown_timeout_secs
-    margin = min(0.5, timeout / 10)
-    streams = app[OPEN_STREAMS]
-
-    def cut() -> None:
-        for task in tuple(streams):
-            task.cancel()
-
-    if streams:
-        asyncio.get_running_loop().call_later(max(0.0, timeout - margin), cut)
+    await cut_at_deadline(app, app[SETTINGS].server.shutdown_timeout_secs)
 
 
 def create_app(settings: Settings) -> web.Application:
     """Assemble the gateway for already-validated ``settings``."""
     app = web.Application(
-        middlewares=[request_context, error_envelope],
+        # deadline_guard innermost: its 503 at the shutdown deadline goes through the envelope.
+        middlewares=[request_context, error_envelope, deadline_guard],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics)
     open_streams: set[asyncio.Task[Any]] = set()
     app[OPEN_STREAMS] = open_streams
+    app[IN_FLIGHT] = InFlight()
     background: set[asyncio.Task[None]] = set()
     app[BACKGROUND] = background
-    app.on_shutdown.append(_cut_streams_at_deadline)
+    app.on_shutdown.append(_cut_at_deadline)
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(_providers_ctx)

@@ -2,17 +2,19 @@
 [--workers N] [--check-config] [--print-config]``.
 
 Settings are validated completely before anything binds; ``--workers N`` forks N processes that
-share one port through SO_REUSEPORT (each with its own event loop, session and providers).
+share one port through SO_REUSEPORT (each with its own event loop, session and providers),
+supervised by the parent (see supervisor.py).  Exit codes: 0 clean stop, 1 bad settings or a
+failed stop, 3 cannot listen (busy port).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
-import multiprocessing
 import os
-import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -20,6 +22,7 @@ import orjson
 from inference_server import __version__, metrics
 from inference_server.providers.loader import installed_plugins
 from inference_server.settings import ConfigError, Settings, load_settings, masked
+from inference_server.supervisor import EXIT_CANNOT_START, Supervisor
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,26 +55,26 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _serve(settings: Settings, reuse_port: bool) -> None:
-    """Run one worker: logging, uvloop, the app, graceful shutdown on SIGTERM/SIGINT."""
+def _serve(
+    settings: Settings,
+    reuse_port: bool,
+    on_ready: Callable[[], None] | None = None,
+    parent_pid: int | None = None,
+) -> int:
+    """Run one worker until SIGTERM/SIGINT; its exit code (3: it could not bind).
+
+    Logging, uvloop, the app, then ``server.serve``: bind first (a busy port is one clear log
+    line and exit code 3, no traceback), start the app, listen, and only then log "listening".
+    """
     import uvloop
-    from aiohttp import web
 
+    from inference_server import logs
     from inference_server.app import create_app
-    from inference_server.logs import setup_logging
+    from inference_server.server import BindError, serve
 
-    setup_logging(settings.logging)
+    logs.setup_logging(settings.logging)
     from loguru import logger
 
-    logger.info(
-        "inference-server {} (env {}) on http://{}:{} pid {} providers: {}",
-        __version__,
-        settings.env,
-        settings.server.host,
-        settings.server.port,
-        os.getpid(),
-        ", ".join(f"{n} ({c.plugin} → {c.base_url})" for n, c in settings.providers.items()),
-    )
     # Everything allocated so far (modules, settings, plugins) lives for the whole process:
     # move it out of the cyclic GC's reach so collections triggered by per-request garbage do
     # not rescan it every time.  A larger young generation lets a request's cyclic garbage die
@@ -80,54 +83,60 @@ def _serve(settings: Settings, reuse_port: bool) -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 10, 10)
-    loop = uvloop.new_event_loop()
-    try:
-        web.run_app(
-            create_app(settings),
-            host=settings.server.host,
-            port=settings.server.port,
-            reuse_port=reuse_port or None,
-            shutdown_timeout=settings.server.shutdown_timeout_secs,
-            handler_cancellation=True,
-            access_log=None,
-            print=None,
-            loop=loop,
+
+    def banner(port: int) -> None:
+        logger.info(
+            "inference-server {} (env {}) listening on http://{}:{} pid {} providers: {}",
+            __version__,
+            settings.env,
+            settings.server.host,
+            port,
+            os.getpid(),
+            ", ".join(f"{n} ({c.plugin} → {c.base_url})" for n, c in settings.providers.items()),
         )
-    finally:
-        metrics.worker_exit()  # this worker's live gauges leave the merged view
 
-
-def _run_workers(settings: Settings) -> int:
-    """Fork ``workers`` processes on one port; forward SIGTERM/SIGINT; exit when all exit."""
-    ctx = multiprocessing.get_context("fork")
-    procs = [
-        ctx.Process(target=_serve, args=(settings, True), daemon=False)
-        for _ in range(settings.server.workers)
-    ]
-    for proc in procs:
-        proc.start()
-
-    forwarded: set[int] = set()
-
-    def forward(signum: int, _frame: object) -> None:
-        forwarded.add(signum)
-        for proc in procs:
-            if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signum)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
     code = 0
-    for proc in procs:
-        proc.join()
-        if proc.pid is not None:
-            metrics.worker_exit(proc.pid)  # also when it died without running its own
-        exitcode = proc.exitcode or 0
-        # A worker still starting up when we forwarded SIGTERM dies of it: that is a clean stop.
-        if exitcode < 0 and -exitcode in forwarded:
-            exitcode = 0
-        code = code or exitcode
+    try:
+        app = create_app(settings)
+        try:
+            loop.run_until_complete(
+                serve(
+                    app,
+                    settings.server,
+                    reuse_port=reuse_port,
+                    on_ready=on_ready,
+                    banner=banner,
+                    parent_pid=parent_pid,
+                )
+            )
+        except BindError as exc:
+            logger.error("{}", exc)
+            code = EXIT_CANNOT_START
+    finally:
+        try:
+            _finish_loop(loop)
+            loop.run_until_complete(logs.complete())
+        finally:
+            loop.close()
+            metrics.worker_exit()  # this worker's live gauges leave the merged view
     return code
+
+
+def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left (as ``web.run_app`` does) and close async generators."""
+    tasks = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in tasks:
+        task.cancel()
+    if tasks:
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+
+
+def _worker(settings: Settings, on_ready: Callable[[], None]) -> int:
+    """A supervised worker (forked: its parent is the supervisor, which it watches)."""
+    return _serve(settings, True, on_ready, parent_pid=os.getppid())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,8 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     cleanup_metrics = metrics.prepare_multiprocess(settings.metrics, settings.server.workers)
     try:
         if settings.server.workers > 1:
-            return _run_workers(settings)
-        _serve(settings, reuse_port=False)
-        return 0
+            return Supervisor(settings, _worker).run()
+        return _serve(settings, reuse_port=False)
     finally:
         cleanup_metrics()

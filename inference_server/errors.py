@@ -8,6 +8,7 @@ non-streaming response, the terminal SSE event and the legacy flat shape can nev
 
 from __future__ import annotations
 
+import errno
 import math
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
@@ -171,16 +172,58 @@ class InternalError(GatewayError):
     """A bug in the gateway; the client sees a generic message, the log the traceback."""
 
 
-class LocalResourceError(GatewayError):
-    """The gateway itself ran out of a local resource (file descriptors, memory) (503).
+class RequestTimeout(GatewayError):
+    """The client did not send its request (headers or body) in time (408)."""
 
-    Not the provider's fault: it is never counted against a deployment's breaker.
+    status = 408
+    type = "invalid_request_error"
+    default_code = "REQUEST_TIMEOUT"
+
+
+class LocalResourceExhausted(GatewayError):
+    """The gateway itself ran out of a local resource (file descriptors, memory, ports) (503).
+
+    Not ``retryable`` inside the request (another deployment would need the same resource) and
+    not a provider failure, so it neither trips a breaker nor marks a provider unhealthy.  The
+    client may retry shortly, which the headers say.
     """
 
     status = 503
     type = "server_error"
     default_code = "GATEWAY_OVERLOADED"
-    retryable = False
+
+    def response_headers(self) -> dict[str, str]:
+        headers = super().response_headers()
+        headers["x-should-retry"] = "true"
+        headers.setdefault("Retry-After", "1")
+        return headers
+
+
+#: errno values that mean "this process or host is out of something", not "the peer failed".
+LOCAL_RESOURCE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS, errno.EADDRNOTAVAIL}
+)
+
+
+def local_resource_error(exc: BaseException) -> LocalResourceExhausted | None:
+    """A :class:`LocalResourceExhausted` if ``exc`` (or what caused it) is a local resource
+    failure, else None.
+
+    aiohttp's ``ClientConnectorError`` and ``ClientOSError`` are ``OSError``s carrying the
+    original ``errno``; the cause chain is walked too (a few levels), since a provider may
+    wrap the error.  Called where connection errors become ``ProviderConnectionFailed``.
+    """
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 8:
+        if isinstance(current, OSError) and current.errno in LOCAL_RESOURCE_ERRNOS:
+            name = errno.errorcode.get(current.errno, str(current.errno))
+            return LocalResourceExhausted(
+                f"The gateway is out of local resources ({name}); retry shortly"
+            )
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
 
 
 # --- upstream (provider) errors ------------------------------------------------------------

@@ -42,6 +42,7 @@ from inference_server.keys import (
 from inference_server.providers.base import CallContext, ChatChunk
 from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease
 from inference_server.schemas import validate_chat
+from inference_server.server import read_body
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
 
@@ -53,7 +54,13 @@ async def read_json(request: web.Request) -> Any:
         raise UnsupportedMediaType(
             f"Content-Type must be application/json, got '{ctype or 'none'}'"
         )
-    raw = await request.read()  # aiohttp enforces client_max_size (413)
+    server = request.app[SETTINGS].server
+    raw = await read_body(  # 413 over max_body_bytes, 408 when it stalls
+        request,
+        max_bytes=server.max_body_bytes,
+        total_secs=server.body_timeout_secs,
+        idle_secs=server.body_idle_timeout_secs,
+    )
     if not raw:
         raise InvalidRequest("Request body is empty", code="INVALID_JSON")
     try:

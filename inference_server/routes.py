@@ -10,6 +10,7 @@ from aiohttp import web
 from inference_server.errors import Forbidden, Unauthorized
 from inference_server.keys import HEALTH, METRICS, ROUTER, SETTINGS
 from inference_server.pipeline import chat_completions
+from inference_server.server import expect_continue
 
 _OK = orjson.dumps({"message": "Ok"})
 
@@ -86,5 +87,5 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
-    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
     app.router.add_get("/admin/experiments", admin_experiments)

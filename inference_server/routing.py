@@ -24,7 +24,7 @@ from inference_server.breaker import CircuitBreaker, Listener
 from inference_server.errors import (
     GatewayError,
     InvalidRequest,
-    LocalResourceError,
+    LocalResourceExhausted,
     ModelNotFound,
     NoDeploymentAvailable,
     ProviderRateLimited,
@@ -530,7 +530,7 @@ class Plan:
             breaker.release(probe=lease.probe)
         elif isinstance(exc, ProviderRejected | InvalidRequest):
             breaker.record_success(probe=lease.probe)  # it answered: alive
-        elif isinstance(exc, LocalResourceError):
+        elif isinstance(exc, LocalResourceExhausted):
             breaker.release(probe=lease.probe)  # our own shortage, not the upstream's fault
         else:
             breaker.record_failure(exc.code, exc.message, probe=lease.probe)

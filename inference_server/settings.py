@@ -43,6 +43,28 @@ CORE_SCHEMA: dict[str, Any] = {
         "max_body_bytes": S((int,), 10 * 1024 * 1024, gte=1024),
         "error_format": S((str,), "openai", choices=("openai", "legacy")),
         "shutdown_timeout_secs": S(_NUM, 30, gte=0, lte=3600),
+        "header_timeout_secs": S(
+            _NUM, 10, gte=0.01, lte=3600, description="request line + headers must arrive in this"
+        ),
+        "body_timeout_secs": S(_NUM, 30, gte=0.01, lte=86400, description="whole request body"),
+        "body_idle_timeout_secs": S(
+            _NUM, 10, gte=0.01, lte=86400, description="longest gap while a body is read"
+        ),
+        "keepalive_timeout_secs": S(_NUM, 75, gte=0.1, lte=86400),
+        "max_connections": S(
+            (int,),
+            None,
+            gte=1,
+            lte=10_000_000,
+            nullable=True,
+            description="open client connections per worker (null: from RLIMIT_NOFILE)",
+        ),
+        "worker_restart_backoff_secs": S(
+            _NUM, 1, gte=0, lte=600, description="first wait before restarting a failing worker"
+        ),
+        "worker_max_boot_failures": S(
+            (int,), 5, gte=1, lte=1000, description="consecutive start-up deaths before giving up"
+        ),
         "admin_token": S(
             (str,),
             None,
@@ -194,6 +216,13 @@ class ServerSettings:
     max_body_bytes: int
     error_format: str
     shutdown_timeout_secs: float
+    header_timeout_secs: float = 10.0
+    body_timeout_secs: float = 30.0
+    body_idle_timeout_secs: float = 10.0
+    keepalive_timeout_secs: float = 75.0
+    max_connections: int | None = None
+    worker_restart_backoff_secs: float = 1.0
+    worker_max_boot_failures: int = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -659,6 +688,13 @@ def load_settings(
             max_body_bytes=srv["max_body_bytes"],
             error_format=srv["error_format"].lower(),
             shutdown_timeout_secs=float(srv["shutdown_timeout_secs"]),
+            header_timeout_secs=float(srv["header_timeout_secs"]),
+            body_timeout_secs=float(srv["body_timeout_secs"]),
+            body_idle_timeout_secs=float(srv["body_idle_timeout_secs"]),
+            keepalive_timeout_secs=float(srv["keepalive_timeout_secs"]),
+            max_connections=srv["max_connections"],
+            worker_restart_backoff_secs=float(srv["worker_restart_backoff_secs"]),
+            worker_max_boot_failures=srv["worker_max_boot_failures"],
         ),
         default_model=inf["default_model"],
         allowed_models=tuple(str(m) for m in inf["allowed_models"]),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -20,7 +19,6 @@ import orjson
 from inference_server.errors import (
     QUOTA_CODES,
     GatewayError,
-    LocalResourceError,
     ProviderAuthFailed,
     ProviderBadResponse,
     ProviderConnectionFailed,
@@ -30,6 +28,7 @@ from inference_server.errors import (
     ProviderRejected,
     ProviderTimeout,
     StreamInterrupted,
+    local_resource_error,
 )
 from inference_server.providers.base import (
     CallContext,
@@ -41,10 +40,6 @@ from inference_server.providers.base import (
     Provider,
 )
 from inference_server.providers.sse import sse_events
-
-#: Connect errors that are the gateway's own shortage (file descriptors, memory, ports), not
-#: the upstream's fault: never counted against its breaker.
-LOCAL_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -158,19 +153,12 @@ def map_client_exception(provider: str, exc: BaseException) -> GatewayError:
     """Translate an aiohttp/asyncio failure talking to the upstream into our hierarchy."""
     if isinstance(exc, GatewayError):
         return exc
+    local = local_resource_error(exc)
+    if local is not None:
+        return local  # the gateway's own shortage: never blamed on the provider
     if isinstance(exc, aiohttp.ClientConnectorError):
-        if exc.os_error.errno in LOCAL_RESOURCE_ERRNOS:
-            return LocalResourceError(
-                f"The gateway is out of local resources ({exc.os_error.strerror}); "
-                f"provider '{provider}' was not reached"
-            )
         return ProviderConnectionFailed(
             f"Connection failed: error sending request to provider '{provider}' ({exc.os_error})"
-        )
-    if isinstance(exc, OSError) and exc.errno in LOCAL_RESOURCE_ERRNOS:
-        return LocalResourceError(
-            f"The gateway is out of local resources ({exc.strerror}); "
-            f"provider '{provider}' was not reached"
         )
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
         return ProviderTimeout(f"Provider '{provider}' timed out")
@@ -196,8 +184,8 @@ def stream_failure(
     after = f" after {chunks} chunk{'s' if chunks != 1 else ''}" if chunks is not None else ""
     if isinstance(err, ProviderTimeout):
         what = f"sent nothing for longer than the stream's idle timeout{after}"
-    elif isinstance(err, LocalResourceError):
-        return err
+    elif not isinstance(err, ProviderError):
+        return err  # e.g. the gateway's own resource shortage
     else:
         what = f"closed the stream{after} before it was complete"
     return StreamInterrupted(f"The upstream (provider '{provider}') {what}")

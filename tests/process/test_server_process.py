@@ -5,11 +5,11 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,8 +17,15 @@ from typing import Any
 
 import pytest
 
-from tests.support.procs import free_port, running_process
+from tests.support.procs import (
+    child_pids,
+    connection_owner,
+    free_port,
+    running_process,
+    wait_for_lines,
+)
 
+WORKER_SERVING = re.compile(r"worker (\d+) is serving")
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
 
 
@@ -62,13 +69,15 @@ def mock_config(**options: Any) -> dict[str, Any]:
     return {"inference": {"provider": "mock", "options": options}}
 
 
-def stream_body(port: int, result: dict[str, Any]) -> None:
+def stream_body(port: int, result: dict[str, Any], started: threading.Event | None = None) -> None:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request(
         "POST", "/v1/chat/completions", body=CHAT, headers={"Content-Type": "application/json"}
     )
-    resp = conn.getresponse()
+    resp = conn.getresponse()  # the gateway sends its 200 only after the first upstream chunk
     result["status"] = resp.status
+    if started is not None:
+        started.set()
     try:
         result["body"] = resp.read().decode()
     except http.client.IncompleteRead as exc:  # a cut response: the test asserts on it
@@ -84,9 +93,10 @@ def test_sigterm_lets_an_open_stream_finish(tmp_path: Path) -> None:
     }
     with gateway(tmp_path, config) as (proc, port):
         result: dict[str, Any] = {}
-        reader = threading.Thread(target=stream_body, args=(port, result))
+        started = threading.Event()
+        reader = threading.Thread(target=stream_body, args=(port, result, started))
         reader.start()
-        time.sleep(0.3)  # the stream is under way (it lasts ~1 s)
+        assert started.wait(timeout=20)  # the stream is under way (it lasts ~1 s)
         proc.send_signal(signal.SIGTERM)
         reader.join(timeout=20)
         assert proc.wait(timeout=20) == 0
@@ -102,9 +112,10 @@ def test_shutdown_deadline_ends_long_streams_with_an_error_event(tmp_path: Path)
     }
     with gateway(tmp_path, config) as (proc, port):
         result: dict[str, Any] = {}
-        reader = threading.Thread(target=stream_body, args=(port, result))
+        started = threading.Event()
+        reader = threading.Thread(target=stream_body, args=(port, result, started))
         reader.start()
-        time.sleep(0.3)
+        assert started.wait(timeout=20)
         proc.send_signal(signal.SIGTERM)
         reader.join(timeout=20)
         proc.wait(timeout=20)
@@ -123,19 +134,38 @@ def test_shutdown_deadline_ends_long_streams_with_an_error_event(tmp_path: Path)
     assert "error=SERVICE_UNAVAILABLE" in access[-1]
 
 
+def serving_workers(tmp_path: Path, count: int) -> list[int]:
+    """Pids of the first ``count`` workers the supervisor saw listening (bounded wait)."""
+    lines = wait_for_lines(
+        tmp_path / "server.log", lambda line: WORKER_SERVING.search(line) is not None, count, 30
+    )
+    return [int(m.group(1)) for line in lines if (m := WORKER_SERVING.search(line))]
+
+
+def get_on_new_connection(port: int, path: str, workers: list[int]) -> tuple[int, int | None]:
+    """GET ``path`` on a fresh connection: (status, the worker pid that answered it)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    conn.request("GET", path)
+    resp = conn.getresponse()
+    resp.read()
+    assert conn.sock is not None
+    owner = connection_owner(port, conn.sock.getsockname()[1], workers)  # still open
+    conn.close()
+    return resp.status, owner
+
+
 def test_workers_share_one_port(tmp_path: Path) -> None:
     with gateway(tmp_path, mock_config(), "--workers", "2") as (proc, port):
-        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        assert len(children) == 2
-        deadline = time.monotonic() + 20
-        for pid in children:  # each worker is ready before we count requests
-            while not Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
-        for _ in range(20):
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            conn.request("GET", "/health")
-            assert conn.getresponse().status == 200
-            conn.close()
+        workers = serving_workers(tmp_path, 2)
+        assert sorted(workers) == sorted(child_pids(proc.pid))
+        answered: set[int | None] = set()
+        for _ in range(200):  # new connections until each worker answered one (2^-200 odds)
+            status, owner = get_on_new_connection(port, "/health", workers)
+            assert status == 200
+            answered.add(owner)
+            if answered == set(workers):
+                break
+        assert answered == set(workers)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0
 
@@ -235,8 +265,9 @@ def test_experiment_is_sticky_across_two_workers(tmp_path: Path) -> None:
     }
     body = json.dumps({"model": "assistant", "messages": [{"role": "user", "content": "x"}]})
     with gateway(tmp_path, config, "--workers", "2") as (proc, port):
-        time.sleep(1.0)  # both workers up (the readiness probe saw only one)
+        workers = serving_workers(tmp_path, 2)  # both listen (the readiness probe saw one)
         variants: dict[str, set[str]] = {}
+        answered: dict[str, set[int | None]] = {}
         for i in range(120):
             session = f"s{i % 6}"
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # new connection:
@@ -249,12 +280,17 @@ def test_experiment_is_sticky_across_two_workers(tmp_path: Path) -> None:
             resp = conn.getresponse()
             resp.read()
             assert resp.status == 200
+            assert conn.sock is not None
+            owner = connection_owner(port, conn.sock.getsockname()[1], workers)
             variants.setdefault(session, set()).add(resp.headers["x-inference-variant"])
+            answered.setdefault(session, set()).add(owner)
             conn.close()
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
     assert all(len(v) == 1 for v in variants.values()), variants
     assert len({next(iter(v)) for v in variants.values()}) == 2  # both variants in use
+    # Stickiness across workers means something only if both workers answered a session.
+    assert any(owners == set(workers) for owners in answered.values()), answered
 
 
 def test_braces_in_a_path_are_logged_not_interpreted(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _POLL_INTERVAL = 0.1
@@ -124,3 +124,75 @@ def running_process(
         yield proc
     finally:
         _stop_group(proc)
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (Linux /proc)."""
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    try:
+        return [int(p) for p in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def _socket_inodes(local_port: int, remote_port: int) -> set[str]:
+    """Inodes of loopback TCP sockets from ``local_port`` to ``remote_port`` (/proc/net/tcp*)."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, inode = fields[1], fields[2], fields[9]
+            if (
+                int(local.rsplit(":", 1)[1], 16) == local_port
+                and int(remote.rsplit(":", 1)[1], 16) == remote_port
+            ):
+                inodes.add(inode)
+    return inodes
+
+
+def connection_owner(server_port: int, client_port: int, pids: list[int]) -> int | None:
+    """Which of ``pids`` holds the server side of the connection from ``client_port``.
+
+    With ``--workers`` the kernel hands each connection to one worker (SO_REUSEPORT); this
+    tells a test which one, so it can assert that every worker answered or kill the one
+    serving a given request.  None if no process in ``pids`` holds it (yet).
+    """
+    inodes = {f"socket:[{i}]" for i in _socket_inodes(server_port, client_port)}
+    if not inodes:
+        return None
+    for pid in pids:
+        try:
+            fds = list(Path(f"/proc/{pid}/fd").iterdir())
+        except (FileNotFoundError, PermissionError):
+            continue
+        for fd in fds:
+            try:
+                if os.readlink(fd) in inodes:
+                    return pid
+            except OSError:
+                continue
+    return None
+
+
+def wait_for_lines(
+    log_path: Path, predicate: Callable[[str], bool], count: int, timeout: float
+) -> list[str]:
+    """The first ``count`` lines of ``log_path`` matching ``predicate``, polled for ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            lines = [line for line in log_path.read_text().splitlines() if predicate(line)]
+        except FileNotFoundError:
+            lines = []
+        if len(lines) >= count:
+            return lines[:count]
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{count} matching line(s) not logged within {timeout} s; log ends with:\n"
+                f"{log_tail(log_path)}"
+            )
+        time.sleep(_POLL_INTERVAL)
