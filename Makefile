@@ -42,11 +42,14 @@ upstreams:
 	bash scripts/install-llama-server.sh
 	bash scripts/install-triton.sh
 
-# Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway.
+# Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway; a
+# redis-server per test run (on a free port) holds shared state.
 system-deps:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
+	  && command -v redis-server >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends prometheus; }
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
+	    prometheus redis-server; }
 
 # Lint first (seconds), then every tier, on the locked versions.
 test: install lint upstreams system-deps

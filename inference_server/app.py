@@ -35,6 +35,7 @@ from inference_server.routes import setup_routes
 from inference_server.routing import Router
 from inference_server.server import IN_FLIGHT, InFlight, cut_at_deadline, deadline_guard
 from inference_server.settings import Settings
+from inference_server.state import state_ctx
 from inference_server.telemetry import Telemetry
 
 
@@ -200,6 +201,7 @@ def create_app(settings: Settings) -> web.Application:
     app.on_shutdown.append(_cut_at_deadline)
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_http_session_ctx)
+    app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(_providers_ctx)
     setup_routes(app)
     app[METRICS].know(

@@ -177,6 +177,25 @@ CORE_SCHEMA: dict[str, Any] = {
     "models": S((dict,), {}),
     "experiments": S((dict,), {}),
     "secrets": S((dict,), {}, secret=True),
+    # Shared state (rate limits, usage, virtual keys, cache): this process, or Redis.
+    "state": {
+        "backend": S((str,), "memory", choices=("memory", "redis")),
+        "redis_url": S(
+            (str,),
+            None,
+            secret=True,
+            nullable=True,
+            description="redis://[:password@]host:port/db or rediss:// (TLS); keep it in "
+            ".secrets.yaml when it holds a password",
+        ),
+        "on_error": S(
+            (str,),
+            "allow",
+            choices=("allow", "deny"),
+            description="Redis unreachable: allow (admit, log, count) or deny (503)",
+        ),
+        "timeout_secs": S(_NUM, 0.25, gte=0.001, lte=60, description="per Redis command"),
+    },
 }
 
 #: Keys every provider section may have, besides its plugin's own.
@@ -283,6 +302,14 @@ class BreakerSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StateSettings:
+    backend: str = "memory"
+    redis_url: str | None = field(default=None, repr=False)
+    on_error: str = "allow"
+    timeout_secs: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
 class RetryBudgetSettings:
     ratio: float
     min_retries: int
@@ -328,6 +355,7 @@ class Settings:
     admin_token: str | None
     #: Provider name → seconds between active health checks (only those that want them).
     health_checks: Mapping[str, float]
+    state: StateSettings = field(default_factory=StateSettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -671,6 +699,7 @@ def load_settings(
         for name, section in sections.items()
         if isinstance(section, Mapping) and section.get("health_check_interval_secs")
     }
+    state = _state_settings(resolved["state"], problems)
 
     if problems:
         raise ConfigError(problems)
@@ -758,8 +787,25 @@ def load_settings(
         ),
         admin_token=srv.get("admin_token"),
         health_checks=health_checks,
+        state=state,
         plugins=loaded,
         raw=tree,
+    )
+
+
+def _state_settings(tree: Mapping[str, Any], problems: list[str]) -> StateSettings:
+    """The ``state`` section; the Redis backend needs a redis:// (or rediss://) URL."""
+    url = tree.get("redis_url")
+    if tree["backend"] == "redis":
+        if not url:
+            problems.append("state.redis_url: required with state.backend: redis")
+        elif not str(url).startswith(("redis://", "rediss://", "unix://")):
+            problems.append("state.redis_url: must start with redis://, rediss:// or unix://")
+    return StateSettings(
+        backend=tree["backend"],
+        redis_url=url,
+        on_error=tree["on_error"],
+        timeout_secs=float(tree["timeout_secs"]),
     )
 
 

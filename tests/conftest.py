@@ -20,6 +20,7 @@ from inference_server.app import create_app
 from inference_server.providers.base import ProviderPlugin
 from inference_server.settings import Settings, load_settings
 from tests.support.fake_upstream import FakeUpstream
+from tests.support.redis_server import RedisServer
 
 #: Test defaults layered under every test's own settings: quiet logs, fast retries.
 BASE_SETTINGS: dict[str, Any] = {
@@ -155,3 +156,14 @@ def http_mock(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
 async def session() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as s:
         yield s
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    """A real redis-server of this test's own on a free port (killed at the end)."""
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
