@@ -38,6 +38,7 @@ from inference_server.providers.openai_compat import (
     stream_failure,
 )
 from inference_server.providers.sse import SSEDecoder
+from inference_server.scrub import Scrubber, provider_secrets, scrub_stream
 
 __all__ = [
     "PROVIDER_API_VERSION",
@@ -62,11 +63,14 @@ __all__ = [
     "ProviderRejected",
     "ProviderTimeout",
     "SSEDecoder",
+    "Scrubber",
     "Setting",
     "StreamInterrupted",
     "Timeouts",
     "map_client_exception",
     "map_upstream_status",
     "parse_retry_after",
+    "provider_secrets",
+    "scrub_stream",
     "stream_failure",
 ]
