@@ -17,6 +17,7 @@ import orjson
 from aiohttp import web
 from loguru import logger
 
+from inference_server.body import read_json
 from inference_server.context import RequestContext
 from inference_server.errors import (
     CircuitOpen,
@@ -27,7 +28,6 @@ from inference_server.errors import (
     ProviderConnectionFailed,
     ProviderRejected,
     ProviderTimeout,
-    UnsupportedMediaType,
 )
 from inference_server.keys import (
     BACKGROUND,
@@ -49,22 +49,6 @@ from inference_server.telemetry import NO_SPAN
 T = TypeVar("T")
 #: One upstream operation on one candidate: ``chat`` or "open the stream, read its first chunk".
 Operation = Callable[[Candidate, dict[str, Any], CallContext], Awaitable[T]]
-
-
-async def read_json(request: web.Request) -> Any:
-    """The body as JSON; 415 for another content type, 400 for malformed JSON, 413 if too big."""
-    ctype = request.content_type
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got '{ctype or 'none'}'"
-        )
-    raw = await request.read()  # aiohttp enforces client_max_size (413)
-    if not raw:
-        raise InvalidRequest("Request body is empty", code="INVALID_JSON")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"Malformed JSON body: {exc}", code="INVALID_JSON") from exc
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
