@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PLUGINS := $(patsubst %/pyproject.toml,%,$(wildcard plugins/*/pyproject.toml))
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml $(wildcard plugins/*/pyproject.toml) | cksum | cut -d' ' -f1)
 
-.PHONY: install run test test-fast upstreams system-deps lint fmt check-config bench clean
+.PHONY: install run test test-fast fuzz upstreams system-deps lint fmt check-config bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP):
@@ -39,6 +39,11 @@ test: install upstreams system-deps
 
 test-fast: install
 	$(PY) -m pytest -m "not real"
+
+# The fuzz tier at length (make test runs it with FUZZ_EXAMPLES=1000 per kind, < 60 s).
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -p no:randomly
 
 lint: install
 	$(PY) -m ruff format --check .
