@@ -12,8 +12,9 @@ Why it looks like this:
   either.  An upstream that echoes the key it was sent (some do, in ``message``, ``param`` or
   ``code``) is the threat: ``code`` is upper-cased on the way, so every secret is matched as
   written, upper-cased and lower-cased.
-* **Cheap.** One compiled alternation of literal strings, longest first (a case-sensitive
-  literal search runs ~0.5 µs on a log line; ``re.IGNORECASE`` cost 6x that).  With no secrets
+* **Cheap.** A clean line costs one substring test per form of each secret (~0.2 µs each on
+  an access line); only text that holds a secret goes through the compiled alternation of
+  literal strings, longest first (``re.IGNORECASE`` cost 6x a case-sensitive one).  With no secrets
   configured every call returns its argument after one ``is None`` test.  Secrets shorter than
   :data:`MIN_SECRET_CHARS` are not scrubbed: replacing a 3-letter test token everywhere would
   garble every message and protects nothing.
@@ -29,6 +30,8 @@ import re
 from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, Final
 from urllib.parse import unquote, urlsplit, urlunsplit
+
+import orjson
 
 from inference_server.errors import GatewayError
 
@@ -47,14 +50,18 @@ SECRET_NAME: Final = re.compile(r"(api_?key|secret|token|password)", re.IGNORECA
 class Scrubber:
     """Replaces every configured secret in text with ``***`` (see the module docstring)."""
 
-    __slots__ = ("_count", "_pattern")
+    __slots__ = ("_count", "_forms", "_pattern")
 
     def __init__(self, secrets: Iterable[Any] = ()) -> None:
         forms: set[str] = set()
         for secret in secrets:
             if isinstance(secret, str) and len(secret) >= MIN_SECRET_CHARS:
-                forms.update((secret, secret.upper(), secret.lower()))
+                for form in (secret, secret.upper(), secret.lower()):
+                    # Also as it appears inside a JSON string (a quote, backslash or control
+                    # character escaped), so an encoded line can be checked in one search.
+                    forms.update((form, orjson.dumps(form).decode()[1:-1]))
         self._count = len(forms)
+        self._forms = tuple(sorted(forms, key=len, reverse=True))
         self._pattern: re.Pattern[str] | None = (
             re.compile("|".join(re.escape(f) for f in sorted(forms, key=len, reverse=True)))
             if forms
@@ -75,8 +82,12 @@ class Scrubber:
         return pattern.sub(REDACTED, text)
 
     def contains_secret(self, text: str) -> bool:
-        """Whether ``text`` holds any secret (tests and assertions)."""
-        return self._pattern is not None and self._pattern.search(text) is not None
+        """Whether ``text`` holds any secret.  A substring test per form: ~0.2 µs each on a log
+        line, about half of one search of the compiled alternation."""
+        for form in self._forms:  # noqa: SIM110 (a plain loop: no generator per call)
+            if form in text:
+                return True
+        return False
 
     def scrub_value(self, value: Any) -> Any:
         """A copy of a JSON-like value with every string scrubbed (keys included)."""

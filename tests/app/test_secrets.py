@@ -6,6 +6,7 @@ spans."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from collections.abc import Iterator
@@ -162,3 +163,38 @@ def test_loguru_never_prints_local_variables(capsys: pytest.CaptureFixture[str])
         root.setLevel(level)
     assert "RuntimeError: boom" in out
     assert KEY not in out
+
+
+def test_direct_access_line_is_scrubbed_even_for_json_escaped_secrets(
+    capsys: pytest.CaptureFixture[str], restore_logging: None
+) -> None:
+    """The JSON access line is checked once, encoded: a secret with a quote or a backslash is
+    escaped there, and is still found (and removed)."""
+    from inference_server.context import RequestContext
+    from inference_server.scrub import Scrubber
+    from inference_server.settings import LogFileSettings, LoggingSettings
+
+    secret = 'pa"ss\\word-123456'
+    logs.setup_logging(
+        LoggingSettings(
+            level="info",
+            format="json",
+            output="stdout",
+            access_log=True,
+            file=LogFileSettings(path="unused", rotation="1 MB", retention="1 day"),
+            scrubber=Scrubber([secret, KEY]),
+        )
+    )
+    ctx = RequestContext(request_id="req-1")
+    ctx.model = f"model {secret}"
+    logs.access(ctx, "GET", f"/v1/models/{KEY}", 404, 0.001)
+    ctx.model = "clean"
+    logs.access(ctx, "GET", "/v1/models/x", 404, 0.001)
+    for sink in logs._SINKS:
+        sink.drain()
+    out = capsys.readouterr().out
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [line["model"] for line in lines] == ["model ***", "clean"]
+    assert lines[0]["path"] == "/v1/models/***"
+    assert 'pa\\"ss' not in out
+    assert leaks(out) == []
