@@ -224,7 +224,8 @@ class LoggingSettings:
 @dataclass(frozen=True, slots=True)
 class TraceSettings:
     exporter: str
-    otlp_endpoint: str | None
+    #: May hold credentials (``http://user:KEY@collector``): kept out of repr().
+    otlp_endpoint: str | None = field(repr=False)
     service_name: str
     sample_ratio: float
     protocol: str = "http/protobuf"

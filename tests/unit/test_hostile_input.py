@@ -220,12 +220,18 @@ def test_settings_keep_no_unmasked_secret_they_do_not_need(make_settings: Any) -
         {
             "server": {"admin_token": "admin-token-1234"},
             "inference": {"base_url": "http://u:url-pass-1234@127.0.0.1:1/v1"},
-            "telemetry": {"traces": {"headers": {"authorization": "otlp-header-1234"}}},
+            "telemetry": {
+                "traces": {
+                    "headers": {"authorization": "otlp-header-1234"},
+                    "otlp_endpoint": "http://c:otlp-pass-1234@127.0.0.1:4318/v1/traces",
+                }
+            },
         },
         secrets={"default": {"secrets": {"unused": "unused-secret-1234"}}},
     )
     text = repr(settings)
-    for secret in ("admin-token-1234", "url-pass-1234", "otlp-header-1234", "unused-secret-1234"):
+    secrets = ("admin-token-1234", "url-pass-1234", "otlp-header-1234", "otlp-pass-1234")
+    for secret in (*secrets, "unused-secret-1234"):
         assert secret not in text, secret
         assert settings.scrubber.contains_secret(f"x {secret} y"), secret
     assert settings.admin_token == "admin-token-1234"  # kept: the app needs it
