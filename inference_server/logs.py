@@ -159,9 +159,8 @@ def _pretty_format(scrubber: Scrubber) -> Callable[[Record], str]:
     def fmt(record: Record) -> str:
         if record["exception"] is None:
             return line
-        record["extra"]["_exception"] = (
-            _exception(record, scrubber).replace("{", "{{").replace("}", "}}")
-        )
+        # A value, not part of the template: loguru parses neither braces nor markup in it.
+        record["extra"]["_exception"] = _exception(record, scrubber)
         return with_exception
 
     return fmt

@@ -147,7 +147,7 @@ def test_loguru_never_prints_local_variables(capsys: pytest.CaptureFixture[str])
         )
 
         def fail(api_key: str) -> None:
-            raise RuntimeError("boom")
+            raise RuntimeError("boom {'a': 1} <red>")
 
         try:
             fail(KEY)
@@ -161,7 +161,8 @@ def test_loguru_never_prints_local_variables(capsys: pytest.CaptureFixture[str])
         logger.add(sys.stderr)
         root.handlers[:], level = saved
         root.setLevel(level)
-    assert "RuntimeError: boom" in out
+    assert "RuntimeError: boom {'a': 1} <red>\n" in out  # the traceback as it is, once
+    assert out.count("Traceback") == 1
     assert KEY not in out
 
 
