@@ -43,8 +43,10 @@ MIN_SECRET_CHARS: Final = 8
 MAX_HEADER_CHARS: Final = 512
 #: What an error ``code`` may look like (it becomes a header-safe, log-safe token).
 _CODE: Final = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
-#: Option names that hold secrets in a provider section (as settings.masked() decides).
-SECRET_NAME: Final = re.compile(r"(api_?key|secret|token|password)", re.IGNORECASE)
+#: Setting names whose values are secrets, for scrubbing.  Stricter than what ``--print-config``
+#: masks (any name containing "token"): ``max_tokens`` or ``completion_tokens`` name OpenAI
+#: fields whose values (e.g. Triton input names) would otherwise be scrubbed from every message.
+SECRET_NAME: Final = re.compile(r"(api_?key|secret|password|passwd|token(?![a-z]))", re.IGNORECASE)
 
 
 class Scrubber:

@@ -28,7 +28,7 @@ from inference_server.routing_config import (
     build_experiments,
     build_routes,
 )
-from inference_server.scrub import NO_SECRETS, Scrubber, mask_url, url_secrets
+from inference_server.scrub import NO_SECRETS, SECRET_NAME, Scrubber, mask_url, url_secrets
 
 S = Setting
 _NUM = (int, float)
@@ -495,8 +495,9 @@ def collect_secrets(
     *,
     secret: bool = False,
 ) -> list[str]:
-    """Every secret string in a (resolved) settings tree, by the rules :func:`masked` prints
-    by (declared ``secret``, or a key named like one), plus credentials inside any URL."""
+    """Every secret string in a (resolved) settings tree: under a key declared ``secret`` or
+    named like one (``scrub.SECRET_NAME``, stricter than :func:`masked`'s), plus credentials
+    inside any URL."""
     out: list[str] = []
     if isinstance(tree, Mapping):
         for k, v in tree.items():
@@ -504,7 +505,7 @@ def collect_secrets(
             is_secret = (
                 secret
                 or (isinstance(sub, Setting) and sub.secret)
-                or bool(_SECRET_NAME.search(str(k)))
+                or bool(SECRET_NAME.search(str(k)))
             )
             if k == "providers" and schema is CORE_SCHEMA and isinstance(v, Mapping):
                 for section in v.values():

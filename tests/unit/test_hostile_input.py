@@ -264,3 +264,27 @@ def test_header_values_are_printable_ascii_and_bounded(text: str) -> None:
 def test_printable_escapes_line_breaks() -> None:
     assert printable("/v1/x\r\n2026 INFO forged") == "/v1/x\\r\\n2026 INFO forged"
     assert printable("plain") == "plain"
+
+
+def test_fields_named_like_tokens_are_not_secrets() -> None:
+    """``max_tokens: "max_tokens_in"`` (a Triton input name) must not be scrubbed from messages;
+    ``access_token`` and ``admin_token`` are secrets."""
+    from inference_server.settings import collect_secrets
+
+    tree = {
+        "providers": {
+            "t": {
+                "plugin": "triton",
+                "api_key": "real-secret-key-1",
+                "models": {"e": {"inputs": {"max_tokens": "max_tokens_in"}}},
+                "outputs": {"completion_tokens": "num_output_tokens"},
+                "access_token": "access-token-1234",
+            }
+        },
+        "server": {"admin_token": "admin-token-1234"},
+    }
+    found = set(collect_secrets(tree))
+    assert found == {"real-secret-key-1", "access-token-1234", "admin-token-1234"}
+    scrubber = Scrubber(found)
+    text = "Invalid value for 'max_tokens_in' (num_output_tokens): real-secret-key-1"
+    assert scrubber.scrub(text) == "Invalid value for 'max_tokens_in' (num_output_tokens): ***"
