@@ -4,7 +4,8 @@ process (``python -m inference_server``) in front of a fake upstream, over raw s
 Every reply must be a well-formed JSON error envelope, a valid completion or a valid stream (or,
 for bytes aiohttp's HTTP parser refuses before the app sees them, its plain-text 400); never a
 5xx (the upstream always succeeds, so a 5xx can only come from the input), never an empty reply;
-the process keeps serving, and its RSS after the run is within a few MB of before.
+the process keeps serving, its RSS after the run is within a few MB of before, and every line
+it logged (JSON, INFO: the production setup) is one well-formed JSON object.
 
 ``make test`` runs ``FUZZ_EXAMPLES`` (default 1000) examples per kind, about 5,000 requests in
 well under a minute; ``make fuzz`` runs many more (``FUZZ_EXAMPLES=20000``).
@@ -99,7 +100,9 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     with UpstreamThread() as upstream:
         port = free_port()
         config = {
-            "logging": {"level": "warning"},
+            # Production logging: JSON lines at INFO (the direct access-line writer), so the
+            # run also checks that no client byte ever breaks a line.
+            "logging": {"level": "info", "format": "json"},
             "server": {"admin_token": ADMIN, "max_body_bytes": 1024 * 1024},
             "inference": {
                 "base_url": f"http://127.0.0.1:{upstream.port}/v1",
@@ -308,6 +311,9 @@ def warm_up(gateway: Gateway) -> None:
             chat=True,
         )
         check_reply(gateway.send(request_bytes("GET", f"/v1/models/m{i}?q={i}", [])))
+        bad = [b"{", b'{"messages": []}', b'{"messages": [{"role": 1}]}', b'{"model": "\\u0000"}']
+        ctype = [("Content-Type", "application/json" if i % 5 else "text/plain")]
+        check_reply(gateway.send(request_bytes("POST", CHAT, ctype, bad[i % len(bad)])))
 
 
 def test_fuzz_bodies_headers_and_queries(gateway: Gateway) -> None:
@@ -347,6 +353,10 @@ def test_fuzz_bodies_headers_and_queries(gateway: Gateway) -> None:
         print(log_tail(gateway.log))
         raise
     after = gateway.rss_kb()
+    print(f"gateway RSS {before} KB before, {after} KB after the run")
     assert gateway.send(request_bytes("GET", "/", [])).status == 200
     assert after - before <= RSS_SLACK_KB, f"RSS grew {after - before} KB ({before} → {after})"
-    assert "unhandled error" not in gateway.log.read_text()
+    log = gateway.log.read_text()
+    assert "unhandled error" not in log
+    for line in log.splitlines():  # one JSON object per line, whatever the clients sent
+        assert isinstance(json.loads(line), dict), line

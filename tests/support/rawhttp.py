@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 
@@ -28,7 +29,7 @@ class RawResponse:
 def request_bytes(
     method: str,
     path: bytes | str,
-    headers: list[tuple[bytes | str, bytes | str]],
+    headers: Sequence[tuple[bytes | str, bytes | str]],
     body: bytes = b"",
 ) -> bytes:
     """One request with ``Connection: close`` and a correct Content-Length."""
