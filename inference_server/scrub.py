@@ -106,17 +106,24 @@ class Scrubber:
     def scrub_error(self, exc: GatewayError) -> GatewayError:
         """Scrub ``exc`` in place (message, args, param, code, headers) and return it.
 
+        Run on every error response, so it also makes the text valid Unicode.
+
         A ``code`` that held a secret, or that is not a plain token (an upstream chooses it), is
         replaced by the error class's own code, so what becomes a header, a log field or a metric
         label is always a short identifier.
         """
+        # Undecodable client bytes (a header echoed in a message) arrive as lone surrogates,
+        # which no JSON encoder writes: shown escaped instead, so the error still renders.
+        exc.message = valid_text(exc.message)
+        if exc.param is not None:
+            exc.param = valid_text(exc.param)
         if self._pattern is not None:
             exc.message = self.scrub(exc.message)
-            exc.args = (exc.message,)
             if exc.param is not None:
                 exc.param = self.scrub(exc.param)
             if exc.headers:
                 exc.headers = {k: self.scrub(v) for k, v in exc.headers.items()}
+        exc.args = (exc.message,)
         code = exc.code
         if self.contains_secret(code) or _CODE.fullmatch(code) is None:
             exc.code = type(exc).default_code
@@ -213,6 +220,13 @@ def header_value(text: str, limit: int = MAX_HEADER_CHARS) -> str:
         for c in text
     )
     return out[:limit]
+
+
+def valid_text(text: str) -> str:
+    """``text`` as valid Unicode: lone surrogates (from undecodable bytes) become ``\\udcXX``."""
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def printable(text: str) -> str:

@@ -213,3 +213,42 @@ def test_crlf_in_the_path_cannot_forge_a_pretty_log_line(
         root.setLevel(level)
     assert len(lines) == 1, lines
     assert "\\r\\n" in lines[0]
+
+
+async def test_undecodable_header_echoed_in_an_error_is_a_400(
+    make_settings: Any, make_gateway: Any, make_fake_upstream: Any
+) -> None:
+    """A forced variant that names no variant is echoed in the message; as undecodable bytes it
+    used to make the error unencodable (a 500 with aiohttp's own body)."""
+    from tests.integration.test_routing import experiment_settings
+
+    a, b = await make_fake_upstream(), await make_fake_upstream()
+    cfg = experiment_settings(a, b)
+    cfg["experiments"]["prompt-style"]["allow_override"] = True
+    client = await make_gateway(make_settings(cfg))
+    body = json.dumps({"model": "assistant", "messages": USER}).encode()
+    resp = await post(client.server.port, body, ("x-inference-variant", b"no\xff\xfe"))
+    assert resp.status == 400
+    err = envelope(resp)
+    assert err["code"] == "UNKNOWN_VARIANT"
+    assert "no\\udcff\\udcfe" in err["message"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="routing.bucket() encodes the sticky key with str.encode(): undecodable header bytes "
+    "(surrogate escapes) raise UnicodeEncodeError, a 500. One-line fix in routing.py (not this "
+    "change's file): .encode('utf-8', 'surrogateescape'). Remove this mark with the fix.",
+)
+async def test_undecodable_sticky_key_header_is_not_a_500(
+    make_settings: Any, make_gateway: Any, make_fake_upstream: Any
+) -> None:
+    from tests.integration.test_routing import experiment_settings
+
+    a, b = await make_fake_upstream(), await make_fake_upstream()
+    cfg = experiment_settings(a, b)
+    cfg["experiments"]["prompt-style"]["key"] = "api_key"
+    client = await make_gateway(make_settings(cfg))
+    body = json.dumps({"model": "assistant", "messages": USER}).encode()
+    resp = await post(client.server.port, body, ("Authorization", b"Bearer \xff\xfe"))
+    assert resp.status == 200
