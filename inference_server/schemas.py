@@ -74,39 +74,57 @@ _ROLE_ERROR = f"Must be one of: {', '.join(ROLES)}."
 _MISSING = "Missing data for required field."
 
 
-class MessageField(fields.Field[dict[str, Any]]):
-    """One chat message: a valid role, content of the right shape for it, optional strings.
+def message_problems(value: Any) -> dict[str, list[str]] | list[str] | None:
+    """What is wrong with one chat message (marshmallow's error shape), or None.
 
-    One field rather than a nested Schema per message: the same rules and error paths
-    (``messages.<i>.<key>``) at a sixth of the cost, which matters for long conversations.
-    Unknown keys (``tool_calls``, ``audio``, vendor fields) pass through untouched.
+    A valid role, content of the right shape for it, optional strings.  Unknown keys
+    (``tool_calls``, ``audio``, vendor fields) pass through untouched.
+    """
+    if not isinstance(value, dict):
+        return ["Must be an object with a 'role'."]
+    errors: dict[str, list[str]] = {}
+    role = value.get("role")
+    if role is None:
+        errors["role"] = [_MISSING]
+    elif role not in ROLES:
+        errors["role"] = [_ROLE_ERROR]
+    content = value.get("content")
+    if content is None:
+        if role != "assistant":
+            errors.setdefault("content", [f"a '{role}' message needs content"])
+        elif not value.get("tool_calls") and not value.get("function_call"):
+            errors["content"] = ["an assistant message needs content or tool_calls"]
+    elif not isinstance(content, str):
+        problem = _content_problem(content)
+        if problem:
+            errors["content"] = [problem]
+    for key in ("name", "tool_call_id"):
+        item = value.get(key)
+        if item is not None and not isinstance(item, str):
+            errors[key] = ["Not a valid string."]
+    if role == "tool" and not value.get("tool_call_id"):
+        errors.setdefault("tool_call_id", ["a 'tool' message needs tool_call_id"])
+    return errors or None
+
+
+class MessagesField(fields.Field[list[Any]]):
+    """``messages``: a list of chat messages, each checked by :func:`message_problems`.
+
+    One field with one loop rather than ``List(Nested(...))``: the same rules and error paths
+    (``messages.<i>.<key>``) at a fraction of the cost (a nested Schema per message cost 6x,
+    ``List`` of a per-message field still 2x), which matters for long conversations.
     """
 
+    default_error_messages = {"invalid": "Not a valid list."}  # noqa: RUF012 (marshmallow's API)
+
     def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
-        if not isinstance(value, dict):
-            raise ValidationError("Must be an object with a 'role'.")
-        errors: dict[str, list[str]] = {}
-        role = value.get("role")
-        if role is None:
-            errors["role"] = [_MISSING]
-        elif role not in ROLES:
-            errors["role"] = [_ROLE_ERROR]
-        content = value.get("content")
-        if content is None:
-            if role != "assistant":
-                errors.setdefault("content", [f"a '{role}' message needs content"])
-            elif not value.get("tool_calls") and not value.get("function_call"):
-                errors["content"] = ["an assistant message needs content or tool_calls"]
-        elif not isinstance(content, str):
-            problem = _content_problem(content)
-            if problem:
-                errors["content"] = [problem]
-        for key in ("name", "tool_call_id"):
-            item = value.get(key)
-            if item is not None and not isinstance(item, str):
-                errors[key] = ["Not a valid string."]
-        if role == "tool" and not value.get("tool_call_id"):
-            errors.setdefault("tool_call_id", ["a 'tool' message needs tool_call_id"])
+        if not isinstance(value, list):
+            raise self.make_error("invalid")
+        errors: dict[int, Any] = {}
+        for i, message in enumerate(value):
+            problem = message_problems(message)
+            if problem is not None:
+                errors[i] = problem
         if errors:
             raise ValidationError(errors)
         return value
@@ -132,7 +150,7 @@ class StreamOptionsSchema(_Base):
 
 class ChatCompletionSchema(_Base):
     model = ModelName(allow_none=True)
-    messages = fields.List(MessageField(), required=True)
+    messages = MessagesField(required=True)
     temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
     top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1))
     frequency_penalty = fields.Float(allow_none=True, validate=validate.Range(-2, 2))
@@ -244,7 +262,7 @@ def fast_checks(schema: Schema) -> dict[str, _FastCheck]:
             and set(StreamOptionsSchema().fields) == {"include_usage"}
         ):
             out[name] = (_STREAM_OPTIONS, _NO_RANGE)
-        elif kind is fields.List and type(getattr(field, "inner", None)) is MessageField:
+        elif kind is MessagesField and not field.validators:
             out[name] = (_MESSAGES, _NO_RANGE)
         else:
             raise TypeError(
@@ -252,7 +270,7 @@ def fast_checks(schema: Schema) -> dict[str, _FastCheck]:
                 "fast_checks() its type, or the fast path would pass it through unchecked"
             )
     if out.get("messages", (None,))[0] != _MESSAGES:
-        raise TypeError("fast_validate needs the 'messages' field to be a List(MessageField())")
+        raise TypeError("fast_validate needs the 'messages' field to be a MessagesField")
     return out
 
 
