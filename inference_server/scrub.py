@@ -81,7 +81,12 @@ class Scrubber:
         pattern = self._pattern
         if pattern is None or not text:
             return text
-        return pattern.sub(REDACTED, text)
+        out = pattern.sub(REDACTED, text)
+        # A secret containing "***" could re-form around a replacement: repeat until none is
+        # left (each round shortens the text, so this ends; one extra search when it matched).
+        while out != text and pattern.search(out) is not None:
+            text, out = out, pattern.sub(REDACTED, out)
+        return out
 
     def contains_secret(self, text: str) -> bool:
         """Whether ``text`` holds any secret.  A substring test per form: ~0.2 µs each on a log

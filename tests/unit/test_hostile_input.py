@@ -8,6 +8,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from marshmallow import fields, validate
 
 from inference_server import body as body_mod
@@ -156,6 +158,29 @@ def test_scrubber_replaces_every_form_of_every_secret() -> None:
     assert KEY not in repr(scrubber)
     assert Scrubber().scrub(text) == text
     assert not Scrubber()
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    secrets=st.lists(st.text(min_size=8, max_size=20), min_size=1, max_size=3),
+    parts=st.lists(st.text(max_size=10), min_size=1, max_size=4),
+    case=st.sampled_from([str, str.upper, str.lower]),
+)
+def test_no_form_of_a_secret_survives_scrubbing(
+    secrets: list[str], parts: list[str], case: Any
+) -> None:
+    scrubber = Scrubber(secrets)
+    text = case(secrets[0]).join(parts) + case(secrets[-1])
+    out = scrubber.scrub(text)
+    for secret in secrets:
+        for form in (secret, secret.upper(), secret.lower()):
+            assert form not in out
+    assert scrubber.contains_secret(text)
+
+
+def test_a_secret_cannot_re_form_around_a_replacement() -> None:
+    secret = "x***yyyy"
+    assert Scrubber([secret]).scrub("x" + secret + "yyyy") == "***"
 
 
 def test_scrub_error_cleans_every_field_and_keeps_codes_tokens() -> None:
