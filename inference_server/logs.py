@@ -24,6 +24,10 @@ Why it looks like this:
   line under load) and is encoded with orjson straight into the same batched sink, with the same
   fields in the same order as loguru would write them (a test compares the two).  In every other
   setup (pretty, file output) it goes through loguru like any other line.
+* No secret reaches a line: every configured secret (``LoggingSettings.scrubber``, built by
+  settings) is scrubbed from each record's message and fields by the patcher, from tracebacks
+  by the format functions and from the direct access line by its writer; loguru runs with
+  ``diagnose=False`` (its default prints every frame's local variables, configs included).
 """
 
 from __future__ import annotations
@@ -120,7 +124,6 @@ def _scrubbing_patcher(scrubber: Scrubber) -> Callable[[Record], None]:
     if not scrubber:
         return _patch
     scrub = scrubber.scrub
-
     contains = scrubber.contains_secret
 
     def patch(record: Record) -> None:
