@@ -15,7 +15,7 @@ PIP_LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
 LATEST_VENV := .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 
-.PHONY: install run test test-fast test-latest upstreams system-deps lint fmt lock check-config bench clean
+.PHONY: install run test test-fast test-latest fuzz upstreams system-deps lint fmt lock check-config bench clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP):
@@ -72,6 +72,11 @@ test-latest:
 	  echo "test-latest: no test is marked 'differential'; nothing to compare (not a failure)"; \
 	  exit 0; \
 	fi; exit $$rc
+
+# The fuzz tier at length (make test runs it with FUZZ_EXAMPLES=1000 per kind, < 60 s).
+FUZZ_EXAMPLES ?= 20000
+fuzz: install
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest tests/fuzz -p no:randomly
 
 lint: install
 	$(PY) -m ruff format --check .

@@ -21,6 +21,7 @@ import orjson
 
 from inference_server import __version__, metrics
 from inference_server.providers.loader import installed_plugins
+from inference_server.scrub import mask_url
 from inference_server.settings import ConfigError, Settings, load_settings, masked
 from inference_server.supervisor import EXIT_CANNOT_START, Supervisor
 
@@ -92,7 +93,9 @@ def _serve(
             settings.server.host,
             port,
             os.getpid(),
-            ", ".join(f"{n} ({c.plugin} → {c.base_url})" for n, c in settings.providers.items()),
+            ", ".join(
+                f"{n} ({c.plugin} → {mask_url(c.base_url)})" for n, c in settings.providers.items()
+            ),
         )
 
     loop = uvloop.new_event_loop()
@@ -163,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config:
         print(f"configuration OK (env {settings.env})")
         for name, cfg in settings.providers.items():
-            print(f"  provider {name}: plugin {cfg.plugin} at {cfg.base_url}")
+            print(f"  provider {name}: plugin {cfg.plugin} at {mask_url(cfg.base_url)}")
         for name, route in settings.routes.items():
             deps = ", ".join(d.id for d in route.deployments)
             print(f"  model {name} ({route.strategy}) → {deps}")

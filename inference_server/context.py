@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
+from inference_server.scrub import header_value
+
 if TYPE_CHECKING:
     from loguru import Logger
 
@@ -92,12 +94,20 @@ class RequestContext:
         self.experiment, self.variant, self._log = experiment, variant, None
 
     def routing_headers(self) -> dict[str, str]:
-        """Which deployment answered (or was tried last), after how many attempts, which variant."""
+        """Which deployment answered (or was tried last), after how many attempts, which variant.
+
+        Every value goes through ``header_value``: the upstream model may be the client's own
+        model name (the one-provider shorthand routes any name), and a CR, LF or NUL in a header
+        makes aiohttp drop the connection with nothing sent.  Names are validated before routing
+        (schemas.valid_model_name); this is the second line of defence.
+        """
         headers: dict[str, str] = {}
         if self.provider and self.upstream_model:
-            headers["x-inference-deployment"] = f"{self.provider}/{self.upstream_model}"
+            headers["x-inference-deployment"] = header_value(
+                f"{self.provider}/{self.upstream_model}"
+            )
         if self.attempts:
             headers["x-inference-attempts"] = str(self.attempts)
         if self.variant:
-            headers["x-inference-variant"] = f"{self.experiment}/{self.variant}"
+            headers["x-inference-variant"] = header_value(f"{self.experiment}/{self.variant}")
         return headers

@@ -281,16 +281,17 @@ class ProviderRejected(GatewayError):
 
     def __init__(self, message: str, *, error_type: str | None = None, **kwargs: Any) -> None:
         super().__init__(message, **kwargs)
-        self._wire_code: str | None = kwargs.get("code")
-        self._error_type = error_type
+        #: The upstream's own ``code`` and ``type`` as sent (the scrubber may clear them).
+        self.upstream_code: str | None = kwargs.get("code")
+        self.upstream_type = error_type
 
     @property
     def error_type(self) -> str:
-        return self._error_type or self.type
+        return self.upstream_type or self.type
 
     @property
     def wire_code(self) -> str | None:
-        return self._wire_code
+        return self.upstream_code
 
 
 class ProviderRateLimited(ProviderRejected):

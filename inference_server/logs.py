@@ -24,6 +24,10 @@ Why it looks like this:
   line under load) and is encoded with orjson straight into the same batched sink, with the same
   fields in the same order as loguru would write them (a test compares the two).  In every other
   setup (pretty, file output) it goes through loguru like any other line.
+* No secret reaches a line: every configured secret (``LoggingSettings.scrubber``, built by
+  settings) is scrubbed from each record's message and fields by the patcher, from tracebacks
+  by the format functions and from the direct access line by its writer; loguru runs with
+  ``diagnose=False`` (its default prints every frame's local variables, configs included).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ from loguru import logger
 from opentelemetry.trace import Span, get_current_span
 
 from inference_server.context import NONE
+from inference_server.scrub import NO_SECRETS, Scrubber, printable
 from inference_server.settings import LoggingSettings
 
 if TYPE_CHECKING:
@@ -59,7 +64,9 @@ _PRETTY = (
     "<cyan>{extra[request_id]}</cyan> | <level>{message}</level>{extra[_kv]}"
 )
 #: Fields with a fixed place in both formats (not repeated among the extras).
-_FIXED: Final = frozenset({"request_id", "trace_id", "span_id", "logger_name", "_kv", "_json"})
+_FIXED: Final = frozenset(
+    {"request_id", "trace_id", "span_id", "logger_name", "_kv", "_json", "_exception"}
+)
 #: Extras the pretty format leaves out because the message already says them.
 _PRETTY_HIDDEN: Final = frozenset(
     {"event", "method", "path", "status", "duration_ms", "threshold_ms", "queue_ms",
@@ -107,6 +114,61 @@ def _patch(record: Record) -> None:
     extra["_kv"] = "".join(parts)
 
 
+def _scrubbing_patcher(scrubber: Scrubber) -> Callable[[Record], None]:
+    """:func:`_patch`, then every configured secret out of the message and the extras.
+
+    Run for every record before any sink sees it, so every format and output is covered; the
+    exception text, rendered later, is scrubbed by the format functions (:func:`_exception`).
+    With no secrets configured it is :func:`_patch` itself.
+    """
+    if not scrubber:
+        return _patch
+    scrub = scrubber.scrub
+    contains = scrubber.contains_secret
+
+    def patch(record: Record) -> None:
+        _patch(record)
+        extra = record["extra"]
+        strings = [v for v in extra.values() if isinstance(v, str)]
+        strings.append(record["message"])
+        if not contains("\x00".join(strings)):  # one search for the usual clean record
+            return
+        record["message"] = scrub(record["message"])
+        for key, value in extra.items():
+            if isinstance(value, str):
+                extra[key] = scrub(value)
+
+    return patch
+
+
+def _exception(record: Record, scrubber: Scrubber) -> str:
+    """The record's traceback as text, scrubbed ("" when it has none).
+
+    loguru runs with ``diagnose=False`` (its default prints every local variable of every frame,
+    a ``ProviderConfig`` with its key included), so this is code lines and exception messages.
+    """
+    exc = record["exception"]
+    if exc is None:
+        return ""
+    text = "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
+    return scrubber.scrub(text)
+
+
+def _pretty_format(scrubber: Scrubber) -> Callable[[Record], str]:
+    """The pretty line (``_PRETTY``) with the traceback rendered and scrubbed by us."""
+    line = _PRETTY + "\n"
+    with_exception = _PRETTY + "\n{extra[_exception]}"
+
+    def fmt(record: Record) -> str:
+        if record["exception"] is None:
+            return line
+        # A value, not part of the template: loguru parses neither braces nor markup in it.
+        record["extra"]["_exception"] = _exception(record, scrubber)
+        return with_exception
+
+    return fmt
+
+
 def _json_format(record: Record) -> str:
     extra = record["extra"]
     obj: dict[str, Any] = {
@@ -121,9 +183,8 @@ def _json_format(record: Record) -> str:
     for key, value in extra.items():
         if key not in _FIXED:
             obj[key] = value
-    exc = record["exception"]
-    if exc is not None:
-        obj["exception"] = "".join(traceback.format_exception(exc.type, exc.value, exc.traceback))
+    if record["exception"] is not None:
+        obj["exception"] = _exception(record, _SCRUBBER)
     extra["_json"] = orjson.dumps(obj, default=str).decode()
     return "{extra[_json]}\n"
 
@@ -255,21 +316,33 @@ class _AccessWriter:
         if ctx.variant is not None:  # bound on ctx.log, so loguru puts it before the fields
             line["variant"] = fields["variant"]
         line.update(fields)
-        self.sink(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode())
+        text = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode()
+        scrubber = _SCRUBBER
+        # What loguru's patcher does for every other line, at the cost of one search of the
+        # encoded line (the scrubber knows each secret's JSON-escaped form too).
+        if scrubber.contains_secret(text):
+            for key, value in line.items():
+                if isinstance(value, str):
+                    line[key] = scrubber.scrub(value)
+            text = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE).decode()
+        self.sink(text)
 
 
 #: Set by setup_logging for JSON lines to stdout; None: access lines go through loguru.
 _ACCESS: _AccessWriter | None = None
+#: The configured secrets, scrubbed from every line (part of the sinks' per-process setup).
+_SCRUBBER: Scrubber = NO_SECRETS
 
 
 def setup_logging(settings: LoggingSettings) -> None:
     """Replace every loguru sink with the configured one and route stdlib logging into it."""
-    global _ACCESS
+    global _ACCESS, _SCRUBBER
     _ACCESS = None
+    _SCRUBBER = settings.scrubber
     logger.remove()
-    logger.configure(patcher=_patch)
+    logger.configure(patcher=_scrubbing_patcher(settings.scrubber))
     level = settings.level.upper()
-    fmt: Any = _json_format if settings.format == "json" else _PRETTY
+    fmt: Any = _json_format if settings.format == "json" else _pretty_format(settings.scrubber)
     if settings.output == "file":
         logger.add(
             settings.file.path,
@@ -279,6 +352,7 @@ def setup_logging(settings: LoggingSettings) -> None:
             retention=settings.file.retention,
             enqueue=False,
             colorize=False,
+            diagnose=False,  # never local variables (secrets) in tracebacks
         )
     else:
         for old in _SINKS:
@@ -293,6 +367,7 @@ def setup_logging(settings: LoggingSettings) -> None:
             format=fmt,
             enqueue=False,
             colorize=settings.format == "pretty" and stream.isatty(),
+            diagnose=False,  # never local variables (secrets) in tracebacks
         )
         if settings.format == "json":
             _ACCESS = _AccessWriter(sink, logger.level(level).no <= logger.level("INFO").no)
@@ -346,14 +421,19 @@ def _ms(secs: float | None) -> float | None:
 
 
 def access(ctx: RequestContext, method: str, path: str, status: int, duration_secs: float) -> None:
-    """The request's access line: the text for people, every fact as a field for machines."""
+    """The request's access line: the text for people, every fact as a field for machines.
+
+    The path and the model are the client's: control characters are escaped so a CR/LF (a
+    ``%0D%0A`` in the URL decodes to one) cannot forge a line in the pretty log.
+    """
+    path = printable(path)
     fields: dict[str, Any] = {
         "event": "access",
         "method": method,
         "path": path,
         "status": status,
         "duration_ms": _ms(duration_secs),
-        "model": ctx.model or NONE,
+        "model": printable(ctx.model) if ctx.model else NONE,
         "provider": ctx.provider or NONE,
         "attempts": ctx.attempts,
     }

@@ -32,13 +32,19 @@ from inference_server.telemetry import NO_SPAN
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
+def new_request_id() -> str:
+    """128 random bits, like a uuid4 but without its os.urandom syscall (~7 µs under load): an
+    id must be unique, not unguessable.  ``random`` reseeds in every forked worker."""
+    return f"req_{random.getrandbits(128):032x}"
+
+
 def _request_id(request: web.Request) -> str:
     given = request.headers.get("x-request-id")
-    if given and len(given) <= 200 and given.isprintable():
+    # Echoed in a response header and every log line: printable ASCII only (isprintable alone
+    # lets non-ASCII and undecodable bytes through).
+    if given and len(given) <= 200 and given.isascii() and given.isprintable():
         return given
-    # 128 random bits, like a uuid4 but without its os.urandom syscall (~7 µs under load):
-    # an id must be unique, not unguessable.  ``random`` reseeds in every forked worker.
-    return f"req_{random.getrandbits(128):032x}"
+    return new_request_id()
 
 
 @web.middleware
@@ -132,6 +138,9 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         ctx = request.get(CTX)
         (ctx.log if ctx else logger).exception("unhandled error")
         err = InternalError("Internal server error")
+    # Before anything reads it (access log, metrics, spans, the body): no configured secret in
+    # any field of the error, and a code that is a plain token.
+    request.app[SETTINGS].scrubber.scrub_error(err)
     ctx = request.get(CTX)
     if ctx is not None:
         ctx.error_code = err.code

@@ -18,16 +18,15 @@ import orjson
 from aiohttp import web
 from loguru import logger
 
+from inference_server.body import read_json
 from inference_server.context import RequestContext
 from inference_server.errors import (
     GatewayError,
     InternalError,
-    InvalidRequest,
     NoDeploymentAvailable,
     ProviderBadResponse,
     ProviderConnectionFailed,
     ProviderTimeout,
-    UnsupportedMediaType,
 )
 from inference_server.keys import (
     BACKGROUND,
@@ -42,31 +41,8 @@ from inference_server.keys import (
 from inference_server.providers.base import CallContext, ChatChunk
 from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease
 from inference_server.schemas import validate_chat
-from inference_server.server import read_body
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
-
-
-async def read_json(request: web.Request) -> Any:
-    """The body as JSON; 415 for another content type, 400 for malformed JSON, 413 if too big."""
-    ctype = request.content_type
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got '{ctype or 'none'}'"
-        )
-    server = request.app[SETTINGS].server
-    raw = await read_body(  # 413 over max_body_bytes, 408 when it stalls
-        request,
-        max_bytes=server.max_body_bytes,
-        total_secs=server.body_timeout_secs,
-        idle_secs=server.body_idle_timeout_secs,
-    )
-    if not raw:
-        raise InvalidRequest("Request body is empty", code="INVALID_JSON")
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"Malformed JSON body: {exc}", code="INVALID_JSON") from exc
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -228,6 +204,7 @@ async def attempt(
                 telemetry.record_response(span, result)
             outcome = "ok"
         except GatewayError as exc:
+            app[SETTINGS].scrubber.scrub_error(exc)  # whatever the plugin: no secret goes on
             outcome = exc.code
             telemetry.record_error(span, exc.code, exc.message)
             if isinstance(exc, ProviderConnectionFailed):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 
 import orjson
@@ -30,6 +31,8 @@ async def health(request: web.Request) -> web.Response:
     status, details = await request.app[HEALTH].report()
     for name, info in details["providers"].items():
         info["plugin"] = settings.providers[name].plugin
+    # Probe details quote upstream error text: a secret echoed there never reaches the client.
+    details = settings.scrubber.scrub_value(details)
     body = {
         "status": status,
         "provider": settings.primary_provider.plugin,
@@ -55,10 +58,17 @@ def require_admin(request: web.Request) -> None:
     if not token:
         raise Forbidden("Admin endpoints are disabled: set server.admin_token to enable them")
     given = request.headers.get("Authorization", "")
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: encode them back rather than
+    # fail (a UnicodeEncodeError here was a 500).  Digests compare in constant time whatever
+    # the lengths.
     if not given.lower().startswith("bearer ") or not hmac.compare_digest(
-        given[7:].encode(), token.encode()
+        _digest(given[7:]), _digest(token)
     ):
         raise Unauthorized("Admin endpoints need 'Authorization: Bearer <admin token>'")
+
+
+def _digest(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
 
 
 async def admin_experiments(request: web.Request) -> web.Response:

@@ -707,7 +707,9 @@ class Experiment:
 
 def bucket(experiment: str, key: str) -> float:
     """A stable point in [0, 1) for (experiment, key): same in every process and release."""
-    digest = hashlib.blake2b(f"{experiment}\x00{key}".encode(), digest_size=8).digest()
+    # surrogateescape: a header's undecodable bytes still hash (to the same point every time).
+    raw = f"{experiment}\x00{key}".encode("utf-8", "surrogateescape")
+    digest = hashlib.blake2b(raw, digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 

@@ -49,7 +49,7 @@ from inference_server.errors import (
     error_body,
 )
 from inference_server.keys import SETTINGS
-from inference_server.middlewares import error_response
+from inference_server.middlewares import error_response, new_request_id
 from inference_server.settings import ServerSettings
 
 # --- request bodies ------------------------------------------------------------------------
@@ -227,7 +227,8 @@ def derived_max_connections(configured: int | None) -> int:
 def _raw_response(status: int, reason: str, err: GatewayError, error_format: str) -> bytes:
     """A complete HTTP/1.1 response with the JSON error body, closing the connection."""
     body = orjson.dumps(error_body(err, "legacy" if error_format == "legacy" else "openai"))
-    headers = "".join(f"{k}: {v}\r\n" for k, v in err.response_headers().items())
+    fields = {**err.response_headers(), "x-request-id": new_request_id()}
+    headers = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
     head = (
         f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n{headers}Connection: close\r\n\r\n"
@@ -392,11 +393,13 @@ class GatewayRequestHandler(web.RequestHandler):
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send the error")
         fmt = self._gw_factory.limits.error_format
+        rid = new_request_id()  # every response has one, even one no handler saw
+        logger.debug("protocol error {} ({}) answered as request {}", status, err.code, rid)
         resp = web.Response(
             status=err.http_status,
             body=orjson.dumps(error_body(err, "legacy" if fmt == "legacy" else "openai")),
             content_type="application/json",
-            headers=err.response_headers(),
+            headers={**err.response_headers(), "x-request-id": rid},
         )
         resp.force_close()
         return resp
@@ -429,7 +432,7 @@ class ProtocolFactory:
         over = LocalResourceExhausted(
             f"Too many connections to this worker (limit {limits.max_connections}); retry shortly"
         )
-        self._refusal = _raw_response(503, "Service Unavailable", over, limits.error_format)
+        self._over = over
         make_request = server.request_factory
         handle = server.request_handler
 
@@ -460,7 +463,10 @@ class ProtocolFactory:
                     self.open_connections,
                     self.refused,
                 )
-            return _Refuse(self._refusal, self._loop)
+            refusal = _raw_response(
+                503, "Service Unavailable", self._over, self.limits.error_format
+            )
+            return _Refuse(refusal, self._loop)
         self.open_connections += 1
         return GatewayRequestHandler(
             self.server,

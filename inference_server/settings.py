@@ -28,6 +28,7 @@ from inference_server.routing_config import (
     build_experiments,
     build_routes,
 )
+from inference_server.scrub import NO_SECRETS, SECRET_NAME, Scrubber, mask_url, url_secrets
 
 S = Setting
 _NUM = (int, float)
@@ -275,16 +276,19 @@ class LoggingSettings:
     access_log: bool
     file: LogFileSettings
     slow_request_secs: float = 10.0
+    #: Every configured secret: the log sinks scrub them from each line (settings build it).
+    scrubber: Scrubber = field(default=NO_SECRETS, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
 class TraceSettings:
     exporter: str
-    otlp_endpoint: str | None
+    #: May hold credentials (``http://user:KEY@collector``): kept out of repr().
+    otlp_endpoint: str | None = field(repr=False)
     service_name: str
     sample_ratio: float
     protocol: str = "http/protobuf"
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     record_content: bool = False
     content_max_chars: int = 4096
 
@@ -352,12 +356,15 @@ class Settings:
     #: Public model name → experiment answering for it.
     experiments: Mapping[str, ExperimentSpec]
     routing: RoutingSettings
-    admin_token: str | None
+    admin_token: str | None = field(repr=False)
     #: Provider name → seconds between active health checks (only those that want them).
     health_checks: Mapping[str, float]
     state: StateSettings = field(default_factory=StateSettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
+    #: The settings tree as layered, secrets already masked (for ``--print-config``).
     raw: Mapping[str, Any] = field(default_factory=dict)
+    #: Every configured secret, scrubbed from whatever leaves the gateway (scrub.py).
+    scrubber: Scrubber = field(default=NO_SECRETS, repr=False, compare=False)
 
     @property
     def primary_provider(self) -> ProviderConfig:
@@ -547,6 +554,45 @@ def _build_provider(
     )
 
 
+def collect_secrets(
+    tree: Any,
+    schema: Any = CORE_SCHEMA,
+    plugin_schemas: Mapping[str, Mapping[str, Setting]] | None = None,
+    *,
+    secret: bool = False,
+) -> list[str]:
+    """Every secret string in a (resolved) settings tree: under a key declared ``secret`` or
+    named like one (``scrub.SECRET_NAME``, stricter than :func:`masked`'s), plus credentials
+    inside any URL."""
+    out: list[str] = []
+    if isinstance(tree, Mapping):
+        for k, v in tree.items():
+            sub = schema.get(k) if isinstance(schema, Mapping) else None
+            is_secret = (
+                secret
+                or (isinstance(sub, Setting) and sub.secret)
+                or bool(SECRET_NAME.search(str(k)))
+            )
+            if k == "providers" and schema is CORE_SCHEMA and isinstance(v, Mapping):
+                for section in v.values():
+                    if isinstance(section, Mapping):
+                        plugin = str(section.get("plugin"))
+                        own = {**PROVIDER_SCHEMA, **(plugin_schemas or {}).get(plugin, {})}
+                        out.extend(collect_secrets(section, own, secret=is_secret))
+            else:
+                out.extend(collect_secrets(v, sub, plugin_schemas, secret=is_secret))
+    elif isinstance(tree, list):
+        for item in tree:
+            out.extend(collect_secrets(item, None, plugin_schemas, secret=secret))
+    elif isinstance(tree, str):
+        if secret:
+            out.append(tree)
+        out.extend(url_secrets(tree))
+    elif secret and isinstance(tree, int | float) and not isinstance(tree, bool):
+        out.append(str(tree))
+    return out
+
+
 def settings_files(config: str | os.PathLike[str] | None) -> list[str]:
     """The settings file (``--config`` or ./settings.yaml) and the .secrets.yaml beside it."""
     main = Path(config) if config else Path.cwd() / "settings.yaml"
@@ -704,6 +750,13 @@ def load_settings(
     if problems:
         raise ConfigError(problems)
 
+    plugin_schemas = {n: lp.plugin.settings for n, lp in loaded.items()}
+    scrubber = Scrubber(
+        [
+            *collect_secrets(resolved, plugin_schemas=plugin_schemas),
+            *collect_secrets(secrets, secret=True),
+        ]
+    )
     srv = resolved["server"]
     log = resolved["logging"]
     trc = resolved["telemetry"]["traces"]
@@ -754,6 +807,7 @@ def load_settings(
             access_log=bool(log["access_log"]),
             file=LogFileSettings(**log["file"]),
             slow_request_secs=float(log["slow_request_secs"]),
+            scrubber=scrubber,
         ),
         traces=TraceSettings(
             exporter=trc["exporter"].lower(),
@@ -789,7 +843,10 @@ def load_settings(
         health_checks=health_checks,
         state=state,
         plugins=loaded,
-        raw=tree,
+        # Masked now: the settings object keeps no secret it does not need (the values it
+        # needs live in typed fields, each kept out of repr()).
+        raw=masked(tree, plugin_schemas=plugin_schemas),
+        scrubber=scrubber,
     )
 
 
@@ -819,8 +876,11 @@ def masked(
     """A copy of the settings tree safe to print: secrets replaced by ``"***"``.
 
     Secret are keys declared ``secret`` (by the core or by the provider's plugin) and any key
-    whose name looks like one (api_key, token, password, secret).
+    whose name looks like one (api_key, token, password, secret); credentials inside a URL
+    (``http://user:KEY@host``) are masked wherever the URL appears.
     """
+    if isinstance(tree, str):
+        return mask_url(tree) if "@" in tree else tree
     if isinstance(tree, Mapping):
         out: dict[str, Any] = {}
         for k, v in tree.items():
@@ -840,6 +900,8 @@ def masked(
             else:
                 out[k] = masked(v, sub, k)
         return out
+    if isinstance(tree, list):
+        return [masked(v, None) for v in tree]
     return tree
 
 

@@ -26,6 +26,7 @@ from inference_server.errors import (
     ServiceUnavailable,
     error_body,
 )
+from inference_server.keys import SETTINGS
 from inference_server.providers.base import ChatChunk
 
 DONE = b"data: [DONE]\n\n"
@@ -163,6 +164,7 @@ async def relay(
             ctx.error_code = "CLIENT_DISCONNECTED"
         raise
     except GatewayError as exc:
+        request.app[SETTINGS].scrubber.scrub_error(exc)
         ctx.error_code = exc.code
         ctx.log.warning("stream failed after it started: {} ({})", exc.message, exc.code)
         await _write_error(response, exc, error_format)

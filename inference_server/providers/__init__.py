@@ -40,6 +40,7 @@ from inference_server.providers.openai_compat import (
     stream_failure,
 )
 from inference_server.providers.sse import SSEDecoder, sse_events
+from inference_server.scrub import Scrubber, provider_secrets, scrub_stream
 
 __all__ = [
     "PROVIDER_API_VERSION",
@@ -65,6 +66,7 @@ __all__ = [
     "ProviderRejected",
     "ProviderTimeout",
     "SSEDecoder",
+    "Scrubber",
     "Setting",
     "StreamInterrupted",
     "Timeouts",
@@ -72,6 +74,8 @@ __all__ = [
     "map_client_exception",
     "map_upstream_status",
     "parse_retry_after",
+    "provider_secrets",
+    "scrub_stream",
     "sse_events",
     "stream_failure",
 ]

@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 import aiohttp
 
+from inference_server.scrub import REDACTED, SECRET_NAME, mask_url
+
 #: Bumped when the interface changes incompatibly; the loader rejects other versions.
 PROVIDER_API_VERSION = 1
 
@@ -76,11 +78,27 @@ class ProviderConfig:
 
     name: str
     plugin: str
+    #: May hold credentials (``http://user:KEY@host``): printed only through ``scrub.mask_url``.
     base_url: str
-    api_key: str | None
+    #: Never in ``repr()``: a traceback or a debug line printing the config must not show it.
+    api_key: str | None = field(repr=False)
     timeouts: Timeouts
     max_retries: int
     options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        """Secrets masked: the key, credentials in the URL, options named like a secret (a
+        traceback, a debug line or an error message that prints the config shows none)."""
+        options = {
+            k: REDACTED if isinstance(v, str) and v and SECRET_NAME.search(str(k)) else v
+            for k, v in self.options.items()
+        }
+        return (
+            f"ProviderConfig(name={self.name!r}, plugin={self.plugin!r}, "
+            f"base_url={mask_url(self.base_url)!r}, "
+            f"api_key={REDACTED if self.api_key else self.api_key!r}, timeouts={self.timeouts!r}, "
+            f"max_retries={self.max_retries!r}, options={options!r})"
+        )
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 class Action:
     """What the fake does with one request."""
 
-    kind: str = "ok"  # ok | status | cut | stream_error | garbage
+    kind: str = "ok"  # ok | status | echo | cut | stream_error | garbage
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
@@ -30,6 +30,23 @@ class Action:
     chunks: int = 3  # content chunks in a stream
     interval: float = 0.0  # between stream chunks
     usage: bool = True  # send a usage chunk when asked (include_usage)
+
+
+def echo_error(request: web.Request) -> dict[str, Any]:
+    """A hostile upstream's error: the bearer token it was sent, in every field."""
+    token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+    return {
+        "error": {
+            "message": f"Incorrect API key provided: {token}",
+            "type": token,
+            "param": token,
+            "code": token,
+        }
+    }
+
+
+def _echo_headers(request: web.Request) -> dict[str, str]:
+    return {"x-echo": request.headers.get("Authorization", "")}
 
 
 def completion(model: str, text: str = "Hello from the fake upstream.") -> dict[str, Any]:
@@ -75,12 +92,20 @@ class FakeUpstream:
         self.app.router.add_get("/v1/models", self._models)
         self.base_url = ""  # set by the fixture once the server listens
         self.server: Any = None  # the aiohttp TestServer, so a test can stop it
+        #: When set, GET /models answers this status with :func:`echo_error` (hostile upstream).
+        self.models_echo_status: int | None = None
 
     def script(self, *actions: Action) -> None:
         """Queue the behaviour of the next requests (then: plain success)."""
         self.actions.extend(actions)
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.models_echo_status is not None:
+            return web.json_response(
+                echo_error(request),
+                status=self.models_echo_status,
+                headers=_echo_headers(request),
+            )
         action = self.actions.popleft() if self.actions else Action()
         if action.kind == "status":
             return web.json_response(action.body, status=action.status, headers=action.headers)
@@ -103,6 +128,10 @@ class FakeUpstream:
                         body=action.body, status=action.status, headers=action.headers
                     )
                 return web.json_response(action.body, status=action.status, headers=action.headers)
+            if action.kind == "echo":
+                return web.json_response(
+                    echo_error(request), status=action.status, headers=_echo_headers(request)
+                )
             if action.kind == "garbage":
                 return web.Response(body=b"<html>not json</html>", content_type="text/html")
             if body.get("stream"):
@@ -142,17 +171,14 @@ class FakeUpstream:
                     request.transport.abort()
                     return resp
                 if action.kind == "stream_error" and i == action.chunks // 2:
-                    await resp.write(
-                        sse(
-                            {
-                                "error": {
-                                    "message": "model crashed",
-                                    "type": "server_error",
-                                    "code": "model_crash",
-                                }
-                            }
-                        )
-                    )
+                    event = action.body or {
+                        "error": {
+                            "message": "model crashed",
+                            "type": "server_error",
+                            "code": "model_crash",
+                        }
+                    }
+                    await resp.write(sse(event))
                     return resp
                 await resp.write(
                     sse(

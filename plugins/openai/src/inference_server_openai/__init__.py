@@ -16,9 +16,10 @@ plugin by setting ``base_url``):
 * Streams ask the upstream for usage even when the client did not, so the gateway records real
   token counts instead of estimating them; the core drops the usage chunk for such a client, and
   this plugin removes the ``"usage": null`` fields OpenAI then adds to every chunk.
-* The API key is scrubbed from upstream error text before it can reach a client or a log line
-  (some compatible servers echo the bearer token they rejected).  The key itself only ever goes
-  into the ``Authorization`` header, which nothing in the gateway logs.
+* The API key (and any credentials in ``base_url``) is scrubbed from every field of an upstream
+  error (message, param, code, headers) by the core's ``Scrubber`` before the error leaves this
+  provider: some compatible servers echo the bearer token they rejected.  The key itself only
+  ever goes into the ``Authorization`` header, which nothing in the gateway logs.
 
 TLS certificates are always verified: the shared session's defaults are never overridden.
 """
@@ -45,7 +46,9 @@ from inference_server.providers import (
     ProviderConfig,
     ProviderPlugin,
     ProviderRejected,
+    Scrubber,
     Setting,
+    provider_secrets,
 )
 
 __all__ = [
@@ -67,10 +70,6 @@ DEFAULT_MAX_COMPLETION_TOKENS_MODELS: tuple[str, ...] = (r"o\d", "gpt-5", "codex
 #: Models learned from a 400 are remembered up to this many (a bound, not a cache policy: a
 #: gateway serves far fewer distinct models than this).
 LEARNED_MODELS_LIMIT = 1024
-#: Keys shorter than this are not scrubbed from messages: replacing a 3-letter test token
-#: everywhere would garble the text and protects nothing.
-_MIN_SCRUB_LENGTH = 8
-_REDACTED = "***"
 
 
 def _pattern_problem(pattern: Any) -> str | None:
@@ -147,6 +146,7 @@ class OpenAIProvider(OpenAICompatibleProvider):
             f"provider '{config.name}': max_completion_tokens_models",
         )
         self._learned: set[str] = set()
+        self.scrubber = Scrubber(provider_secrets(config))
         if not config.api_key and urlsplit(config.base_url).hostname == "api.openai.com":
             # Not an error: /health will say so too, but this is the line an operator reads.
             log.warning(
@@ -208,11 +208,9 @@ class OpenAIProvider(OpenAICompatibleProvider):
         )
 
     def _scrub(self, exc: GatewayError) -> None:
-        """Remove the API key from an error's message (it is shown to clients and logged)."""
-        key = self.config.api_key
-        if key and len(key) >= _MIN_SCRUB_LENGTH and key in exc.message:
-            exc.message = exc.message.replace(key, _REDACTED)
-            exc.args = (exc.message,)
+        """Remove the provider's secrets from every field of an error (it is shown to clients,
+        logged, recorded on spans and counted in metrics)."""
+        self.scrubber.scrub_error(exc)
 
     def _for_client(self, chunk: ChatChunk, ctx: CallContext) -> ChatChunk:
         """Drop the ``"usage": null`` that our own include_usage made OpenAI add to each chunk."""
