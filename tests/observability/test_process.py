@@ -6,15 +6,10 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,32 +19,10 @@ from tests.observability.conftest import check_metrics, require_binary, value
 from tests.observability.otlp_receiver import HttpReceiver
 from tests.observability.test_deploy import as_sent, dashboard_queries
 from tests.support.procs import free_port, running_process
+from tests.support.procs import gateway_process as gateway
 
 CHAT = "/v1/chat/completions"
 MAX_REQUESTS = 400
-
-
-@contextmanager
-def gateway(
-    tmp_path: Path, config: dict[str, Any], *args: str, env: dict[str, str] | None = None
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    settings = tmp_path / "settings.yaml"
-    settings.write_text(json.dumps({"default": config}))
-    base_env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("INFERENCE_", "OTEL_", "PROMETHEUS_")) and k != "RUN_ENV"
-    }
-    cmd = [sys.executable, "-m", "inference_server", "--config", str(settings)]
-    with running_process(
-        [*cmd, "--host", "127.0.0.1", "--port", str(port), *args],
-        env={**base_env, **(env or {})},
-        ready_url=f"http://127.0.0.1:{port}/",
-        timeout=30,
-        log_path=tmp_path / "server.log",
-    ) as proc:
-        yield proc, port
 
 
 def mock(**options: Any) -> dict[str, Any]:

@@ -17,19 +17,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.process.test_server_process import (
-    WORKER_SERVING,
-    gateway,
-    mock_config,
-    serving_workers,
-)
+from tests.process.test_server_process import WORKER_SERVING, mock_config, serving_workers
 from tests.support.procs import (
     child_pids,
     connection_owner,
-    free_port,
-    running_process,
     wait_for_lines,
 )
+from tests.support.procs import gateway_process as gateway
 
 
 class SilentUpstream:
@@ -252,27 +246,9 @@ def test_stalled_clients_at_a_low_file_limit_get_503s_and_the_server_keeps_servi
     """ulimit -n 128: the derived cap is (128 - 64) / 2 = 32 connections.  100 clients that
     never finish their headers: those over the cap get a JSON 503 at once, the rest are cut at
     the header timeout, nothing runs out of descriptors, and the server answers afterwards."""
-    port = free_port()
-    settings = tmp_path / "settings.yaml"
     config = {**mock_config(), "server": {"header_timeout_secs": 1}}
-    settings.write_text(json.dumps({"default": config}))
-    cmd = [
-        "sh",
-        "-c",
-        'ulimit -n 128 && exec "$0" "$@"',
-        sys.executable,
-        "-m",
-        "inference_server",
-        "--config",
-        str(settings),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-    ]
-    with running_process(
-        cmd, env=None, ready_url=f"http://127.0.0.1:{port}/", timeout=30, log_path=tmp_path / "log"
-    ) as proc:
+    ulimit = ("sh", "-c", 'ulimit -n 128 && exec "$0" "$@"')
+    with gateway(tmp_path, config, prefix=ulimit) as (proc, port):
         clients = []
         for _ in range(100):
             sock = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -303,7 +279,7 @@ def test_stalled_clients_at_a_low_file_limit_get_503s_and_the_server_keeps_servi
         )
         assert conn.getresponse().status == 200
         conn.close()
-    log = (tmp_path / "log").read_text()
+    log = (tmp_path / "server.log").read_text()
     assert "Too many open files" not in log
     assert "Traceback" not in log
     assert "connection cap reached" in log

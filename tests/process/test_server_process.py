@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 import re
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,49 +17,12 @@ import pytest
 from tests.support.procs import (
     child_pids,
     connection_owner,
-    free_port,
-    running_process,
     wait_for_lines,
 )
+from tests.support.procs import gateway_process as gateway
 
 WORKER_SERVING = re.compile(r"worker (\d+) is serving")
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
-
-
-@contextmanager
-def gateway(
-    tmp_path: Path,
-    config: dict[str, Any],
-    *args: str,
-    env: dict[str, str] | None = None,
-    sections: dict[str, Any] | None = None,
-) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    port = free_port()
-    settings = tmp_path / "settings.yaml"
-    settings.write_text(json.dumps({"default": config, **(sections or {})}))
-    base_env = {
-        k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_") and k != "RUN_ENV"
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "inference_server",
-        "--config",
-        str(settings),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        *args,
-    ]
-    with running_process(
-        cmd,
-        env={**base_env, **(env or {})},
-        ready_url=f"http://127.0.0.1:{port}/",
-        timeout=30,
-        log_path=tmp_path / "server.log",
-    ) as proc:
-        yield proc, port
 
 
 def mock_config(**options: Any) -> dict[str, Any]:

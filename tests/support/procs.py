@@ -11,15 +11,18 @@ run instead of hanging CI). Services listen on 127.0.0.1 only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 _POLL_INTERVAL = 0.1
 _PROBE_TIMEOUT = 2.0
@@ -196,3 +199,38 @@ def wait_for_lines(
                 f"{log_tail(log_path)}"
             )
         time.sleep(_POLL_INTERVAL)
+
+
+@contextlib.contextmanager
+def gateway_process(
+    tmp_path: Path,
+    config: Mapping[str, Any],
+    *args: str,
+    env: Mapping[str, str] | None = None,
+    sections: Mapping[str, Any] | None = None,
+    prefix: tuple[str, ...] = (),
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+    """``python -m inference_server`` on a free port with ``config`` as its settings.yaml
+    ``default`` section (plus ``sections``), ready once ``GET /`` answers 200.
+
+    The process gets our environment without INFERENCE_*, OTEL_*, PROMETHEUS_* and RUN_ENV (a
+    developer's shell must not change what a test runs), plus ``env``.  ``prefix`` wraps the
+    command (e.g. ``sh -c 'ulimit -n 128 && exec "$0" "$@"'``).
+    """
+    port = free_port()
+    settings = tmp_path / "settings.yaml"
+    settings.write_text(json.dumps({"default": config, **(sections or {})}))
+    base_env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("INFERENCE_", "OTEL_", "PROMETHEUS_")) and k != "RUN_ENV"
+    }
+    cmd = [*prefix, sys.executable, "-m", "inference_server", "--config", str(settings)]
+    with running_process(
+        [*cmd, "--host", "127.0.0.1", "--port", str(port), *args],
+        env={**base_env, **(env or {})},
+        ready_url=f"http://127.0.0.1:{port}/",
+        timeout=30,
+        log_path=tmp_path / "server.log",
+    ) as proc:
+        yield proc, port
