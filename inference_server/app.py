@@ -17,6 +17,7 @@ from aiohttp import web
 from loguru import logger
 
 from inference_server import logs
+from inference_server.handlers import setup_routes
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
     BACKGROUND,
@@ -31,7 +32,6 @@ from inference_server.keys import (
 from inference_server.metrics import Metrics
 from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
-from inference_server.routes import setup_routes
 from inference_server.routing import Router
 from inference_server.server import IN_FLIGHT, InFlight, cut_at_deadline, deadline_guard
 from inference_server.settings import Settings

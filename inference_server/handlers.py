@@ -1,4 +1,5 @@
-"""Thin HTTP handlers; chat goes through pipeline.py."""
+"""Thin HTTP handlers and their URL table; chat goes through pipeline.py (routing.py holds
+model routes, this module holds HTTP routes)."""
 
 from __future__ import annotations
 
