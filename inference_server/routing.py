@@ -456,6 +456,8 @@ class Plan:
     def _nothing_selectable(self, upcoming: list[Candidate]) -> float:
         """Nothing was tried yet and nothing is selectable: panic, wait out a pause, or refuse."""
         deps = [c.deployment for c in upcoming]
+        if any(d.selectable() for d in deps):
+            return 0.0  # a pause ran out since the round began: the next round takes it
         ejected = [c for c in upcoming if c.deployment.ejected()]
         if ejected and self.limits.panic and not self.panicked:
             self.panicked = True

@@ -347,3 +347,20 @@ async def test_a_cancelled_probe_gives_its_permit_back(make_settings) -> None:
     assert seen_in_flight == [1]
     assert dep.in_flight == 0
     assert dep.breaker.acquire()  # the probe slot is free again
+
+
+async def test_a_pause_that_runs_out_mid_round_is_served_not_refused(make_settings) -> None:
+    """The round skipped a paused deployment; by the time the round is over the pause has run
+    out: the request is sent, never refused with 503 (seen once under a 429 storm)."""
+    clock = FakeTime()
+    r = make_router(make_settings, SHORTHAND, clock)
+    dep = r.model_deployment("m")
+    dep.pause(1.0, limited(1.0), 1.0)
+    ctx = RequestContext(request_id="t")
+    plan = r.plan(r.resolve("m"), "m", ctx, Moves())
+    assert plan._select() is None  # skipped: paused
+    clock.now += 1.0  # the pause runs out before the round is judged
+    assert plan._round_over() == 0.0
+    assert plan.final is None
+    lease = await anext(plan)
+    assert lease.deployment is dep
