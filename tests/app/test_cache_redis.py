@@ -1,0 +1,98 @@
+"""The response cache on Redis: shared by two gateways, compressed when large, and Redis going
+away (served from the upstream, counted) and coming back (used again, no restart)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from inference_server.cache import CACHE, RedisStore
+from tests.support.fake_upstream import Action, FakeUpstream
+from tests.support.redis_server import RedisServer
+
+CHAT = "/v1/chat/completions"
+HI = [{"role": "user", "content": "hi"}]
+
+
+def redis_config(url: str, **cache: Any) -> dict[str, Any]:
+    return {
+        "state": {"backend": "redis", "redis_url": url, "timeout_secs": 0.5},
+        "cache": {"enabled": True, "backend": "redis", **cache},
+    }
+
+
+async def test_two_gateways_share_entries_and_replay_streams(
+    gateway_for, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    one = await gateway_for(**redis_config(redis_server.url, compress_min_bytes=0))
+    two = await gateway_for(**redis_config(redis_server.url, compress_min_bytes=0))
+    assert isinstance(one.app[CACHE].store, RedisStore)
+    first = await one.post(CHAT, json={"messages": HI})
+    assert first.headers["x-inference-cache"] == "miss"
+    await asyncio.wait_for(asyncio.gather(*one.app[CACHE].store.tasks), 5)
+    hit = await two.post(CHAT, json={"messages": HI})
+    assert hit.headers["x-inference-cache"] == "hit"
+    assert await hit.json() == await first.json()
+    streamed = await two.post(CHAT, json={"messages": HI, "stream": True})
+    assert streamed.headers["x-inference-cache"] == "hit"
+    assert (await streamed.read()).endswith(b"data: [DONE]\n\n")
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_replicas_coalesce_through_a_redis_lock(
+    gateway_for, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    one = await gateway_for(**redis_config(redis_server.url))
+    two = await gateway_for(**redis_config(redis_server.url))
+    fake_upstream.always = Action(delay=0.3)
+    responses = await asyncio.gather(
+        *(gw.post(CHAT, json={"messages": HI}) for gw in (one, two, one, two))
+    )
+    assert [r.status for r in responses] == [200] * 4
+    assert sorted(r.headers["x-inference-cache"] for r in responses) == ["hit"] * 3 + ["miss"]
+    assert len(fake_upstream.requests) == 1
+
+
+async def test_redis_killed_serves_uncached_and_recovers(
+    gateway_for, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    client = await gateway_for(**redis_config(redis_server.url))
+    cache = client.app[CACHE]
+    assert cache is not None
+    await client.post(CHAT, json={"messages": HI})
+    await asyncio.wait_for(asyncio.gather(*cache.store.tasks), 5)
+    assert (await client.post(CHAT, json={"messages": HI})).headers["x-inference-cache"] == "hit"
+    redis_server.stop()
+    for stream in (False, True, False):
+        resp = await client.post(CHAT, json={"messages": HI, "stream": stream})
+        assert resp.status == 200
+        assert resp.headers["x-inference-cache"] == "miss"
+        await resp.read()
+    assert len(fake_upstream.requests) == 4
+    metrics = (await (await client.get("/metrics")).read()).decode()
+    assert 'inference_cache_errors_total{operation="get"}' in metrics
+    redis_server.start()
+    deadline = time.monotonic() + 10
+    seen: list[str] = []
+    while "hit" not in seen:  # Redis is asked again a second after the last failure
+        assert time.monotonic() < deadline, seen
+        resp = await client.post(CHAT, json={"messages": HI})
+        assert resp.status == 200
+        seen.append(resp.headers["x-inference-cache"])
+        await asyncio.sleep(0.1)
+    assert (await client.get("/health")).status == 200
+
+
+def test_large_values_are_compressed_and_read_back() -> None:
+    from inference_server.cache import Entry
+
+    entry = Entry(b'{"x": "' + b"a" * 5000 + b'"}', 123.5, 0.0)
+    raw = RedisStore.encode(entry, 1024)
+    assert len(raw) < 200
+    back = RedisStore.decode(raw)
+    assert back is not None
+    assert (back.payload, back.stored_at) == (entry.payload, 123.5)
+    small = RedisStore.encode(Entry(b"{}", 1.0, 0.0), 1024)
+    assert RedisStore.decode(small) is not None
+    assert RedisStore.decode(b"z" + b"\x00" * 8 + b"not zlib") is None
