@@ -261,14 +261,21 @@ class RedisStore:
             return None
         return self.decode(raw) if isinstance(raw, bytes) else None
 
-    async def put(self, key: str, entry: Entry, ttl: float) -> None:
-        self._spawn(self._put(key, self.encode(entry, self.compress_min), ttl))
+    async def put(self, key: str, entry: Entry, ttl: float, unlock: bool) -> None:
+        """Store in the background (the answer is not held up); with ``unlock``, release this
+        replica's lock in the same round trip, after the entry is there (never before: a
+        request in between would find neither and call the upstream again)."""
+        self._spawn(self._put(key, self.encode(entry, self.compress_min), ttl, unlock))
 
-    async def _put(self, key: str, raw: bytes, ttl: float) -> None:
+    async def _put(self, key: str, raw: bytes, ttl: float, unlock: bool) -> None:
         if not self._up():
             return
         try:
-            await self.redis.set(_PREFIX + key, raw, px=max(1, int(ttl * 1000)))
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.set(_PREFIX + key, raw, px=max(1, int(ttl * 1000)))
+                if unlock:
+                    pipe.delete(_PREFIX + "lock:" + key)
+                await pipe.execute()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed("set", exc)
 
@@ -483,7 +490,8 @@ class Lookup:
         if isinstance(store, MemoryStore):
             await store.put(self.key, entry)
         else:
-            await store.put(self.key, entry, self.ttl)
+            await store.put(self.key, entry, self.ttl, unlock=bool(self.lock_token))
+            self.lock_token = ""  # released with the write
         cache.metrics.cache_stored(len(payload))
 
     def resolve(self, entry: Entry | None) -> None:
