@@ -379,3 +379,21 @@ def test_cache_control_parsing() -> None:
     assert parse_cache_control("no-store").no_store
     assert parse_cache_control("max-age=-1, max-age=abc, max-age=" + "9" * 40).max_age is None
     assert parse_cache_control(None).max_age is None
+
+
+async def test_the_server_span_says_what_the_cache_did(gateway_for, fake_upstream) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from inference_server.keys import TELEMETRY
+
+    client = await gateway_for(telemetry={"traces": {"exporter": "console"}}, **ON)
+    memory = InMemorySpanExporter()
+    provider = client.app[TELEMETRY].provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    for _ in range(2):
+        assert (await client.post(CHAT, json=body())).status == 200
+    servers = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert [(s.attributes or {}).get("inference.cache") for s in servers] == ["miss", "hit"]
