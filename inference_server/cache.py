@@ -373,12 +373,18 @@ class ResponseCache:
         key = cache_key(partition, route, body)
         lookup = Lookup(self, key, ttl)
         if not control.no_cache:
-            entry = await self.store.get(key, self.clock())
-            if entry is None and settings.coalesce:
-                entry = await self._coalesce(lookup, ctx, control)
-            if entry is not None and self._fresh(entry, control):
-                lookup.response = await self.respond(request, ctx, body, entry)
-                return lookup
+            try:
+                entry = await self.store.get(key, self.clock())
+                if entry is None and settings.coalesce:
+                    entry = await self._coalesce(lookup, ctx, control)
+                if entry is not None and self._fresh(entry, control):
+                    lookup.response = await self.respond(request, ctx, body, entry)
+                    return lookup
+            except BaseException:
+                # Cancelled (the client left) or failed while leading: identical requests
+                # must not wait on a flight nobody will finish.
+                await lookup.close()
+                raise
         ctx.cache = "miss"
         return lookup
 
@@ -528,8 +534,16 @@ class StreamCollector:
         self.ok = True
 
     def observe(self, chunk: ChatChunk) -> None:
+        """Follow one chunk; a shape it cannot read makes the answer not storable (never an
+        error in the client's stream)."""
         if not self.ok:
             return
+        try:
+            self._observe(chunk)
+        except (AttributeError, TypeError, KeyError):
+            self.ok = False
+
+    def _observe(self, chunk: ChatChunk) -> None:
         if self.head is None and chunk.get("id") is not None:
             self.head = {
                 "id": chunk.get("id"),

@@ -88,6 +88,8 @@ class CacheSettings:
 
     def for_model(self, *names: str | None) -> tuple[bool, float]:
         """(enabled, ttl) for the first of ``names`` with an override, else the globals."""
+        if not self.models:
+            return self.enabled, self.ttl_secs
         for name in names:
             if name is not None:
                 override = self.models.get(name)

@@ -4,6 +4,7 @@ away (served from the upstream, counted) and coming back (used again, no restart
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from typing import Any
 
@@ -96,3 +97,37 @@ def test_large_values_are_compressed_and_read_back() -> None:
     small = RedisStore.encode(Entry(b"{}", 1.0, 0.0), 1024)
     assert RedisStore.decode(small) is not None
     assert RedisStore.decode(b"z" + b"\x00" * 8 + b"not zlib") is None
+
+
+async def test_a_leader_that_leaves_while_waiting_leaves_no_flight_behind(
+    gateway_for, fake_upstream: FakeUpstream, redis_server: RedisServer
+) -> None:
+    import aiohttp
+    from redis.asyncio import Redis
+
+    client = await gateway_for(**redis_config(redis_server.url))
+    cache = client.app[CACHE]
+    assert cache is not None
+    redis = Redis.from_url(redis_server.url)
+    # Another replica is asking the upstream for this request right now (its lock).
+    await redis.set(f"inference:cache:v1:lock:{_key()}", "elsewhere", px=30_000)
+    with contextlib.suppress(TimeoutError):
+        await client.post(
+            CHAT, json={"messages": HI}, timeout=aiohttp.ClientTimeout(total=0.3)
+        )  # the client gives up while the gateway waits for the other replica
+    deadline = time.monotonic() + 5
+    while cache.flights:  # the handler is cancelled once the server sees the disconnect
+        assert time.monotonic() < deadline, cache.flights
+        await asyncio.sleep(0.02)
+    await redis.delete(f"inference:cache:v1:lock:{_key()}")
+    await redis.aclose()
+    resp = await client.post(CHAT, json={"messages": HI}, timeout=aiohttp.ClientTimeout(total=5))
+    assert resp.status == 200
+    assert resp.headers["x-inference-cache"] == "miss"
+    assert len(fake_upstream.requests) == 1
+
+
+def _key() -> str:
+    from inference_server.cache import cache_key
+
+    return cache_key("", "gpt-oss-20b", {"model": "gpt-oss-20b", "messages": HI})
