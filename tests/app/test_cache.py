@@ -397,3 +397,19 @@ async def test_the_server_span_says_what_the_cache_did(gateway_for, fake_upstrea
         assert (await client.post(CHAT, json=body())).status == 200
     servers = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
     assert [(s.attributes or {}).get("inference.cache") for s in servers] == ["miss", "hit"]
+
+
+async def test_hits_count_tokens_only_when_asked(gateway_for, fake_upstream) -> None:
+    async def tokens(client: Any) -> str:
+        text = (await (await client.get("/metrics")).read()).decode()
+        lines = [ln for ln in text.splitlines() if ln.startswith("inference_tokens_total{")]
+        return " ".join(sorted(ln.rsplit(" ", 1)[1] for ln in lines))
+
+    default = await gateway_for(**ON)
+    for _ in range(2):
+        await default.post(CHAT, json=body())
+    assert await tokens(default) == "12.0 7.0"  # the miss's usage only
+    counting = await gateway_for(cache={"enabled": True, "hits_count_tokens": True})
+    for _ in range(2):
+        await counting.post(CHAT, json=body())
+    assert await tokens(counting) == "12.0 12.0 7.0 7.0"  # the hit's too (no deployment)

@@ -32,6 +32,16 @@ async def test_two_gateways_share_entries_and_replay_streams(
     first = await one.post(CHAT, json={"messages": HI})
     assert first.headers["x-inference-cache"] == "miss"
     await asyncio.wait_for(asyncio.gather(*one.app[CACHE].store.tasks), 5)
+    from redis.asyncio import Redis
+
+    redis = Redis.from_url(redis_server.url)
+    keys = await redis.keys("inference:cache:v1:*")
+    assert len(keys) == 1  # the entry; the lock went with the write
+    assert 299_000 < await redis.pttl(keys[0]) <= 300_000  # cache.ttl_secs, kept by Redis
+    raw = await redis.get(keys[0])
+    assert isinstance(raw, bytes)
+    assert raw[:1] == b"z"  # compress_min_bytes: 0
+    await redis.aclose()
     hit = await two.post(CHAT, json={"messages": HI})
     assert hit.headers["x-inference-cache"] == "hit"
     assert await hit.json() == await first.json()
