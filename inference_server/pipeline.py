@@ -1,9 +1,10 @@
 """The request pipeline, top-down in one place.
 
 ``chat_completions`` reads as the gateway works:
-admit → validate → cache → route (experiment → variant → route) → attempt (walk the routing
-``Plan``: deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or
-stream → record.
+admit → validate → route (experiment → variant → route) → cache (its key holds the route, so
+aliases and variants are resolved first; a hit ends here) → attempt (walk the routing ``Plan``:
+deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or stream →
+record.
 Steps that later issues fill in (auth, rate limits) have their slot here.
 """
 
