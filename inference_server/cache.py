@@ -180,6 +180,8 @@ class MemoryStore:
         return entry
 
     async def put(self, key: str, entry: Entry) -> None:
+        if entry.size > self.max_bytes:
+            return  # it would only evict everything, itself included
         old = self.entries.pop(key, None)
         if old is not None:
             self.bytes -= old.size

@@ -42,6 +42,8 @@ async def test_lru_bounded_by_entries_and_bytes() -> None:
     assert big.bytes == 2000
     await big.put("c", entry(500))  # replacing keeps the byte count right
     assert big.bytes == 1500
+    await big.put("d", entry(3000))  # larger than the whole cache: not kept, nothing evicted
+    assert list(big.entries) == ["b", "c"]
 
 
 async def test_expired_entries_are_dropped_when_met() -> None:
