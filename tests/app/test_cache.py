@@ -413,3 +413,18 @@ async def test_hits_count_tokens_only_when_asked(gateway_for, fake_upstream) -> 
     for _ in range(2):
         await counting.post(CHAT, json=body())
     assert await tokens(counting) == "12.0 12.0 7.0 7.0"  # the hit's too (no deployment)
+
+
+async def test_a_waiter_never_waits_past_its_own_time_budget(gateway_for, fake_upstream) -> None:
+    client = await gateway_for(routing={"max_time_secs": 0.3}, **ON)
+    fake_upstream.always = Action(delay=0.8)
+    leader = asyncio.ensure_future(client.post(CHAT, json=body()))
+    async with asyncio.timeout(5):
+        while not fake_upstream.requests:  # the leader is asking the upstream
+            await asyncio.sleep(0.01)
+    waiter = await client.post(CHAT, json=body())
+    # It gave up waiting after its 0.3 s and asked the upstream itself.
+    assert waiter.status == 200
+    assert waiter.headers["x-inference-cache"] == "miss"
+    assert (await leader).headers["x-inference-cache"] == "miss"
+    assert len(fake_upstream.requests) == 2
