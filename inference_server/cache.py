@@ -378,7 +378,7 @@ class ResponseCache:
             try:
                 entry = await self.store.get(key, self.clock())
                 if entry is None and settings.coalesce:
-                    entry = await self._coalesce(lookup, ctx, control)
+                    entry = await self._coalesce(lookup, ctx)
                 if entry is not None and self._fresh(entry, control):
                     lookup.response = await self.respond(request, ctx, body, entry)
                     return lookup
@@ -393,9 +393,7 @@ class ResponseCache:
     def _fresh(self, entry: Entry, control: CacheControl) -> bool:
         return control.max_age is None or self.clock() - entry.stored_at <= control.max_age
 
-    async def _coalesce(
-        self, lookup: Lookup, ctx: RequestContext, control: CacheControl
-    ) -> Entry | None:
+    async def _coalesce(self, lookup: Lookup, ctx: RequestContext) -> Entry | None:
         """Wait for an identical request in flight (here or, with Redis, on another replica),
         or become the leader; the entry it stored, or None: call the upstream."""
         key = lookup.key
@@ -445,10 +443,9 @@ class ResponseCache:
         await response.prepare(request)
         ctx.status = 200
         ctx.first_token_secs = time.perf_counter() - ctx.started
+        events = replay(completion, body, include_usage=ctx.include_usage)
         try:
-            for event in replay(completion, body, include_usage=ctx.include_usage):
-                await response.write(event)
-            await response.write(DONE)
+            await response.write(b"".join(events) + DONE)  # one write: it is all here
         except (ConnectionResetError, RuntimeError):
             ctx.error_code = "CLIENT_DISCONNECTED"
         ctx.stream_secs = time.perf_counter() - ctx.started - ctx.first_token_secs
