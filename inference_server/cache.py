@@ -477,13 +477,14 @@ class Lookup:
     async def store_json(self, payload: bytes, result: dict[str, Any]) -> None:
         """After a non-streaming attempt: keep a complete, successful answer."""
         if self.response is None and storable(result):
-            await self._store(payload)
+            await self.keep(payload)
 
     def collector(self) -> StreamCollector | None:
         """What ``streaming.relay`` feeds a streamed miss (None for a hit)."""
         return StreamCollector(self) if self.response is None else None
 
-    async def _store(self, payload: bytes) -> None:
+    async def keep(self, payload: bytes) -> None:
+        """Store ``payload`` (a complete answer) and hand it to the waiters."""
         cache = self.cache
         if len(payload) > cache.settings.max_entry_bytes or self.stored:
             return
@@ -524,13 +525,16 @@ class StreamCollector:
     logprobs or an unknown delta field makes the answer not storable (its replay would differ).
     """
 
-    __slots__ = ("choices", "head", "lookup", "ok")
+    __slots__ = ("choices", "head", "left", "lookup", "ok")
 
     def __init__(self, lookup: Lookup) -> None:
         self.lookup = lookup
         self.head: dict[str, Any] | None = None
         self.choices: dict[int, dict[str, Any]] = {}
         self.ok = True
+        #: Characters it may still hold: a longer answer would not be stored anyway, so a
+        #: long stream never piles up in memory (cache.max_entry_bytes).
+        self.left = lookup.cache.settings.max_entry_bytes
 
     def observe(self, chunk: ChatChunk) -> None:
         """Follow one chunk; a shape it cannot read makes the answer not storable (never an
@@ -541,6 +545,9 @@ class StreamCollector:
             self._observe(chunk)
         except (AttributeError, TypeError, KeyError):
             self.ok = False
+        if not self.ok or self.left < 0:
+            self.ok = False
+            self.choices.clear()
 
     def _observe(self, chunk: ChatChunk) -> None:
         if self.head is None and chunk.get("id") is not None:
@@ -566,10 +573,12 @@ class StreamCollector:
                 if value is None:
                     continue
                 if field == "content":
+                    self.left -= len(value)
                     state["content"].append(value)
                 elif field == "role":
                     state["role"] = value
                 elif field == "refusal":
+                    self.left -= len(value)
                     state["refusal"].append(value)
                 elif field == "tool_calls":
                     self._tools(state["tools"], value)
@@ -594,6 +603,7 @@ class StreamCollector:
             if function.get("name"):
                 tool["name"].append(function["name"])
             if function.get("arguments"):
+                self.left -= len(function["arguments"])
                 tool["args"].append(function["arguments"])
 
     async def completed(self, usage: dict[str, Any] | None) -> None:
@@ -640,7 +650,7 @@ class StreamCollector:
         completion = {**self.head, "object": "chat.completion", "choices": choices}
         if usage is not None:
             completion["usage"] = usage
-        await self.lookup._store(orjson.dumps(completion))
+        await self.lookup.keep(orjson.dumps(completion))
 
 
 def replay(

@@ -73,8 +73,9 @@ def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> d
     }
 
 
-async def collect(*chunks: dict[str, Any]) -> dict[str, Any] | None:
-    cache = ResponseCache(CacheSettings(enabled=True), Metrics(MetricsSettings()), store(), 10)
+async def collect(*chunks: dict[str, Any], limit: int = 1 << 20) -> dict[str, Any] | None:
+    settings = CacheSettings(enabled=True, max_entry_bytes=limit)
+    cache = ResponseCache(settings, Metrics(MetricsSettings()), store(), 10)
     lookup = Lookup(cache, "k", 60)
     collector = StreamCollector(lookup)
     for c in chunks:
@@ -115,6 +116,18 @@ async def test_what_a_stream_collector_never_stores() -> None:
     two = await collect(chunk({"content": "a"}, "stop"), chunk({"content": "b"}, "length", 1))
     assert two is not None
     assert [c["message"]["content"] for c in two["choices"]] == ["a", "b"]
+    assert await collect(chunk({"content": "a" * 300}), chunk({}, "stop"), limit=256) is None
+
+
+def test_a_stream_longer_than_an_entry_is_dropped_as_it_goes() -> None:
+    settings = CacheSettings(enabled=True, max_entry_bytes=256)
+    cache = ResponseCache(settings, Metrics(MetricsSettings()), store(), 10)
+    collector = StreamCollector(Lookup(cache, "k", 60))
+    collector.observe(chunk({"content": "a" * 200}))
+    assert collector.choices
+    collector.observe(chunk({"content": "a" * 100}))
+    assert not collector.ok
+    assert not collector.choices  # not held until the stream's end
 
 
 def test_long_content_is_replayed_in_pieces() -> None:
