@@ -33,7 +33,6 @@ Why it is built this way:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import math
 import secrets
@@ -728,5 +727,7 @@ async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     app[CACHE] = cache
     yield
     if cache is not None:
-        with contextlib.suppress(Exception):
-            await cache.aclose()
+        try:
+            await cache.aclose()  # pending Redis writes get a moment, waiters are released
+        except Exception:  # noqa: BLE001 (shutdown goes on; the cause is logged)
+            logger.exception("response cache: closing failed")
