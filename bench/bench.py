@@ -93,7 +93,18 @@ FEATURE_ARMS = {
         "`parentbased_traceidratio` 1.0",
     ),
     "gateway-trace-0.1": ("tracing, 10 % sampled", "the same with sampler argument 0.1"),
+    "gateway-cache-hit": (
+        "response cache, hits",
+        "`INFERENCE_CACHE__ENABLED=true` (memory): every request after the first is a hit",
+    ),
+    "gateway-cache-miss": (
+        "response cache, misses",
+        "the same, every request with `Cache-Control: max-age=0`: looked up, missed, sent "
+        "upstream, stored again",
+    ),
 }
+#: Extra request headers of an arm (post.lua sends BENCH_CACHE_CONTROL as Cache-Control).
+ARM_CACHE_CONTROL = {"gateway-cache-miss": "max-age=0"}
 CHAT_ARMS = ("direct", "nginx", "passthrough", "gateway", *FEATURE_ARMS, "gateway-w2", "litellm")
 CLOSED_LOOP_ONLY = frozenset({"gateway-w2", *FEATURE_ARMS})
 STREAM_ARMS = ("direct", "nginx", "passthrough", "gateway", "litellm")
@@ -149,6 +160,7 @@ class Target:
     origin: str
     pid: int | None = None
     proc: str = ""  # name in Processes, for servers the harness started
+    cache_control: str = ""  # the Cache-Control header its requests carry (none: "")
 
     def url(self, path: str = "/v1/chat/completions") -> str:
         """Return the full URL of a request path on this arm."""
@@ -538,10 +550,13 @@ def start_feature_arms(
                 continue
         elif arm == "gateway-nometrics":
             extra = {"INFERENCE_METRICS__ENABLED": "false"}
+        elif arm.startswith("gateway-cache-"):
+            extra = {"INFERENCE_CACHE__ENABLED": "true"}
         else:  # gateway-trace-<ratio>: a path per arm, so the sink's log tells them apart
             extra = trace_env(f"{origin}/{arm}", arm.removeprefix("gateway-trace-"))
         target = start_gateway(procs, gateway, arm, arm, origin, 1, extra_env=extra, config=config)
         if target is not None:
+            target.cache_control = ARM_CACHE_CONTROL.get(arm, "")
             out[arm] = target
     return out
 
@@ -632,7 +647,9 @@ def start_all(
 # ----------------------------------------------------------------------- load tools
 
 
-def wrk(cfg: Config, url: str, conns: int, weigh: int | None = None) -> tuple[Stats, float]:
+def wrk(
+    cfg: Config, url: str, conns: int, weigh: int | None = None, cache_control: str = ""
+) -> tuple[Stats, float]:
     """Closed-loop load with wrk; one thread, so the servers keep the other core.
 
     Returns wrk's summary and the peak RSS (MB) of the weigh pid's tree during it
@@ -643,6 +660,8 @@ def wrk(cfg: Config, url: str, conns: int, weigh: int | None = None) -> tuple[St
     argv = f"wrk -t1 -c{conns} -d{cfg.duration}s --timeout 10s -s {lua} {url}"
     cmd = [*(LOADGEN_CPU if cfg.pin else ()), *argv.split()]
     env = dict(os.environ, BENCH_BODY=CHAT_BODY, BENCH_AUTH=AUTH)
+    if cache_control:
+        env["BENCH_CACHE_CONTROL"] = cache_control
     peak, deadline = 0.0, time.monotonic() + cfg.duration + 60
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env) as proc:
         while proc.poll() is None and time.monotonic() < deadline:
@@ -747,7 +766,13 @@ def phase_closed_loop(cfg: Config, procs: Processes, chat: dict[str, Target], re
     say("warm-up")
     for arm in arms:
         try:
-            wrk(dataclasses.replace(cfg, duration=1), chat[arm].url(), 8)
+            wrk(
+                dataclasses.replace(cfg, duration=1),
+                chat[arm].url(),
+                8,
+                None,
+                chat[arm].cache_control,
+            )
         except RuntimeError as exc:
             run_or_drop(procs, chat, arm, res.notes, exc)
     arms = [a for a in arms if a in chat]
@@ -761,8 +786,9 @@ def phase_closed_loop(cfg: Config, procs: Processes, chat: dict[str, Target], re
             target = chat[arm]
             say(f"round {r + 1}/{cfg.rounds}: {arm}: latency @1, load @{SAT_CONNS}")
             try:
-                latency = None if arm == "gateway-w2" else wrk(cfg, target.url(), 1)[0]
-                stats, peak = wrk(cfg, target.url(), SAT_CONNS, target.pid)
+                cc = target.cache_control
+                latency = None if arm == "gateway-w2" else wrk(cfg, target.url(), 1, None, cc)[0]
+                stats, peak = wrk(cfg, target.url(), SAT_CONNS, target.pid, cc)
             except RuntimeError as exc:
                 run_or_drop(procs, chat, arm, res.notes, exc)
                 continue
@@ -1051,6 +1077,16 @@ def budget_rows(res: Results, gateway_label: str) -> list[list[str]]:
     if "gateway-w2" in res.saturation:
         w2 = ratio(rps("gateway-w2"), rps("gateway"))
         rows.append(["saturation, --workers 2 / 1", spread(w2, "{:.2f}"), "info", "-"])
+    if "gateway-cache-hit" in res.saturation:  # issue 13: a hit never touches the upstream
+        hit = ratio(rps("gateway-cache-hit"), rps("passthrough"))
+        rows.append(
+            row("saturation, cache hit / passthrough", hit, "≥ 1.5", lambda v: v >= 1.5, "{:.2f}")
+        )
+    if "gateway-cache-miss" in res.latency:
+        miss = paired(res.latency, "gateway-cache-miss", "gateway", "p50_us")
+        rows.append(
+            row("added p50, cache miss − gateway (µs)", miss, "≤ 20", lambda v: v <= 20, "{:.0f}")
+        )
     return rows
 
 

@@ -4,6 +4,9 @@ wrk.method = "POST"
 wrk.body = os.getenv("BENCH_BODY") or '{"model":"bench-model","messages":[{"role":"user","content":"hi"}]}'
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = os.getenv("BENCH_AUTH") or "Bearer sk-bench"
+if os.getenv("BENCH_CACHE_CONTROL") then
+  wrk.headers["Cache-Control"] = os.getenv("BENCH_CACHE_CONTROL")
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

@@ -17,6 +17,7 @@ from aiohttp import web
 from loguru import logger
 
 from inference_server import logs
+from inference_server.cache import cache_ctx
 from inference_server.handlers import setup_routes
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
@@ -202,6 +203,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(cache_ctx)  # borrows state's Redis client
     app.cleanup_ctx.append(_providers_ctx)
     setup_routes(app)
     app[METRICS].know(

@@ -38,6 +38,12 @@ class RequestContext:
     provider: str | None = None
     deployment: str | None = None
     upstream_model: str | None = None
+    #: The name of the API key that authenticated the request (auth, issue 12); None when auth
+    #: is off.  The response cache partitions by it (``cache.scope: key``).
+    key_name: str | None = None
+    #: What the response cache did: "hit", "miss", "bypass", or None when the cache is off
+    #: (cache.py; read by the access line, metrics and the server span).
+    cache: str | None = None
     #: A/B experiment and variant assigned to this request, if any.
     experiment: str | None = None
     variant: str | None = None
@@ -110,4 +116,6 @@ class RequestContext:
             headers["x-inference-attempts"] = str(self.attempts)
         if self.variant:
             headers["x-inference-variant"] = header_value(f"{self.experiment}/{self.variant}")
+        if self.cache is not None:
+            headers["x-inference-cache"] = self.cache
         return headers

@@ -446,6 +446,8 @@ def access(ctx: RequestContext, method: str, path: str, status: int, duration_se
         fields["variant"] = f"{ctx.experiment}/{ctx.variant}"
     if ctx.error_code:
         fields["error"] = ctx.error_code
+    if ctx.cache is not None:
+        fields["cache"] = ctx.cache
     if _ACCESS is not None:
         _ACCESS.write(ctx, f"{method} {path} {status} {duration_secs * 1000:.1f}ms", fields)
         return

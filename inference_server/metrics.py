@@ -434,6 +434,51 @@ class Metrics:
             buckets=DURATION_BUCKETS,
             registry=r,
         )
+        # The response cache (cache.py).  Results are counted from the request's context.
+        self.cache_requests = Counter(
+            "inference_cache_requests",
+            "Chat requests by what the response cache did: hit, miss (asked the upstream) "
+            "or bypass (cache off for the model, no-store, logprobs).",
+            ("model", "result"),
+            registry=r,
+        )
+        self.cache_coalesced = Counter(
+            "inference_cache_coalesced",
+            "Requests that waited for an identical request already asking the upstream.",
+            ("model",),
+            registry=r,
+        )
+        self.cache_stored_bytes = Counter(
+            "inference_cache_stored_bytes",
+            "Bytes of answers stored in the response cache (before compression).",
+            registry=r,
+        )
+        self.cache_bytes = Gauge(
+            "inference_cache_bytes",
+            "Bytes held by the in-memory response cache (summed over workers).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "inference_cache_entries",
+            "Entries held by the in-memory response cache (summed over workers).",
+            multiprocess_mode="livesum",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "inference_cache_evictions",
+            "Entries dropped from the in-memory cache: size (cache.max_bytes), count "
+            "(cache.max_entries) or expired.",
+            ("reason",),
+            registry=r,
+        )
+        self.cache_errors = Counter(
+            "inference_cache_errors",
+            "Redis failures of the response cache (get, set, lock); the request was served "
+            "from the upstream.",
+            ("operation",),
+            registry=r,
+        )
         self.build_info = Gauge(
             "inference_build_info",
             "Always 1; the version label says what runs (with --workers, one series per "
@@ -626,6 +671,8 @@ class Metrics:
                 bundle.tpot.observe(decode / (output - 1))
         if ctx.variant is not None:
             self._variant(ctx, status_class, duration)
+        if ctx.cache is not None:
+            self._child(self.cache_requests, (bundle.labels[1], ctx.cache)).inc()
 
     def _bundle(self, labels: tuple[str, ...]) -> _Bundle:
         bundle = _Bundle(labels)
@@ -748,6 +795,54 @@ class Metrics:
             self._child(self.shadow_duration, (exp,)).observe(duration_secs)
         except Exception:  # noqa: BLE001
             self._failed("shadow_finished")
+
+    # --- the response cache (cache.py) -----------------------------------------------------
+
+    def cache_coalesced_request(self, model: str | None) -> None:
+        """A request waits for an identical one already asking the upstream."""
+        if not self.enabled:
+            return
+        try:
+            self._child(self.cache_coalesced, (self._label("model", model),)).inc()
+        except Exception:  # noqa: BLE001
+            self._failed("cache_coalesced")
+
+    def cache_stored(self, nbytes: int) -> None:
+        """An answer was stored (its size before compression)."""
+        if not self.enabled:
+            return
+        try:
+            self.cache_stored_bytes.inc(nbytes)
+        except Exception:  # noqa: BLE001
+            self._failed("cache_stored")
+
+    def cache_size(self, nbytes: int, entries: int) -> None:
+        """The in-memory cache's size now."""
+        if not self.enabled:
+            return
+        try:
+            self.cache_bytes.set(nbytes)
+            self.cache_entries.set(entries)
+        except Exception:  # noqa: BLE001
+            self._failed("cache_size")
+
+    def cache_evicted(self, reason: str) -> None:
+        """An entry left the in-memory cache (``reason``: size, count or expired)."""
+        if not self.enabled:
+            return
+        try:
+            self._child(self.cache_evictions, (reason,)).inc()
+        except Exception:  # noqa: BLE001
+            self._failed("cache_evicted")
+
+    def cache_error(self, operation: str) -> None:
+        """A Redis command of the cache failed (``operation``: get, set or lock)."""
+        if not self.enabled:
+            return
+        try:
+            self._child(self.cache_errors, (operation,)).inc()
+        except Exception:  # noqa: BLE001
+            self._failed("cache_error")
 
     # --- exposition -------------------------------------------------------------------------
 

@@ -1,10 +1,11 @@
 """The request pipeline, top-down in one place.
 
 ``chat_completions`` reads as the gateway works:
-admit → validate → cache → route (experiment → variant → route) → attempt (walk the routing
-``Plan``: deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or
-stream → record.
-Steps that later issues fill in (auth, rate limits, cache) have their slot here.
+admit → validate → route (experiment → variant → route) → cache (its key holds the route, so
+aliases and variants are resolved first; a hit ends here) → attempt (walk the routing ``Plan``:
+deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or stream →
+record.
+Steps that later issues fill in (auth, rate limits) have their slot here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aiohttp import web
 from loguru import logger
 
 from inference_server.body import read_json
+from inference_server.cache import CACHE, Lookup
 from inference_server.context import RequestContext
 from inference_server.errors import (
     GatewayError,
@@ -61,8 +63,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body["model"] = model
     ctx.model = model
     ctx.stream = bool(body.get("stream"))
-    # 3. cache — response caching slots in here.
-    # 4. route: an experiment may answer for this name and pick a variant (another route).
+    # 3. route: an experiment may answer for this name and pick a variant (another route).
     with telemetry.span("inference.route", {"gen_ai.request.model": model}) as span:
         router.check_allowed(model)
         route_name = model
@@ -82,8 +83,15 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 span.set_attribute("inference.variant", ctx.variant)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     ctx.include_usage = include_usage
-    ctx.queue_secs = time.perf_counter() - ctx.started
+    cache = app[CACHE]
+    cached: Lookup | None = None
     try:
+        # 4. cache (cache.py): a hit answers here, JSON or SSE replay; a miss leads or waits.
+        if cache is not None:
+            cached = await cache.lookup(request, ctx, body, route.name)
+            if cached is not None and cached.response is not None:
+                return cached.response
+        ctx.queue_secs = time.perf_counter() - ctx.started
         # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
         #    before the first byte reaches the client.
         plan = router.plan(route, model, ctx, app[METRICS])
@@ -98,11 +106,16 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
                 # 6. respond or stream (a stream keeps its lease: in-flight until it ends)
                 if isinstance(result, tuple):
                     first, chunks = result
-                    return await stream(request, ctx, lease, body, first, chunks)
+                    return await stream(request, ctx, lease, body, first, chunks, cached)
                 ctx.usage = result.get("usage")
-                return web.Response(body=orjson.dumps(result), content_type="application/json")
+                payload = orjson.dumps(result)
+                if cached is not None:
+                    await cached.store_json(payload, result)
+                return web.Response(body=payload, content_type="application/json")
         raise plan.error()
     finally:
+        if cached is not None:
+            await cached.close()  # wakes identical requests waiting on this one
         # 7. record (metrics and the access log read ctx in the middleware)
         if experiment is not None and ctx.variant is not None:
             experiment.stats[ctx.variant].record(
@@ -247,8 +260,10 @@ async def stream(
     body: dict[str, Any],
     first: ChatChunk,
     chunks: AsyncIterator[ChatChunk],
+    cached: Lookup | None = None,
 ) -> web.StreamResponse:
-    """Send the 200 + SSE headers now that a first chunk exists, then relay the rest."""
+    """Send the 200 + SSE headers now that a first chunk exists, then relay the rest (and hand
+    it to the response cache when it ends normally)."""
     dep = lease.deployment
     ctx.first_token_secs = time.perf_counter() - ctx.started
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -277,6 +292,7 @@ async def stream(
                 include_usage=ctx.include_usage,
                 error_format=request.app[SETTINGS].server.error_format,
                 collect_text=span is not None and telemetry.record_content,
+                collector=cached.collector() if cached is not None else None,
             )
             if text is not None:
                 telemetry.record_output_text(span, text)

@@ -54,6 +54,7 @@ MODEL_SCHEMA: dict[str, Setting] = {
     "context_window_fallbacks": S((list,), []),
     "content_policy_fallbacks": S((list,), []),
     "alias": S((str,), None, nullable=True),
+    "cache": S((dict,), None, nullable=True, description="{enabled, ttl_secs} (cache_config.py)"),
 }
 VARIANT_SCHEMA: dict[str, Setting] = {
     "model": S((str,), None),

@@ -19,6 +19,7 @@ from typing import Any
 from dynaconf import Dynaconf, ValidationError, Validator
 
 from inference_server import envvars
+from inference_server.cache_config import CACHE_SCHEMA, CacheSettings, build_cache_settings
 from inference_server.metrics import MetricsSettings
 from inference_server.providers.base import ProviderConfig, ProviderPlugin, Setting, Timeouts
 from inference_server.providers.loader import LoadedPlugin, PluginLoadError, load_plugins
@@ -197,6 +198,8 @@ CORE_SCHEMA: dict[str, Any] = {
         ),
         "timeout_secs": S(_NUM, 0.25, gte=0.001, lte=60, description="per Redis command"),
     },
+    # The response cache (cache.py; keys and bounds in cache_config.py).
+    "cache": CACHE_SCHEMA,
 }
 
 #: Keys every provider section may have, besides its plugin's own.
@@ -360,6 +363,7 @@ class Settings:
     #: Provider name → seconds between active health checks (only those that want them).
     health_checks: Mapping[str, float]
     state: StateSettings = field(default_factory=StateSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     #: The settings tree as layered, secrets already masked (for ``--print-config``).
     raw: Mapping[str, Any] = field(default_factory=dict)
@@ -746,6 +750,7 @@ def load_settings(
         if isinstance(section, Mapping) and section.get("health_check_interval_secs")
     }
     state = _state_settings(resolved["state"], problems)
+    cache = build_cache_settings(resolved["cache"], models, state.backend, problems)
 
     if problems:
         raise ConfigError(problems)
@@ -842,6 +847,7 @@ def load_settings(
         admin_token=srv.get("admin_token"),
         health_checks=health_checks,
         state=state,
+        cache=cache,
         plugins=loaded,
         # Masked now: the settings object keeps no secret it does not need (the values it
         # needs live in typed fields, each kept out of repr()).

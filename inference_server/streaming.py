@@ -13,7 +13,7 @@ import contextlib
 import math
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
@@ -28,6 +28,9 @@ from inference_server.errors import (
 )
 from inference_server.keys import SETTINGS
 from inference_server.providers.base import ChatChunk
+
+if TYPE_CHECKING:
+    from inference_server.cache import StreamCollector
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {
@@ -114,10 +117,13 @@ async def relay(
     include_usage: bool,
     error_format: str,
     collect_text: bool = False,
+    collector: StreamCollector | None = None,
 ) -> str | None:
     """Forward ``first`` and the rest of ``chunks``; end with usage + [DONE] or an error event.
 
     Returns the assembled completion of choice 0 when ``collect_text`` (else None).
+    ``collector`` (the response cache's) sees every chunk and is completed only after
+    ``[DONE]`` was written: a stream that failed or was cancelled is never stored.
     """
     tracker = UsageTracker(collect_text)
     template: dict[str, Any] = {
@@ -131,6 +137,8 @@ async def relay(
     try:
         while chunk is not None:
             tracker.observe(chunk)
+            if collector is not None:
+                collector.observe(chunk)
             is_usage_only = not chunk.get("choices") and chunk.get("usage")
             if is_usage_only:
                 if include_usage:
@@ -149,6 +157,8 @@ async def relay(
         if estimated:
             ctx.log.debug("stream usage estimated: {}", usage)
         await write(DONE)
+        if collector is not None:
+            await collector.completed(usage)
     except asyncio.CancelledError:
         # The client left (handler cancellation) or shutdown hit its deadline.  Tell a client
         # that is still connected why its stream ends; then let the cancellation proceed.

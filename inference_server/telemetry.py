@@ -364,6 +364,7 @@ class Telemetry:
             ("inference.deployment", ctx.deployment),
             ("inference.experiment", ctx.experiment),
             ("inference.variant", ctx.variant),
+            ("inference.cache", ctx.cache),
         ):
             if value is not None:
                 attrs[key] = value

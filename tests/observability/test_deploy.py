@@ -47,6 +47,13 @@ def full_exposition() -> set[str]:
     m.fallback("a", "b")
     m.breaker_transition("p/m", "closed", "open")
     m.shadow_finished("e", "ok", 0.2)
+    ctx.cache = "hit"
+    m.request_finished(ctx, 0.001)
+    m.cache_coalesced_request("m")
+    m.cache_stored(100)
+    m.cache_size(100, 1)
+    m.cache_evicted("size")
+    m.cache_error("get")
     return {name for name, _, _ in samples(m.render()[0].decode())}
 
 
@@ -66,6 +73,7 @@ def test_dashboard_queries_only_exported_metrics() -> None:
         "inference_gateway_overhead_seconds_bucket",
         "inference_circuit_breaker_state",
         "inference_experiment_requests_total",
+        "inference_cache_requests_total",
     ):
         assert wanted in used, wanted
 

@@ -113,6 +113,7 @@ def test_access_and_slow_request_lines_have_fields(log_to: Any) -> None:
     ctx.attempts, ctx.retries, ctx.status = 2, 1, 200
     ctx.queue_secs, ctx.upstream_secs = 0.002, 3.0
     ctx.usage = {"prompt_tokens": 3, "completion_tokens": 5}
+    ctx.cache = "miss"
     logs.access(ctx, "POST", "/v1/chat/completions", 200, 3.5)
     assert logs.slow_request(ctx, 3.5, threshold_secs=2.0)
     assert not logs.slow_request(ctx, 1.5, threshold_secs=2.0)
@@ -128,6 +129,7 @@ def test_access_and_slow_request_lines_have_fields(log_to: Any) -> None:
         "local/gpt-oss-20b",
     )
     assert (access["attempts"], access["retries"], access["fallbacks"]) == (2, 1, 0)
+    assert access["cache"] == "miss"
     assert slow["event"] == "slow_request"
     assert slow["level"] == "warning"
     assert slow["request_id"] == "req-3"
