@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -39,8 +40,14 @@ from inference_server.keys import (
     SETTINGS,
     TELEMETRY,
 )
-from inference_server.providers.base import CallContext, ChatChunk
-from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease
+from inference_server.providers.base import (
+    CallContext,
+    ChatChunk,
+    Provider,
+    operation_not_supported,
+)
+from inference_server.providers.base import Operation as ProviderOperation
+from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease, Route
 from inference_server.schemas import validate_chat
 from inference_server.server import read_body
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
@@ -74,7 +81,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     ctx = request[CTX]
     settings = app[SETTINGS]
-    router = app[ROUTER]
 
     # 1. admit — authentication and rate limits slot in here.
     # 2. validate
@@ -87,7 +93,31 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx.stream = bool(body.get("stream"))
     # 3. cache — response caching slots in here.
     # 4. route: an experiment may answer for this name and pick a variant (another route).
-    with telemetry.span("inference.route", {"gen_ai.request.model": model}) as span:
+    route, experiment = route_request(request, ctx, model, body)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    ctx.include_usage = include_usage
+    try:
+        # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
+        #    before the first byte reaches the client; 6. respond or stream.
+        return await walk(request, ctx, route, model, body, CHAT, respond_chat)
+    finally:
+        # 7. record (metrics and the access log read ctx in the middleware)
+        if experiment is not None and ctx.variant is not None:
+            experiment.stats[ctx.variant].record(
+                time.perf_counter() - ctx.started,
+                ctx.error_code is not None or ctx.status is None,
+                ctx.usage,
+            )
+
+
+def route_request(
+    request: web.Request, ctx: RequestContext, model: str, body: dict[str, Any]
+) -> tuple[Route, Experiment | None]:
+    """Step 4 of every endpoint: allowed list, experiment → variant, route (aliases followed)."""
+    app = request.app
+    router = app[ROUTER]
+    settings = app[SETTINGS]
+    with app[TELEMETRY].span("inference.route", {"gen_ai.request.model": model}) as span:
         router.check_allowed(model)
         route_name = model
         experiment = router.experiments.get(model)
@@ -104,36 +134,85 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if ctx.variant is not None:
                 span.set_attribute("inference.experiment", ctx.experiment or "")
                 span.set_attribute("inference.variant", ctx.variant)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    ctx.include_usage = include_usage
+    return route, experiment
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """What an endpoint asks of a provider: one walk of the plan serves every endpoint.
+
+    ``name`` is the GenAI operation (``gen_ai.operation.name``: chat, text_completion,
+    embeddings, responses); ``capability`` is what ``Provider.supports`` is asked; ``call`` makes
+    the non-streaming call and ``stream`` opens a stream (its first chunk is awaited by
+    :func:`open_stream` under the first-byte timeout).
+    """
+
+    name: str
+    capability: ProviderOperation
+    call: Callable[[Provider, dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
+    stream: Callable[[Provider, dict[str, Any], CallContext], AsyncIterator[dict[str, Any]]]
+
+
+CHAT = Operation("chat", "chat", lambda p, b, c: p.chat(b, c), lambda p, b, c: p.stream_chat(b, c))
+
+#: What an endpoint does with a successful attempt (inside the lease: a stream keeps it).
+Respond = Callable[
+    [web.Request, RequestContext, Lease, dict[str, Any], Any], Awaitable[web.StreamResponse]
+]
+
+
+async def walk(
+    request: web.Request,
+    ctx: RequestContext,
+    route: Route,
+    model: str,
+    body: dict[str, Any],
+    op: Operation,
+    respond: Respond,
+) -> web.StreamResponse:
+    """Step 5 of every endpoint: walk the routing ``Plan`` (one lease per attempt) until an
+    attempt succeeds, then ``respond`` (step 6) while the lease is held.
+
+    A deployment whose provider lacks ``op`` is skipped unjudged (no breaker verdict: it was
+    never asked); when no deployment could even be asked, the client gets 400
+    ``OPERATION_NOT_SUPPORTED`` instead of the plan's refusal.
+    """
+    app = request.app
     ctx.queue_secs = time.perf_counter() - ctx.started
-    try:
-        # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
-        #    before the first byte reaches the client.
-        plan = router.plan(route, model, ctx, app[METRICS])
-        async for lease in plan:
-            async with lease:
-                try:
-                    result = await attempt(request, ctx, lease.candidate, body)
-                except GatewayError as exc:
-                    plan.failed(lease, exc)
-                    continue
-                plan.succeeded(lease)
-                # 6. respond or stream (a stream keeps its lease: in-flight until it ends)
-                if isinstance(result, tuple):
-                    first, chunks = result
-                    return await stream(request, ctx, lease, body, first, chunks)
-                ctx.usage = result.get("usage")
-                return web.Response(body=orjson.dumps(result), content_type="application/json")
-        raise plan.error()
-    finally:
-        # 7. record (metrics and the access log read ctx in the middleware)
-        if experiment is not None and ctx.variant is not None:
-            experiment.stats[ctx.variant].record(
-                time.perf_counter() - ctx.started,
-                ctx.error_code is not None or ctx.status is None,
-                ctx.usage,
-            )
+    plan = app[ROUTER].plan(route, model, ctx, app[METRICS])
+    unsupported: GatewayError | None = None
+    capability = op.capability
+    async for lease in plan:
+        async with lease:
+            provider = lease.deployment.provider
+            if capability != "chat" and not provider.supports(capability):
+                unsupported = operation_not_supported(lease.deployment.config.name, op.name)
+                continue
+            try:
+                result = await attempt(request, ctx, lease.candidate, body, op)
+            except GatewayError as exc:
+                plan.failed(lease, exc)
+                continue
+            plan.succeeded(lease)
+            return await respond(request, ctx, lease, body, result)
+    if unsupported is not None and not ctx.attempts:
+        raise unsupported
+    raise plan.error()
+
+
+async def respond_chat(
+    request: web.Request,
+    ctx: RequestContext,
+    lease: Lease,
+    body: dict[str, Any],
+    result: dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]],
+) -> web.StreamResponse:
+    """Step 6 for chat: the JSON answer, or the SSE relay of an opened stream."""
+    if isinstance(result, tuple):
+        first, chunks = result
+        return await stream(request, ctx, lease, body, first, chunks)
+    ctx.usage = result.get("usage")
+    return web.Response(body=orjson.dumps(result), content_type="application/json")
 
 
 def assign_variant(
@@ -158,7 +237,7 @@ def _body_for(cand: Candidate, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def open_stream(
-    cand: Candidate, body: dict[str, Any], call: CallContext
+    cand: Candidate, body: dict[str, Any], call: CallContext, op: Operation = CHAT
 ) -> tuple[ChatChunk, AsyncIterator[ChatChunk]]:
     """Start the upstream stream and wait for its first chunk (within the first-byte timeout).
 
@@ -166,7 +245,7 @@ async def open_stream(
     back, and is reported with a proper HTTP status.
     """
     name = cand.deployment.config.name
-    chunks = cand.deployment.provider.stream_chat(body, call)
+    chunks = op.stream(cand.deployment.provider, body, call)
     try:
         async with asyncio.timeout(call.timeouts.first_byte):
             first = await anext(chunks)
@@ -186,10 +265,14 @@ async def open_stream(
 
 
 async def attempt(
-    request: web.Request, ctx: RequestContext, cand: Candidate, body: dict[str, Any]
+    request: web.Request,
+    ctx: RequestContext,
+    cand: Candidate,
+    body: dict[str, Any],
+    op: Operation = CHAT,
 ) -> dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]]:
-    """One upstream attempt on one deployment: the chat response, or a stream's first chunk
-    and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
+    """One upstream attempt of ``op`` on one deployment: the response, or a stream's first
+    chunk and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
     bug as ``InternalError``), so the plan can account for it."""
     app = request.app
     health = app[HEALTH]
@@ -210,21 +293,24 @@ async def attempt(
     outcome = "CANCELLED"
     started = time.perf_counter()
     with (
-        telemetry.client_span("chat " + cand.upstream_model, _attempt_attributes(ctx, cand))
+        telemetry.client_span(
+            op.name + " " + cand.upstream_model, _attempt_attributes(ctx, cand, op.name)
+        )
         if telemetry.recording()
         else NO_SPAN as span
     ):
         if span is not None:
             ctx.trace_headers.clear()
             telemetry.inject(ctx.trace_headers)
-            telemetry.record_input(span, body.get("messages") or [])
+            if op is CHAT:
+                telemetry.record_input(span, body.get("messages") or [])
         try:
             result: dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]]
             if ctx.stream:
-                result = await open_stream(cand, sent, call)
+                result = await open_stream(cand, sent, call, op)
                 telemetry.record_response(span, result[0])
             else:
-                result = await dep.provider.chat(sent, call)
+                result = await op.call(dep.provider, sent, call)
                 telemetry.record_response(span, result)
             outcome = "ok"
         except GatewayError as exc:
@@ -248,11 +334,13 @@ async def attempt(
     return result
 
 
-def _attempt_attributes(ctx: RequestContext, cand: Candidate) -> dict[str, Any]:
+def _attempt_attributes(
+    ctx: RequestContext, cand: Candidate, operation: str = "chat"
+) -> dict[str, Any]:
     """GenAI + inference attributes of an attempt's client span (built only when tracing)."""
     dep = cand.deployment
     return {
-        "gen_ai.operation.name": "chat",
+        "gen_ai.operation.name": operation,
         "gen_ai.request.model": cand.upstream_model,
         "gen_ai.provider.name": dep.config.plugin,
         "inference.provider": dep.config.name,

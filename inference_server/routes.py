@@ -7,6 +7,8 @@ import hmac
 import orjson
 from aiohttp import web
 
+from inference_server.endpoints.completions import completions
+from inference_server.endpoints.embeddings import embeddings
 from inference_server.errors import Forbidden, Unauthorized
 from inference_server.keys import HEALTH, METRICS, ROUTER, SETTINGS
 from inference_server.pipeline import chat_completions
@@ -88,4 +90,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
+    app.router.add_post("/v1/embeddings", embeddings, expect_handler=expect_continue)
+    app.router.add_post("/v1/completions", completions, expect_handler=expect_continue)
     app.router.add_get("/admin/experiments", admin_experiments)

@@ -111,3 +111,44 @@ async def test_allowed_list_guards_a_server_that_serves_any_name(
         await sdk.chat.completions.create(model="gpt-4", messages=USER, max_tokens=2)
     assert err.value.code == "MODEL_NOT_ALLOWED"
     await sdk.close()
+
+
+# --- the other endpoints (issue 14) -----------------------------------------------------------
+
+
+async def test_embeddings_one_64_float_vector_per_input(sdk, llama_server: LlamaServer) -> None:
+    out = await sdk.embeddings.create(
+        model=llama_server.model, input=["hello", "world"], encoding_format="float"
+    )
+    assert [len(d.embedding) for d in out.data] == [64, 64]
+    assert out.data[0].embedding != out.data[1].embedding
+    assert out.usage.prompt_tokens > 0
+    decoded = await sdk.embeddings.create(model=llama_server.model, input="hello")  # base64
+    assert decoded.data[0].embedding == pytest.approx(out.data[0].embedding, rel=1e-5)
+    # The same server still chats.
+    done = await sdk.chat.completions.create(model=llama_server.model, messages=USER, max_tokens=4)
+    assert done.choices[0].message.content is not None
+
+
+async def test_legacy_completions_stream_and_not(sdk, llama_server: LlamaServer) -> None:
+    done = await sdk.completions.create(model=llama_server.model, prompt="Once", max_tokens=6)
+    assert done.object == "text_completion"
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage is not None
+    assert 0 < done.usage.completion_tokens <= 6
+    stream = await sdk.completions.create(
+        model=llama_server.model,
+        prompt="Once",
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage
+    assert pieces
+    assert usage is not None
+    assert usage.completion_tokens > 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +21,10 @@ from inference_server.providers import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     HealthStatus,
     ModelInfo,
     Provider,
@@ -168,6 +173,88 @@ class MockProvider(Provider):
                 },
             }
 
+    # --- optional capabilities -------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        """One unit-length vector per input, derived from a hash of the input (same input, same
+        vector); ``dimensions`` when given, else ``embedding_dims``."""
+        started = time.monotonic()
+        width = int(request.get("dimensions") or self.config.options.get("embedding_dims") or 64)
+        data = []
+        tokens = 0
+        for index, item in enumerate(request.get("input") or ()):
+            text = item if isinstance(item, str) else " ".join(str(t) for t in item)
+            tokens += len(text.split()) if isinstance(item, str) else len(item)
+            seed = hashlib.sha256(text.encode()).digest()
+            raw = [
+                (hashlib.sha256(seed + i.to_bytes(4, "little")).digest()[0] - 127.5) / 127.5
+                for i in range(width)
+            ]
+            norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+            data.append(
+                {"object": "embedding", "index": index, "embedding": [x / norm for x in raw]}
+            )
+        await self._pace(started, 0)
+        return {
+            "object": "list",
+            "data": data,
+            "model": ctx.upstream_model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @staticmethod
+    def _as_chat(request: CompletionRequest) -> ChatRequest:
+        prompt = request.get("prompt")
+        text = prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt or ())
+        return {**request, "messages": [{"role": "user", "content": text}]}
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        """The chat reply's text as a ``text_completion`` (``echo`` prepends the prompt)."""
+        chat = await self.chat(self._as_chat(request), ctx)
+        prompt = request.get("prompt")
+        prefix = prompt if request.get("echo") and isinstance(prompt, str) else ""
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": chat["created"],
+            "model": ctx.upstream_model,
+            "choices": [
+                {
+                    "index": c["index"],
+                    "text": prefix + c["message"]["content"],
+                    "logprobs": None,
+                    "finish_reason": c["finish_reason"],
+                }
+                for c in chat["choices"]
+            ],
+            "usage": chat["usage"],
+        }
+
+    async def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        """The chat stream's tokens as ``text_completion`` chunks."""
+        ident = f"cmpl-{uuid.uuid4().hex}"
+        async for chunk in self.stream_chat(self._as_chat(request), ctx):
+            out: CompletionResponse = {
+                "id": ident,
+                "object": "text_completion",
+                "created": chunk["created"],
+                "model": ctx.upstream_model,
+                "choices": [
+                    {
+                        "index": c["index"],
+                        "text": c["delta"].get("content") or "",
+                        "logprobs": None,
+                        "finish_reason": c["finish_reason"],
+                    }
+                    for c in chunk["choices"]
+                ],
+            }
+            if "usage" in chunk:
+                out["usage"] = chunk["usage"]
+            yield out
+
     async def list_models(self) -> list[ModelInfo]:
         names = self.config.options.get("models") or ["mock-model"]
         return [ModelInfo(id=str(n), owned_by="mock") for n in names]
@@ -194,6 +281,9 @@ plugin = ProviderPlugin(
             (int,), 16, gte=1, lte=100_000, description="tokens per reply before max_tokens applies"
         ),
         "models": Setting((list,), ["mock-model"], description="ids listed by /v1/models"),
+        "embedding_dims": Setting(
+            (int,), 64, gte=1, lte=8192, description="length of the mock's embedding vectors"
+        ),
     },
     default_base_url="mock://local",
 )

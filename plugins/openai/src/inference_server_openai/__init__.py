@@ -39,6 +39,10 @@ from inference_server.providers import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     GatewayError,
     ModelInfo,
     OpenAICompatibleProvider,
@@ -254,6 +258,31 @@ class OpenAIProvider(OpenAICompatibleProvider):
         # The 400 came before any chunk, so the retry is invisible to the client.
         try:
             async with _closing(super().stream_chat(request, ctx)) as chunks:
+                async for chunk in chunks:
+                    yield self._for_client(chunk, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        try:
+            return await super().embed(request, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        try:
+            return await super().complete(request, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        try:
+            async with _closing(super().stream_complete(request, ctx)) as chunks:
                 async for chunk in chunks:
                     yield self._for_client(chunk, ctx)
         except GatewayError as exc:

@@ -1,0 +1,134 @@
+"""/v1/embeddings and /v1/completions over HTTP: validation errors in the OpenAI envelope, an
+operation the route's provider does not serve, metrics by endpoint."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from inference_server_mock import plugin as mock_plugin
+
+from inference_server.providers import (
+    CallContext,
+    ChatChunk,
+    ChatRequest,
+    ChatResponse,
+    HealthStatus,
+    ModelInfo,
+    Provider,
+    ProviderPlugin,
+)
+from tests.support.fake_upstream import FakeUpstream, completion
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code", "param"),
+    [
+        ("/v1/embeddings", {"model": "gpt-oss-20b"}, "MISSING_PARAMETER", "input"),
+        ("/v1/embeddings", {"input": ""}, "INVALID_PARAMETER", "input"),
+        ("/v1/embeddings", {"input": []}, "INVALID_PARAMETER", "input"),
+        ("/v1/embeddings", {"input": ["a", 1]}, "INVALID_PARAMETER", "input"),
+        ("/v1/embeddings", {"input": ["a"] * 2049}, "INVALID_PARAMETER", "input"),
+        ("/v1/embeddings", {"input": "a", "encoding_format": "hex"}, "INVALID_PARAMETER",
+         "encoding_format"),
+        ("/v1/embeddings", {"input": "a", "dimensions": 0}, "INVALID_PARAMETER", "dimensions"),
+        ("/v1/embeddings", {"input": "a", "model": "gpt-4"}, "MODEL_NOT_ALLOWED", "model"),
+        ("/v1/completions", {"model": "gpt-oss-20b"}, "MISSING_PARAMETER", "prompt"),
+        ("/v1/completions", {"prompt": {"a": 1}}, "INVALID_PARAMETER", "prompt"),
+        ("/v1/completions", {"prompt": "a", "temperature": 3}, "INVALID_PARAMETER",
+         "temperature"),
+        ("/v1/completions", {"prompt": "a", "logprobs": 6}, "INVALID_PARAMETER", "logprobs"),
+        ("/v1/completions", {"prompt": "a", "n": 3, "best_of": 2}, "INVALID_PARAMETER",
+         "best_of"),
+        ("/v1/completions", {"prompt": "a", "stop": ["1", "2", "3", "4", "5"]},
+         "INVALID_PARAMETER", "stop"),
+        ("/v1/completions", {"prompt": "a", "stream": True, "best_of": 2},
+         "INVALID_PARAMETER", "best_of"),
+        ("/v1/completions", ["prompt"], "INVALID_REQUEST", None),
+    ],
+)  # fmt: skip
+async def test_validation_errors_are_400_envelopes(
+    gateway_for, fake_upstream: FakeUpstream, path: str, body: Any, code: str, param: str | None
+) -> None:
+    client = await gateway_for({"allowed_models": ["gpt-oss-20b"]})
+    resp = await client.post(path, json=body)
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"], error["type"]) == (code, param, "invalid_request_error")
+    assert error["message"]
+    assert fake_upstream.requests == []
+
+
+async def test_malformed_json_and_media_type(gateway_for) -> None:
+    client = await gateway_for()
+    for path in ("/v1/embeddings", "/v1/completions"):
+        resp = await client.post(path, data=b"{", headers={"Content-Type": "application/json"})
+        assert (resp.status, (await resp.json())["error"]["code"]) == (400, "INVALID_JSON")
+        resp = await client.post(path, data=b"{}", headers={"Content-Type": "text/plain"})
+        assert resp.status == 415
+
+
+class ChatOnly(Provider):
+    """A provider with no optional capabilities."""
+
+    calls = 0
+
+    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
+        ChatOnly.calls += 1
+        return completion(ctx.upstream_model)
+
+    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        yield await self.chat(request, ctx)
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="m")]
+
+    async def health(self) -> HealthStatus:
+        return HealthStatus(True, "ok")
+
+
+async def test_operation_the_provider_lacks_is_a_clear_400_and_falls_back(
+    make_settings, make_gateway
+) -> None:
+    plugin = ProviderPlugin(name="chatonly", factory=ChatOnly, default_base_url="x://y")
+    settings = make_settings(
+        {
+            "providers": {
+                "plain": {"plugin": "chatonly"},
+                "mocked": {"plugin": "mock"},
+            },
+            "models": {
+                "m": {"provider": "plain"},
+                "both": {"provider": "plain", "fallbacks": ["e"]},
+                "e": {"provider": "mocked"},
+            },
+            "routing": {"panic": False, "breaker": {"consecutive_failures": 1}},
+        },
+        plugins={"chatonly": plugin, "mock": mock_plugin},
+    )
+    client = await make_gateway(settings)
+    for _ in range(3):  # never a breaker fault: still a 400 every time, never a 503
+        resp = await client.post("/v1/embeddings", json={"model": "m", "input": "hi"})
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert error["code"] == "OPERATION_NOT_SUPPORTED"
+        assert "does not serve embeddings" in error["message"]
+    resp = await client.post("/v1/completions", json={"model": "m", "prompt": "hi"})
+    assert (await resp.json())["error"]["code"] == "OPERATION_NOT_SUPPORTED"
+    assert ChatOnly.calls == 0
+    chat = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    assert (await client.post("/v1/chat/completions", json=chat)).status == 200
+    # A route whose first provider lacks the capability falls back to one that has it.
+    resp = await client.post("/v1/embeddings", json={"model": "both", "input": "hi"})
+    assert resp.status == 200, await resp.text()
+    assert resp.headers["x-inference-deployment"] == "mocked/e"
+
+
+async def test_metrics_count_each_endpoint(gateway_for) -> None:
+    client = await gateway_for()
+    assert (await client.post("/v1/embeddings", json={"input": "a"})).status == 200
+    assert (await client.post("/v1/completions", json={"prompt": "a"})).status == 200
+    text = await (await client.get("/metrics")).text()
+    assert 'endpoint="/v1/embeddings"' in text
+    assert 'endpoint="/v1/completions"' in text
