@@ -17,6 +17,7 @@ from aiohttp import web
 from loguru import logger
 
 from inference_server import logs
+from inference_server.endpoints.store import response_store_ctx
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
     BACKGROUND,
@@ -202,6 +203,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_telemetry_ctx)
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(state_ctx)
+    app.cleanup_ctx.append(response_store_ctx)  # the Responses API's store (issue 14)
     app.cleanup_ctx.append(_providers_ctx)
     setup_routes(app)
     app[METRICS].know(

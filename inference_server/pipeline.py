@@ -358,8 +358,10 @@ async def stream(
     body: dict[str, Any],
     first: ChatChunk,
     chunks: AsyncIterator[ChatChunk],
+    relay_with: Callable[..., Awaitable[str | None]] = relay,
 ) -> web.StreamResponse:
-    """Send the 200 + SSE headers now that a first chunk exists, then relay the rest."""
+    """Send the 200 + SSE headers now that a first chunk exists, then relay the rest
+    (``relay_with``: chat's and completions' ``streaming.relay``, or the Responses events)."""
     dep = lease.deployment
     ctx.first_token_secs = time.perf_counter() - ctx.started
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -378,7 +380,7 @@ async def stream(
     telemetry = request.app[TELEMETRY]
     try:
         with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
-            text = await relay(
+            text = await relay_with(
                 request,
                 response,
                 ctx,

@@ -196,6 +196,24 @@ CORE_SCHEMA: dict[str, Any] = {
         ),
         "timeout_secs": S(_NUM, 0.25, gte=0.001, lte=60, description="per Redis command"),
     },
+    # The Responses API's stored responses (previous_response_id, GET/DELETE /v1/responses/{id}).
+    "responses": {
+        "retention_secs": S(
+            (int,),
+            86400,
+            gte=1,
+            lte=30 * 86400,
+            description="how long a stored response can be continued or fetched",
+        ),
+        "max_stored": S(
+            (int,),
+            10000,
+            gte=0,
+            lte=1_000_000,
+            description="memory backend: stored responses kept per worker (oldest dropped); "
+            "0 stores none",
+        ),
+    },
 }
 
 #: Keys every provider section may have, besides its plugin's own.
@@ -310,6 +328,12 @@ class StateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponsesSettings:
+    retention_secs: int = 86400
+    max_stored: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
 class RetryBudgetSettings:
     ratio: float
     min_retries: int
@@ -356,6 +380,7 @@ class Settings:
     #: Provider name → seconds between active health checks (only those that want them).
     health_checks: Mapping[str, float]
     state: StateSettings = field(default_factory=StateSettings)
+    responses: ResponsesSettings = field(default_factory=ResponsesSettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -788,6 +813,10 @@ def load_settings(
         admin_token=srv.get("admin_token"),
         health_checks=health_checks,
         state=state,
+        responses=ResponsesSettings(
+            retention_secs=int(resolved["responses"]["retention_secs"]),
+            max_stored=int(resolved["responses"]["max_stored"]),
+        ),
         plugins=loaded,
         raw=tree,
     )

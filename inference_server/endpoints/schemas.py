@@ -162,3 +162,85 @@ def validate_completions(body: Any) -> dict[str, Any]:
     if data.get("stream") and best_of is not None and best_of > 1:
         raise invalid("best_of", "cannot be streamed: best_of > 1 needs stream false")
     return data
+
+
+# --- the Responses API ---------------------------------------------------------------------
+
+#: Response ids are ours (``resp_`` + hex) or an upstream's: bounded, plain characters.
+RESPONSE_ID = r"^[A-Za-z0-9_.:-]{1,128}$"
+MAX_ITEMS = 2048
+MAX_TOOLS = 128
+
+
+class ResponseInput(fields.Field[Any]):
+    """``input``: a string, or a non-empty list of at most ``MAX_ITEMS`` item objects (their
+    shapes are checked where they are translated, with the item's index as ``param``)."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if isinstance(value, str):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValidationError("must be a string or a non-empty list of input items")
+        if len(value) > MAX_ITEMS:
+            raise ValidationError(f"must hold at most {MAX_ITEMS} items")
+        if not all(isinstance(v, dict) for v in value):
+            raise ValidationError("every input item must be an object")
+        return value
+
+
+class ToolChoice(fields.Field[Any]):
+    """``tool_choice``: none | auto | required, or ``{"type": "function", "name": ...}``."""
+
+    def _deserialize(self, value: Any, attr: str | None, data: Any, **kwargs: Any) -> Any:
+        if value in ("none", "auto", "required"):
+            return value
+        if isinstance(value, dict) and isinstance(value.get("type"), str):
+            if value["type"] == "function" and not isinstance(value.get("name"), str):
+                raise ValidationError("a function tool_choice needs a name")
+            return value
+        raise ValidationError("must be none, auto, required or a tool object")
+
+
+class FormatSchema(_Base):
+    type = fields.String(
+        required=True, validate=validate.OneOf(("text", "json_schema", "json_object"))
+    )
+    name = fields.String(allow_none=True, validate=validate.Length(max=64))
+    schema = fields.Dict(allow_none=True)
+    strict = fields.Boolean(allow_none=True)
+
+
+class TextSchema(_Base):
+    format = fields.Nested(FormatSchema, allow_none=True)
+
+
+class ResponsesSchema(_Base):
+    model = fields.String(allow_none=True)
+    input = ResponseInput(required=True)
+    instructions = fields.String(allow_none=True)
+    max_output_tokens = fields.Integer(allow_none=True, strict=True, validate=validate.Range(min=1))
+    temperature = fields.Float(allow_none=True, validate=validate.Range(0, 2))
+    top_p = fields.Float(allow_none=True, validate=validate.Range(0, 1))
+    tools = fields.List(fields.Dict(), allow_none=True, validate=validate.Length(max=MAX_TOOLS))
+    tool_choice = ToolChoice(allow_none=True)
+    text = fields.Nested(TextSchema, allow_none=True)
+    stream = fields.Boolean(allow_none=True)
+    store = fields.Boolean(allow_none=True)
+    previous_response_id = fields.String(
+        allow_none=True, validate=validate.Regexp(RESPONSE_ID, error="not a response id")
+    )
+    metadata = fields.Dict(allow_none=True)
+    parallel_tool_calls = fields.Boolean(allow_none=True)
+    user = fields.String(allow_none=True)
+
+
+RESPONSES_SCHEMA = ResponsesSchema()
+
+
+def validate_responses(body: Any) -> dict[str, Any]:
+    """A Responses API body (item and tool shapes are checked when translated)."""
+    data = load(RESPONSES_SCHEMA, body)
+    for i, tool in enumerate(data.get("tools") or ()):
+        if not isinstance(tool.get("type"), str):
+            raise invalid(f"tools.{i}.type", "Missing data for required field.")
+    return data

@@ -33,6 +33,8 @@ from inference_server.providers.base import (
     ProviderConfig,
     ProviderFactory,
     ProviderPlugin,
+    ResponsesRequest,
+    ResponsesResponse,
     Setting,
     Timeouts,
 )
@@ -75,6 +77,8 @@ __all__ = [
     "ProviderRateLimited",
     "ProviderRejected",
     "ProviderTimeout",
+    "ResponsesRequest",
+    "ResponsesResponse",
     "SSEDecoder",
     "Setting",
     "StreamInterrupted",

@@ -30,6 +30,9 @@ ChatChunk = dict[str, Any]
 #: An OpenAI embeddings request / its ``list`` of ``embedding`` objects (optional capability).
 EmbeddingRequest = dict[str, Any]
 EmbeddingResponse = dict[str, Any]
+#: An OpenAI Responses API request / ``response`` object or stream event (optional, native).
+ResponsesRequest = dict[str, Any]
+ResponsesResponse = dict[str, Any]
 #: An OpenAI (legacy) completions request / ``text_completion`` object or chunk (optional).
 CompletionRequest = dict[str, Any]
 CompletionResponse = dict[str, Any]
@@ -191,6 +194,22 @@ class Provider(abc.ABC):
     ) -> AsyncIterator[CompletionResponse]:
         """Yield ``text_completion`` chunks (optional; the same rules as :meth:`stream_chat`)."""
         raise operation_not_supported(self.config.name, "completions")
+
+    #: True when :meth:`respond` / :meth:`stream_respond` reach a native ``/v1/responses``;
+    #: otherwise the gateway translates the Responses API onto :meth:`chat` itself.
+    native_responses: bool = False
+
+    async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
+        """A ``response`` object from the upstream's own Responses API (only called when
+        ``native_responses``)."""
+        raise operation_not_supported(self.config.name, "the native Responses API")
+
+    def stream_respond(
+        self, request: ResponsesRequest, ctx: CallContext
+    ) -> AsyncIterator[ResponsesResponse]:
+        """The upstream's Responses stream events, ending with ``response.completed`` (or
+        ``incomplete`` / ``failed``) (only called when ``native_responses``)."""
+        raise operation_not_supported(self.config.name, "the native Responses API")
 
     def supports(self, operation: Operation) -> bool:
         """Whether this provider serves ``operation`` ("chat", "embeddings", "completions",

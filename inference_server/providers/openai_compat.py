@@ -43,8 +43,13 @@ from inference_server.providers.base import (
     HealthStatus,
     ModelInfo,
     Provider,
+    ResponsesRequest,
+    ResponsesResponse,
 )
 from inference_server.providers.sse import sse_events
+
+#: The events that end a Responses API stream (it has no ``[DONE]``).
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -338,10 +343,16 @@ class OpenAICompatibleProvider(Provider):
         return self._stream(self.chat_url, self.build_body(request, ctx, stream=True), ctx)
 
     async def _stream(
-        self, url: str, request: dict[str, Any], ctx: CallContext
+        self,
+        url: str,
+        request: dict[str, Any],
+        ctx: CallContext,
+        terminal: frozenset[str] = frozenset(),
     ) -> AsyncIterator[dict[str, Any]]:
         """POST ``request`` to ``url`` as a stream and yield its SSE objects until ``[DONE]``
-        (chat and legacy completions stream the same way)."""
+        (chat and legacy completions stream the same way), or until an object whose ``type``
+        is in ``terminal`` (the Responses API ends with ``response.completed`` & co., no
+        ``[DONE]``)."""
         body = orjson.dumps(request)
         name = self.config.name
         try:
@@ -367,6 +378,9 @@ class OpenAICompatibleProvider(Provider):
                     chunk = self._decode_chunk(event, sent > 0)
                     sent += 1
                     yield chunk
+                    if terminal and chunk.get("type") in terminal:
+                        finished = True
+                        return
             if sent:
                 raise StreamInterrupted(
                     f"The upstream (provider '{name}') ended the stream after {sent} "
@@ -428,6 +442,32 @@ class OpenAICompatibleProvider(Provider):
         self, request: CompletionRequest, ctx: CallContext
     ) -> AsyncIterator[CompletionResponse]:
         return self._stream(self.completions_url, self.build_body(request, ctx, stream=True), ctx)
+
+    # --- the Responses API, natively (used when a plugin sets ``native_responses``) --------
+
+    @property
+    def responses_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/responses"
+
+    def responses_body(self, request: ResponsesRequest, ctx: CallContext) -> dict[str, Any]:
+        """The upstream body: the client's, with the upstream model id."""
+        return {**request, "model": ctx.upstream_model}
+
+    async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
+        body = self.responses_body(request, ctx)
+        body.pop("stream", None)
+        payload = await self._call(self.responses_url, body, ctx, "response")
+        if not isinstance(payload.get("output"), list):
+            raise ProviderBadResponse(
+                f"Provider '{self.config.name}' returned no 'output' in its response"
+            )
+        return cast(ResponsesResponse, payload)
+
+    def stream_respond(
+        self, request: ResponsesRequest, ctx: CallContext
+    ) -> AsyncIterator[ResponsesResponse]:
+        body = {**self.responses_body(request, ctx), "stream": True}
+        return self._stream(self.responses_url, body, ctx, RESPONSES_TERMINAL)
 
     def _decode_chunk(self, event: bytes, started: bool) -> ChatChunk:
         chunk = decode_object(

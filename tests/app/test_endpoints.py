@@ -132,3 +132,53 @@ async def test_metrics_count_each_endpoint(gateway_for) -> None:
     text = await (await client.get("/metrics")).text()
     assert 'endpoint="/v1/embeddings"' in text
     assert 'endpoint="/v1/completions"' in text
+
+
+# --- /v1/responses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "code", "param"),
+    [
+        ({"model": "gpt-oss-20b"}, "MISSING_PARAMETER", "input"),
+        ({"input": []}, "INVALID_PARAMETER", "input"),
+        ({"input": [1]}, "INVALID_PARAMETER", "input"),
+        ({"input": "a", "temperature": -1}, "INVALID_PARAMETER", "temperature"),
+        ({"input": "a", "max_output_tokens": 0}, "INVALID_PARAMETER", "max_output_tokens"),
+        ({"input": "a", "tool_choice": "sometimes"}, "INVALID_PARAMETER", "tool_choice"),
+        ({"input": "a", "text": {"format": {"type": "xml"}}}, "INVALID_PARAMETER",
+         "text.format.type"),
+        ({"input": "a", "previous_response_id": "x" * 200}, "INVALID_PARAMETER",
+         "previous_response_id"),
+        ({"input": "a", "previous_response_id": "../etc"}, "INVALID_PARAMETER",
+         "previous_response_id"),
+        ({"input": "a", "tools": [{"name": "f"}]}, "MISSING_PARAMETER", "tools.0.type"),
+        ({"input": "a", "tools": [{"type": "web_search"}]}, "INVALID_PARAMETER", "tools.0.type"),
+        ({"input": [{"role": "robot", "content": "x"}]}, "INVALID_PARAMETER", "input.0.role"),
+        ({"input": [{"type": "function_call", "name": "f"}]}, "INVALID_PARAMETER",
+         "input.0.call_id"),
+        ({"input": [{"type": "function_call_output", "call_id": "c", "output": 3}]},
+         "INVALID_PARAMETER", "input.0.output"),
+        ({"input": [{"type": "file_search_call"}]}, "INVALID_PARAMETER", "input.0.type"),
+        ({"input": [{"role": "user", "content": [{"type": "input_audio"}]}]},
+         "INVALID_PARAMETER", "input.0.content.0"),
+    ],
+)  # fmt: skip
+async def test_responses_validation_errors(
+    gateway_for, fake_upstream: FakeUpstream, body: Any, code: str, param: str
+) -> None:
+    client = await gateway_for()
+    resp = await client.post("/v1/responses", json=body)
+    assert resp.status == 400, await resp.text()
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == (code, param)
+    assert fake_upstream.requests == []
+
+
+async def test_unknown_or_malformed_response_ids_are_404(gateway_for) -> None:
+    client = await gateway_for()
+    for rid in ("resp_nope", "a%20b", "x" * 300):
+        for method in ("GET", "DELETE"):
+            resp = await client.request(method, f"/v1/responses/{rid}")
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "RESPONSE_NOT_FOUND"

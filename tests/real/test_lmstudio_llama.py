@@ -9,6 +9,7 @@ allowed list is what returns MODEL_NOT_ALLOWED).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
@@ -152,3 +153,46 @@ async def test_legacy_completions_stream_and_not(sdk, llama_server: LlamaServer)
     assert pieces
     assert usage is not None
     assert usage.completion_tokens > 0
+
+
+async def test_responses_translated_onto_chat(sdk, llama_server: LlamaServer) -> None:
+    """llama-cpp-python has no /v1/responses: the gateway translates onto chat."""
+    first = await sdk.responses.create(
+        model=llama_server.model, input="My name is Ann", max_output_tokens=6
+    )
+    assert first.status in ("completed", "incomplete")
+    assert first.usage is not None
+    assert first.usage.input_tokens > 0
+    assert 0 < first.usage.output_tokens <= 6
+    second = await sdk.responses.create(
+        model=llama_server.model,
+        input="What is my name?",
+        previous_response_id=first.id,
+        max_output_tokens=6,
+    )
+    alone = await sdk.responses.create(
+        model=llama_server.model, input="What is my name?", max_output_tokens=6
+    )
+    assert second.usage is not None
+    assert alone.usage is not None
+    assert second.usage.input_tokens > alone.usage.input_tokens  # the first turn came along
+    # A function-call round trip as a client sends it (the call, then its output).
+    tools: list[Any] = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    follow = await sdk.responses.create(
+        model=llama_server.model,
+        input=[
+            {"role": "user", "content": "Look up apple"},
+            {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "a fruit"},
+        ],
+        tools=tools,
+        max_output_tokens=4,
+    )
+    assert follow.status in ("completed", "incomplete")
+    stream = await sdk.responses.create(
+        model=llama_server.model, input="Hi", max_output_tokens=4, stream=True
+    )
+    events: list[Any] = [event async for event in stream]
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.usage.output_tokens > 0  # estimated: llama sends no usage

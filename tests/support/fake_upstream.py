@@ -75,6 +75,7 @@ class FakeUpstream:
         self.app.router.add_get("/v1/models", self._models)
         self.app.router.add_post("/v1/embeddings", self._embeddings)
         self.app.router.add_post("/v1/completions", self._completions)
+        self.app.router.add_post("/v1/responses", self._responses)
         #: Answer embeddings like llama-cpp-python without a pooling type: a vector per token.
         self.embedding_per_token = False
         self.base_url = ""  # set by the fixture once the server listens
@@ -143,6 +144,46 @@ class FakeUpstream:
                 "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)},
             }
         )
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """A native Responses API: "Native hello." (streamed in two deltas, no [DONE])."""
+        body = await request.json()
+        action = self._next(body, request)
+        if action.kind == "status":
+            return web.json_response(action.body, status=action.status, headers=action.headers)
+        item = {
+            "type": "message",
+            "id": "msg_up",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Native hello.", "annotations": []}],
+        }
+        response = {
+            "id": "resp_upstream",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body.get("model"),
+            "output": [item],
+            "usage": {"input_tokens": 6, "output_tokens": 2, "total_tokens": 8},
+        }
+        if not body.get("stream"):
+            return web.json_response(response)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": started},
+            {"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0,
+             "content_index": 0, "delta": "Native "},
+            {"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0,
+             "content_index": 0, "delta": "hello."},
+            {"type": "response.completed", "response": response},
+        ]  # fmt: skip
+        for n, event in enumerate(events):
+            event["sequence_number"] = n
+            await resp.write(f"event: {event['type']}\n".encode() + sse(event))
+        return resp
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         """A ``text_completion``: "Once upon a time." (streamed as "tok0 tok1 tok2 ")."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 import time
 import uuid
@@ -111,8 +112,46 @@ class MockProvider(Provider):
         if delay > 0:
             await asyncio.sleep(delay)
 
+    @staticmethod
+    def _tool_call(request: ChatRequest) -> dict[str, Any] | None:
+        """With ``tools`` and a user turn last, call a tool (the named ``tool_choice``, else the
+        first) with the user's text as ``{"input": ...}``; after a tool result, answer in text."""
+        tools = request.get("tools") or []
+        choice = request.get("tool_choice")
+        messages = request.get("messages") or []
+        if not tools or choice == "none" or not messages or messages[-1].get("role") != "user":
+            return None
+        name = tools[0].get("function", {}).get("name")
+        if isinstance(choice, dict):
+            name = choice.get("function", {}).get("name") or name
+        digest = hashlib.sha256(repr(messages).encode()).hexdigest()[:24]
+        arguments = json.dumps({"input": _text_of(messages[-1].get("content"))})
+        return {
+            "id": f"call_{digest}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
         started = time.monotonic()
+        call = self._tool_call(request)
+        if call is not None:
+            await self._pace(started, 1)
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": ctx.upstream_model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                        "logprobs": None,
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
         tokens, finish, prompt_tokens = self._plan(request)
         await self._pace(started, len(tokens))
         n = int(request.get("n") or 1)
@@ -157,6 +196,17 @@ class MockProvider(Provider):
             }
 
         await self._pace(started, 0)
+        call = self._tool_call(request)
+        if call is not None:
+            first = {"index": 0, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
+            yield chunk({"role": "assistant", "content": None, "tool_calls": [first]})
+            arguments = call["function"]["arguments"]
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            yield chunk({}, "tool_calls")
+            return
         yield chunk({"role": "assistant", "content": ""})
         for i, token in enumerate(tokens):
             await self._pace(started, i + 1)

@@ -49,6 +49,8 @@ from inference_server.providers import (
     ProviderConfig,
     ProviderPlugin,
     ProviderRejected,
+    ResponsesRequest,
+    ResponsesResponse,
     Setting,
 )
 
@@ -260,6 +262,27 @@ class OpenAIProvider(OpenAICompatibleProvider):
             async with _closing(super().stream_chat(request, ctx)) as chunks:
                 async for chunk in chunks:
                     yield self._for_client(chunk, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    #: OpenAI serves /v1/responses itself: requests pass through (stored upstream).
+    native_responses = True
+
+    async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
+        try:
+            return await super().respond(request, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def stream_respond(
+        self, request: ResponsesRequest, ctx: CallContext
+    ) -> AsyncIterator[ResponsesResponse]:
+        try:
+            async with _closing(super().stream_respond(request, ctx)) as events:
+                async for event in events:
+                    yield event
         except GatewayError as exc:
             self._scrub(exc)
             raise
