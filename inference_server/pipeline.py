@@ -178,6 +178,9 @@ async def walk(
     ``OPERATION_NOT_SUPPORTED`` instead of the plan's refusal.
     """
     app = request.app
+    declared = route.capabilities
+    if declared is not None and op.capability not in declared:
+        raise operation_not_supported_by_model(model, op.capability)
     ctx.queue_secs = time.perf_counter() - ctx.started
     plan = app[ROUTER].plan(route, model, ctx, app[METRICS])
     unsupported: GatewayError | None = None
@@ -198,6 +201,15 @@ async def walk(
     if unsupported is not None and not ctx.attempts:
         raise unsupported
     raise plan.error()
+
+
+def operation_not_supported_by_model(model: str, capability: str) -> InvalidRequest:
+    """The 400 for a model whose configured ``capabilities`` do not include the request's."""
+    return InvalidRequest(
+        f"Model '{model}' does not serve {capability}",
+        code="OPERATION_NOT_SUPPORTED",
+        param="model",
+    )
 
 
 async def respond_chat(
@@ -328,7 +340,7 @@ async def attempt(
         finally:
             elapsed = time.perf_counter() - started
             ctx.upstream_secs += elapsed
-            metrics.attempt_finished(name, dep.id, outcome, elapsed)
+            metrics.attempt_finished(name, dep.id, outcome, elapsed, op.name)
     dep.observe_latency(elapsed)
     health.mark(name, True, "request succeeded")
     return result

@@ -182,3 +182,53 @@ async def test_unknown_or_malformed_response_ids_are_404(gateway_for) -> None:
             resp = await client.request(method, f"/v1/responses/{rid}")
             assert resp.status == 404
             assert (await resp.json())["error"]["code"] == "RESPONSE_NOT_FOUND"
+
+
+# --- /v1/models capabilities -------------------------------------------------------------------
+
+
+async def test_models_say_what_each_serves(make_settings, make_gateway) -> None:
+    plugin = ProviderPlugin(name="chatonly", factory=ChatOnly, default_base_url="x://y")
+    settings = make_settings(
+        {
+            "providers": {"plain": {"plugin": "chatonly"}, "mocked": {"plugin": "mock"}},
+            "models": {
+                "chat-only": {"provider": "plain"},
+                "everything": {"provider": "mocked"},
+                "embedder": {"provider": "mocked", "capabilities": ["embeddings"]},
+                "with-fallback": {"provider": "plain", "fallbacks": ["everything"]},
+            },
+        },
+        plugins={"chatonly": plugin, "mock": mock_plugin},
+    )
+    client = await make_gateway(settings)
+    data = (await (await client.get("/v1/models")).json())["data"]
+    caps = {m["id"]: m["capabilities"] for m in data}
+    assert caps == {
+        "chat-only": ["chat", "responses"],
+        "everything": ["chat", "completions", "embeddings", "responses"],
+        "embedder": ["embeddings"],
+        "with-fallback": ["chat", "completions", "embeddings", "responses"],
+    }
+    one = await (await client.get("/v1/models/embedder")).json()
+    assert one["capabilities"] == ["embeddings"]
+    # A declared capability list is enforced: the embedding model does not chat.
+    chat = {"model": "embedder", "messages": [{"role": "user", "content": "hi"}]}
+    resp = await client.post("/v1/chat/completions", json=chat)
+    assert resp.status == 400
+    assert (await resp.json())["error"]["code"] == "OPERATION_NOT_SUPPORTED"
+    resp = await client.post("/v1/embeddings", json={"model": "embedder", "input": "hi"})
+    assert resp.status == 200
+
+
+def test_unknown_capabilities_are_a_config_error(make_settings) -> None:
+    from inference_server.settings import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        make_settings(
+            {
+                "providers": {"mocked": {"plugin": "mock"}},
+                "models": {"m": {"provider": "mocked", "capabilities": ["chat", "images"]}},
+            }
+        )
+    assert any(p.startswith("models.m.capabilities: must list") for p in info.value.problems)
