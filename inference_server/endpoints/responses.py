@@ -40,9 +40,10 @@ from inference_server.errors import (
     InvalidRequest,
     NotFound,
     ProviderBadResponse,
+    RequestTooLarge,
     ServiceUnavailable,
 )
-from inference_server.keys import CTX, TELEMETRY
+from inference_server.keys import CTX, SETTINGS, TELEMETRY
 from inference_server.pipeline import Operation, read_json, stream
 from inference_server.providers.base import CallContext, Provider
 from inference_server.providers.openai_compat import RESPONSES_TERMINAL
@@ -85,7 +86,7 @@ class Turn:
             body["input"] = self.items
         return body
 
-    def _chat_body(self, provider: Provider, sent: dict[str, Any]) -> dict[str, Any]:
+    def _chat_body(self, sent: dict[str, Any]) -> dict[str, Any]:
         if self.missing is not None:
             raise InvalidRequest(
                 f"Previous response with id '{self.missing}' not found.",
@@ -100,7 +101,7 @@ class Turn:
         self.native = provider.native_responses
         if self.native:
             return await provider.respond(self._native_body(sent), call)
-        chat = await provider.chat(self._chat_body(provider, sent), call)
+        chat = await provider.chat(self._chat_body(sent), call)
         return from_chat(chat, self.body, self.rid)
 
     def open(
@@ -109,7 +110,7 @@ class Turn:
         self.native = provider.native_responses
         if self.native:
             return provider.stream_respond(self._native_body(sent), call)
-        return self._translated(provider, self._chat_body(provider, sent), call)
+        return self._translated(provider, self._chat_body(sent), call)
 
     async def _translated(
         self, provider: Provider, chat: dict[str, Any], call: CallContext
@@ -272,6 +273,16 @@ async def responses(request: web.Request) -> web.StreamResponse:
             missing = previous
         else:
             items = [*record["items"], *items]
+            # The conversation is what the client would otherwise send itself: the same
+            # limit, so a chain of turns cannot grow stored records (or upstream bodies).
+            size = len(orjson.dumps(items))
+            limit = app[SETTINGS].server.max_body_bytes
+            if size > limit:
+                raise RequestTooLarge(
+                    f"The conversation continued from '{previous}' is {size} bytes, over the "
+                    f"{limit}-byte request limit (server.max_body_bytes); start a new one",
+                    param="previous_response_id",
+                )
     turn = Turn(body, items, missing, store)
     op = Operation("responses", "responses", turn.call, turn.open)
     return await serve(request, body, op, turn.respond, stream=bool(body.get("stream")))

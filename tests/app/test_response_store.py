@@ -78,3 +78,24 @@ async def test_redis_down(
     assert resp.status == 503
     assert (await resp.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
     assert (await client.post("/v1/responses", json={"input": "x", "store": False})).status == 200
+
+
+async def test_a_continued_conversation_is_bounded_like_a_request(
+    make_settings, make_gateway
+) -> None:
+    client = await make_gateway(
+        make_settings({"inference": {"provider": "mock"}, "server": {"max_body_bytes": 2000}})
+    )
+    previous = None
+    for turn in range(10):
+        body: dict[str, Any] = {"input": f"turn {turn} " + "x" * 300}
+        if previous:
+            body["previous_response_id"] = previous
+        resp = await client.post("/v1/responses", json=body)
+        if resp.status != 200:
+            break
+        previous = (await resp.json())["id"]
+    assert resp.status == 413
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("REQUEST_TOO_LARGE", "previous_response_id")
+    assert 2 <= turn < 10
