@@ -5,6 +5,9 @@ admit → validate → cache → route (experiment → variant → route) → at
 ``Plan``: deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or
 stream → record.
 Steps that later issues fill in (auth, rate limits, cache) have their slot here.
+The other endpoints (``endpoints/``: embeddings, completions, responses) run the same steps:
+their own validation, then :func:`route_request` and :func:`walk` with their
+:class:`Operation`, so routing, fallbacks, breakers, metrics and spans are chat's.
 """
 
 from __future__ import annotations
