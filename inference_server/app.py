@@ -18,6 +18,7 @@ from loguru import logger
 
 from inference_server import logs
 from inference_server.cache import cache_ctx
+from inference_server.endpoints.store import response_store_ctx
 from inference_server.handlers import setup_routes
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
@@ -204,6 +205,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(cache_ctx)  # borrows state's Redis client
+    app.cleanup_ctx.append(response_store_ctx)  # the Responses API's store (issue 14)
     app.cleanup_ctx.append(_providers_ctx)
     setup_routes(app)
     app[METRICS].know(

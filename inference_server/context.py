@@ -48,6 +48,9 @@ class RequestContext:
     experiment: str | None = None
     variant: str | None = None
     stream: bool = False
+    #: The GenAI operation (``gen_ai.operation.name``): chat, text_completion, embeddings,
+    #: responses (the endpoint's handler).
+    operation: str = "chat"
     #: The client asked for a final usage chunk (``stream_options.include_usage``).
     include_usage: bool = False
     #: Upstream attempts made, of which retries (same deployment again) and fallbacks (moves).

@@ -9,6 +9,9 @@ import hmac
 import orjson
 from aiohttp import web
 
+from inference_server.endpoints.completions import completions
+from inference_server.endpoints.embeddings import embeddings
+from inference_server.endpoints.responses import delete_response, get_response, responses
 from inference_server.errors import Forbidden, Unauthorized
 from inference_server.keys import HEALTH, METRICS, ROUTER, SETTINGS
 from inference_server.pipeline import chat_completions
@@ -99,4 +102,9 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
+    app.router.add_post("/v1/embeddings", embeddings, expect_handler=expect_continue)
+    app.router.add_post("/v1/completions", completions, expect_handler=expect_continue)
+    app.router.add_post("/v1/responses", responses, expect_handler=expect_continue)
+    app.router.add_get("/v1/responses/{response_id}", get_response)
+    app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_get("/admin/experiments", admin_experiments)

@@ -98,6 +98,8 @@ BREAKER_STATES: Final = ("closed", "open", "half_open")
 NONE: Final = ""
 #: What a label value becomes when the gateway does not know the name (see the docstring).
 OTHER: Final = "other"
+#: ``gen_ai.operation.name`` values (the endpoints' operations): the ``operation`` label.
+OPERATION_NAMES: Final = frozenset({"chat", "text_completion", "embeddings", "responses"})
 #: The outcome label of a successful upstream attempt or shadow request.
 OK: Final = "ok"
 _MAX_LABEL_CHARS: Final = 100
@@ -370,9 +372,9 @@ class Metrics:
         )
         self.upstream_duration = Histogram(
             "gen_ai_client_operation_duration_seconds",
-            "Each upstream attempt, by outcome (ok or the error code); for a stream, until "
-            "its first chunk.",
-            ("provider", "deployment", "outcome"),
+            "Each upstream attempt, by operation (chat, text_completion, embeddings, "
+            "responses) and outcome (ok or the error code); for a stream, until its first chunk.",
+            ("operation", "provider", "deployment", "outcome"),
             buckets=DURATION_BUCKETS,
             registry=r,
         )
@@ -723,13 +725,20 @@ class Metrics:
     # --- upstream and resilience events ----------------------------------------------------
 
     def attempt_finished(
-        self, provider: str, deployment: str, outcome: str, duration_secs: float
+        self,
+        provider: str,
+        deployment: str,
+        outcome: str,
+        duration_secs: float,
+        operation: str = "chat",
     ) -> None:
-        """One upstream attempt ended (``outcome``: "ok" or the error code)."""
+        """One upstream attempt of ``operation`` (``gen_ai.operation.name``) ended
+        (``outcome``: "ok" or the error code)."""
         if not self.enabled:
             return
         try:
             labels = (
+                operation if operation in OPERATION_NAMES else OTHER,
                 self._label("provider", provider),
                 self._label("deployment", deployment),
                 self._code(outcome),

@@ -5,14 +5,18 @@ admit → validate → route (experiment → variant → route) → cache (its k
 aliases and variants are resolved first; a hit ends here) → attempt (walk the routing ``Plan``:
 deployments, breakers, pauses, fallbacks, retry rounds, budget, panic) → respond or stream →
 record.
-Steps that later issues fill in (auth, rate limits) have their slot here.
+The other endpoints (``endpoints/``: embeddings, completions, responses) run the same steps:
+their own validation, then :func:`route_request` and :func:`walk` with their
+:class:`Operation`, so routing, fallbacks, breakers, metrics and spans are chat's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import orjson
@@ -25,6 +29,7 @@ from inference_server.context import RequestContext
 from inference_server.errors import (
     GatewayError,
     InternalError,
+    InvalidRequest,
     NoDeploymentAvailable,
     ProviderBadResponse,
     ProviderConnectionFailed,
@@ -40,8 +45,14 @@ from inference_server.keys import (
     SETTINGS,
     TELEMETRY,
 )
-from inference_server.providers.base import CallContext, ChatChunk
-from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease
+from inference_server.providers.base import (
+    CallContext,
+    ChatChunk,
+    Provider,
+    operation_not_supported,
+)
+from inference_server.providers.base import Operation as ProviderOperation
+from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease, Route
 from inference_server.schemas import validate_chat
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
@@ -52,7 +63,6 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     app = request.app
     ctx = request[CTX]
     settings = app[SETTINGS]
-    router = app[ROUTER]
 
     # 1. admit — authentication and rate limits slot in here.
     # 2. validate
@@ -64,7 +74,41 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx.model = model
     ctx.stream = bool(body.get("stream"))
     # 3. route: an experiment may answer for this name and pick a variant (another route).
-    with telemetry.span("inference.route", {"gen_ai.request.model": model}) as span:
+    route, experiment = route_request(request, ctx, model, body)
+    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    ctx.include_usage = include_usage
+    cache = app[CACHE]
+    cached: Lookup | None = None
+    try:
+        # 4. cache (cache.py): a hit answers here, JSON or SSE replay; a miss leads or waits.
+        if cache is not None:
+            cached = await cache.lookup(request, ctx, body, route.name)
+            if cached is not None and cached.response is not None:
+                return cached.response
+        # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
+        #    before the first byte reaches the client; 6. respond or stream.
+        respond = respond_chat if cached is None else partial(respond_chat, cached=cached)
+        return await walk(request, ctx, route, model, body, CHAT, respond)
+    finally:
+        if cached is not None:
+            await cached.close()  # wakes identical requests waiting on this one
+        # 7. record (metrics and the access log read ctx in the middleware)
+        if experiment is not None and ctx.variant is not None:
+            experiment.stats[ctx.variant].record(
+                time.perf_counter() - ctx.started,
+                ctx.error_code is not None or ctx.status is None,
+                ctx.usage,
+            )
+
+
+def route_request(
+    request: web.Request, ctx: RequestContext, model: str, body: dict[str, Any]
+) -> tuple[Route, Experiment | None]:
+    """Step 4 of every endpoint: allowed list, experiment → variant, route (aliases followed)."""
+    app = request.app
+    router = app[ROUTER]
+    settings = app[SETTINGS]
+    with app[TELEMETRY].span("inference.route", {"gen_ai.request.model": model}) as span:
         router.check_allowed(model)
         route_name = model
         experiment = router.experiments.get(model)
@@ -81,48 +125,102 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             if ctx.variant is not None:
                 span.set_attribute("inference.experiment", ctx.experiment or "")
                 span.set_attribute("inference.variant", ctx.variant)
-    include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-    ctx.include_usage = include_usage
-    cache = app[CACHE]
-    cached: Lookup | None = None
-    try:
-        # 4. cache (cache.py): a hit answers here, JSON or SSE replay; a miss leads or waits.
-        if cache is not None:
-            cached = await cache.lookup(request, ctx, body, route.name)
-            if cached is not None and cached.response is not None:
-                return cached.response
-        ctx.queue_secs = time.perf_counter() - ctx.started
-        # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
-        #    before the first byte reaches the client.
-        plan = router.plan(route, model, ctx, app[METRICS])
-        async for lease in plan:
-            async with lease:
-                try:
-                    result = await attempt(request, ctx, lease.candidate, body)
-                except GatewayError as exc:
-                    plan.failed(lease, exc)
-                    continue
-                plan.succeeded(lease)
-                # 6. respond or stream (a stream keeps its lease: in-flight until it ends)
-                if isinstance(result, tuple):
-                    first, chunks = result
-                    return await stream(request, ctx, lease, body, first, chunks, cached)
-                ctx.usage = result.get("usage")
-                payload = orjson.dumps(result)
-                if cached is not None:
-                    await cached.store_json(payload, result)
-                return web.Response(body=payload, content_type="application/json")
-        raise plan.error()
-    finally:
-        if cached is not None:
-            await cached.close()  # wakes identical requests waiting on this one
-        # 7. record (metrics and the access log read ctx in the middleware)
-        if experiment is not None and ctx.variant is not None:
-            experiment.stats[ctx.variant].record(
-                time.perf_counter() - ctx.started,
-                ctx.error_code is not None or ctx.status is None,
-                ctx.usage,
-            )
+    return route, experiment
+
+
+@dataclass(frozen=True, slots=True)
+class Operation:
+    """What an endpoint asks of a provider: one walk of the plan serves every endpoint.
+
+    ``name`` is the GenAI operation (``gen_ai.operation.name``: chat, text_completion,
+    embeddings, responses); ``capability`` is what ``Provider.supports`` is asked; ``call`` makes
+    the non-streaming call and ``stream`` opens a stream (its first chunk is awaited by
+    :func:`open_stream` under the first-byte timeout).
+    """
+
+    name: str
+    capability: ProviderOperation
+    call: Callable[[Provider, dict[str, Any], CallContext], Awaitable[dict[str, Any]]]
+    stream: Callable[[Provider, dict[str, Any], CallContext], AsyncIterator[dict[str, Any]]]
+
+
+CHAT = Operation("chat", "chat", lambda p, b, c: p.chat(b, c), lambda p, b, c: p.stream_chat(b, c))
+
+#: What an endpoint does with a successful attempt (inside the lease: a stream keeps it).
+Respond = Callable[
+    [web.Request, RequestContext, Lease, dict[str, Any], Any], Awaitable[web.StreamResponse]
+]
+
+
+async def walk(
+    request: web.Request,
+    ctx: RequestContext,
+    route: Route,
+    model: str,
+    body: dict[str, Any],
+    op: Operation,
+    respond: Respond,
+) -> web.StreamResponse:
+    """Step 5 of every endpoint: walk the routing ``Plan`` (one lease per attempt) until an
+    attempt succeeds, then ``respond`` (step 6) while the lease is held.
+
+    A deployment whose provider lacks ``op`` is skipped unjudged (no breaker verdict: it was
+    never asked); when no deployment could even be asked, the client gets 400
+    ``OPERATION_NOT_SUPPORTED`` instead of the plan's refusal.
+    """
+    app = request.app
+    declared = route.capabilities
+    if declared is not None and op.capability not in declared:
+        raise operation_not_supported_by_model(model, op.capability)
+    ctx.queue_secs = time.perf_counter() - ctx.started
+    plan = app[ROUTER].plan(route, model, ctx, app[METRICS])
+    unsupported: GatewayError | None = None
+    capability = op.capability
+    async for lease in plan:
+        async with lease:
+            provider = lease.deployment.provider
+            if capability != "chat" and not provider.supports(capability):
+                unsupported = operation_not_supported(lease.deployment.config.name, op.name)
+                continue
+            try:
+                result = await attempt(request, ctx, lease.candidate, body, op)
+            except GatewayError as exc:
+                plan.failed(lease, exc)
+                continue
+            plan.succeeded(lease)
+            return await respond(request, ctx, lease, body, result)
+    if unsupported is not None and not ctx.attempts:
+        raise unsupported
+    raise plan.error()
+
+
+def operation_not_supported_by_model(model: str, capability: str) -> InvalidRequest:
+    """The 400 for a model whose configured ``capabilities`` do not include the request's."""
+    return InvalidRequest(
+        f"Model '{model}' does not serve {capability}",
+        code="OPERATION_NOT_SUPPORTED",
+        param="model",
+    )
+
+
+async def respond_chat(
+    request: web.Request,
+    ctx: RequestContext,
+    lease: Lease,
+    body: dict[str, Any],
+    result: dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]],
+    cached: Lookup | None = None,
+) -> web.StreamResponse:
+    """Step 6 for chat: the JSON answer, or the SSE relay of an opened stream (each handed to
+    the response cache, when on, once complete)."""
+    if isinstance(result, tuple):
+        first, chunks = result
+        return await stream(request, ctx, lease, body, first, chunks, cached=cached)
+    ctx.usage = result.get("usage")
+    payload = orjson.dumps(result)
+    if cached is not None:
+        await cached.store_json(payload, result)
+    return web.Response(body=payload, content_type="application/json")
 
 
 def assign_variant(
@@ -147,7 +245,7 @@ def _body_for(cand: Candidate, body: dict[str, Any]) -> dict[str, Any]:
 
 
 async def open_stream(
-    cand: Candidate, body: dict[str, Any], call: CallContext
+    cand: Candidate, body: dict[str, Any], call: CallContext, op: Operation = CHAT
 ) -> tuple[ChatChunk, AsyncIterator[ChatChunk]]:
     """Start the upstream stream and wait for its first chunk (within the first-byte timeout).
 
@@ -155,7 +253,7 @@ async def open_stream(
     back, and is reported with a proper HTTP status.
     """
     name = cand.deployment.config.name
-    chunks = cand.deployment.provider.stream_chat(body, call)
+    chunks = op.stream(cand.deployment.provider, body, call)
     try:
         async with asyncio.timeout(call.timeouts.first_byte):
             first = await anext(chunks)
@@ -175,10 +273,14 @@ async def open_stream(
 
 
 async def attempt(
-    request: web.Request, ctx: RequestContext, cand: Candidate, body: dict[str, Any]
+    request: web.Request,
+    ctx: RequestContext,
+    cand: Candidate,
+    body: dict[str, Any],
+    op: Operation = CHAT,
 ) -> dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]]:
-    """One upstream attempt on one deployment: the chat response, or a stream's first chunk
-    and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
+    """One upstream attempt of ``op`` on one deployment: the response, or a stream's first
+    chunk and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
     bug as ``InternalError``), so the plan can account for it."""
     app = request.app
     health = app[HEALTH]
@@ -199,21 +301,24 @@ async def attempt(
     outcome = "CANCELLED"
     started = time.perf_counter()
     with (
-        telemetry.client_span("chat " + cand.upstream_model, _attempt_attributes(ctx, cand))
+        telemetry.client_span(
+            op.name + " " + cand.upstream_model, _attempt_attributes(ctx, cand, op.name)
+        )
         if telemetry.recording()
         else NO_SPAN as span
     ):
         if span is not None:
             ctx.trace_headers.clear()
             telemetry.inject(ctx.trace_headers)
-            telemetry.record_input(span, body.get("messages") or [])
+            if op is CHAT:
+                telemetry.record_input(span, body.get("messages") or [])
         try:
             result: dict[str, Any] | tuple[ChatChunk, AsyncIterator[ChatChunk]]
             if ctx.stream:
-                result = await open_stream(cand, sent, call)
+                result = await open_stream(cand, sent, call, op)
                 telemetry.record_response(span, result[0])
             else:
-                result = await dep.provider.chat(sent, call)
+                result = await op.call(dep.provider, sent, call)
                 telemetry.record_response(span, result)
             outcome = "ok"
         except GatewayError as exc:
@@ -232,17 +337,19 @@ async def attempt(
         finally:
             elapsed = time.perf_counter() - started
             ctx.upstream_secs += elapsed
-            metrics.attempt_finished(name, dep.id, outcome, elapsed)
+            metrics.attempt_finished(name, dep.id, outcome, elapsed, op.name)
     dep.observe_latency(elapsed)
     health.mark(name, True, "request succeeded")
     return result
 
 
-def _attempt_attributes(ctx: RequestContext, cand: Candidate) -> dict[str, Any]:
+def _attempt_attributes(
+    ctx: RequestContext, cand: Candidate, operation: str = "chat"
+) -> dict[str, Any]:
     """GenAI + inference attributes of an attempt's client span (built only when tracing)."""
     dep = cand.deployment
     return {
-        "gen_ai.operation.name": "chat",
+        "gen_ai.operation.name": operation,
         "gen_ai.request.model": cand.upstream_model,
         "gen_ai.provider.name": dep.config.plugin,
         "inference.provider": dep.config.name,
@@ -260,10 +367,13 @@ async def stream(
     body: dict[str, Any],
     first: ChatChunk,
     chunks: AsyncIterator[ChatChunk],
+    *,
     cached: Lookup | None = None,
+    relay_with: Callable[..., Awaitable[str | None]] = relay,
 ) -> web.StreamResponse:
-    """Send the 200 + SSE headers now that a first chunk exists, then relay the rest (and hand
-    it to the response cache when it ends normally)."""
+    """Send the 200 + SSE headers now that a first chunk exists, then relay the rest
+    (``relay_with``: chat's and completions' ``streaming.relay``, or the Responses events) and
+    hand a chat stream to the response cache when it ends normally."""
     dep = lease.deployment
     ctx.first_token_secs = time.perf_counter() - ctx.started
     response = web.StreamResponse(status=200, headers=SSE_HEADERS)
@@ -280,9 +390,11 @@ async def stream(
     if task is not None:
         open_streams.add(task)
     telemetry = request.app[TELEMETRY]
+    # Only chat is cached: a stream is handed to the cache's collector when there is one.
+    extra = {} if cached is None else {"collector": cached.collector()}
     try:
         with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
-            text = await relay(
+            text = await relay_with(
                 request,
                 response,
                 ctx,
@@ -292,7 +404,7 @@ async def stream(
                 include_usage=ctx.include_usage,
                 error_format=request.app[SETTINGS].server.error_format,
                 collect_text=span is not None and telemetry.record_content,
-                collector=cached.collector() if cached is not None else None,
+                **extra,
             )
             if text is not None:
                 telemetry.record_output_text(span, text)

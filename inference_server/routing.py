@@ -30,7 +30,7 @@ from inference_server.errors import (
     ProviderRateLimited,
     ProviderRejected,
 )
-from inference_server.providers.base import Provider, ProviderConfig, Timeouts
+from inference_server.providers.base import OPERATIONS, Provider, ProviderConfig, Timeouts
 from inference_server.resilience import RetryBudget, backoff_waits, now
 from inference_server.routing_config import DeploymentSpec, ExperimentSpec, RouteSpec, VariantSpec
 from inference_server.settings import Settings
@@ -175,6 +175,8 @@ class Route:
     fallbacks: tuple[str, ...] = ()
     context_window_fallbacks: tuple[str, ...] = ()
     content_policy_fallbacks: tuple[str, ...] = ()
+    #: Operations the configuration declares for this model (None: what providers support).
+    capabilities: frozenset[str] | None = None
     _next: int = 0
 
     @property
@@ -834,6 +836,7 @@ class Router:
             fallbacks=spec.fallbacks,
             context_window_fallbacks=spec.context_window_fallbacks,
             content_policy_fallbacks=spec.content_policy_fallbacks,
+            capabilities=frozenset(spec.capabilities) if spec.capabilities else None,
         )
 
     # --- resolution ------------------------------------------------------------------------
@@ -942,7 +945,23 @@ class Router:
             "object": "model",
             "created": created if created is not None else self._created,
             "owned_by": owned_by,
+            "capabilities": self.capabilities(model_id),
         }
+
+    def capabilities(self, name: str) -> list[str]:
+        """What a public model serves (chat, completions, embeddings, responses): its declared
+        ``capabilities``, else what any provider of its routes (fallbacks too) supports."""
+        if self.shorthand is not None:
+            routes = [self.shorthand]
+        else:
+            experiment = self.experiments.get(name)
+            names = [v.model for v in experiment.spec.variants] if experiment else [name]
+            routes = [r for r in (self.named(n) for n in names) if r is not None]
+            if len(routes) == 1 and routes[0].capabilities is not None:
+                return [op for op in OPERATIONS if op in routes[0].capabilities]
+            routes = [p for r in routes for p in self.plan_routes(r)]
+        providers = {id(d.provider): d.provider for r in routes for d in r.deployments}
+        return [op for op in OPERATIONS if any(p.supports(op) for p in providers.values())]
 
     def _owner(self, name: str) -> str:
         if name in self.experiments:

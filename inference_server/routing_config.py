@@ -27,7 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from inference_server.providers.base import ProviderConfig, Setting, Timeouts
+from inference_server.providers.base import OPERATIONS, ProviderConfig, Setting, Timeouts
 
 S = Setting
 _NUM = (int, float)
@@ -55,6 +55,14 @@ MODEL_SCHEMA: dict[str, Setting] = {
     "content_policy_fallbacks": S((list,), []),
     "alias": S((str,), None, nullable=True),
     "cache": S((dict,), None, nullable=True, description="{enabled, ttl_secs} (cache_config.py)"),
+    "capabilities": S(
+        (list,),
+        None,
+        nullable=True,
+        description="what the model serves, of chat, completions, embeddings, responses "
+        "(/v1/models says so; other requests get 400 OPERATION_NOT_SUPPORTED); default: "
+        "what its providers support",
+    ),
 }
 VARIANT_SCHEMA: dict[str, Setting] = {
     "model": S((str,), None),
@@ -72,6 +80,17 @@ SHADOW_SCHEMA: dict[str, Setting] = {
     "model": S((str,), None),
     "fraction": S(_NUM, 0.0, gte=0, lte=1),
 }
+
+
+def _capabilities(value: Any, path: str, problems: list[str]) -> tuple[str, ...] | None:
+    """A model's declared ``capabilities``: known operation names, or None when not given."""
+    if value is None:
+        return None
+    unknown = [v for v in value if v not in OPERATIONS]
+    if unknown or not value:
+        problems.append(f"{path}: must list some of {', '.join(OPERATIONS)} (got {value!r})"[:300])
+        return None
+    return tuple(dict.fromkeys(str(v) for v in value))
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +118,8 @@ class RouteSpec:
     fallbacks: tuple[str, ...] = ()
     context_window_fallbacks: tuple[str, ...] = ()
     content_policy_fallbacks: tuple[str, ...] = ()
+    #: Declared operations (``capabilities``), or None: whatever the providers support.
+    capabilities: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,6 +255,7 @@ def build_routes(
                 f"{path}.content_policy_fallbacks",
                 problems,
             ),
+            capabilities=_capabilities(entry.get("capabilities"), f"{path}.capabilities", problems),
         )
     aliases: dict[str, str] = {}
     for alias, target in raw_aliases.items():

@@ -200,6 +200,24 @@ CORE_SCHEMA: dict[str, Any] = {
     },
     # The response cache (cache.py; keys and bounds in cache_config.py).
     "cache": CACHE_SCHEMA,
+    # The Responses API's stored responses (previous_response_id, GET/DELETE /v1/responses/{id}).
+    "responses": {
+        "retention_secs": S(
+            (int,),
+            86400,
+            gte=1,
+            lte=30 * 86400,
+            description="how long a stored response can be continued or fetched",
+        ),
+        "max_stored": S(
+            (int,),
+            10000,
+            gte=0,
+            lte=1_000_000,
+            description="memory backend: stored responses kept per worker (oldest dropped); "
+            "0 stores none",
+        ),
+    },
 }
 
 #: Keys every provider section may have, besides its plugin's own.
@@ -317,6 +335,12 @@ class StateSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class ResponsesSettings:
+    retention_secs: int = 86400
+    max_stored: int = 10000
+
+
+@dataclass(frozen=True, slots=True)
 class RetryBudgetSettings:
     ratio: float
     min_retries: int
@@ -364,6 +388,7 @@ class Settings:
     health_checks: Mapping[str, float]
     state: StateSettings = field(default_factory=StateSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
+    responses: ResponsesSettings = field(default_factory=ResponsesSettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     #: The settings tree as layered, secrets already masked (for ``--print-config``).
     raw: Mapping[str, Any] = field(default_factory=dict)
@@ -848,6 +873,10 @@ def load_settings(
         health_checks=health_checks,
         state=state,
         cache=cache,
+        responses=ResponsesSettings(
+            retention_secs=int(resolved["responses"]["retention_secs"]),
+            max_stored=int(resolved["responses"]["max_stored"]),
+        ),
         plugins=loaded,
         # Masked now: the settings object keeps no secret it does not need (the values it
         # needs live in typed fields, each kept out of repr()).

@@ -52,6 +52,11 @@ def estimate_prompt_tokens(request: dict[str, Any]) -> int:
     for BPE vocabularies.  Only used when the upstream sends no usage (see ARCHITECTURE.md).
     """
     chars = 0
+    prompt = request.get("prompt")  # legacy completions
+    if isinstance(prompt, str):
+        chars += len(prompt)
+    elif isinstance(prompt, list):
+        chars += sum(len(p) if isinstance(p, str) else 4 * len(p) for p in prompt)
     messages = request.get("messages") or []
     for message in messages:
         content = message.get("content")
@@ -82,7 +87,9 @@ class UsageTracker:
         if usage:
             self.seen_usage = usage
         for choice in chunk.get("choices") or ():
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta")
+            if delta is None:  # a legacy text_completion chunk
+                delta = {"content": choice.get("text")}
             content = delta.get("content")
             if content or delta.get("tool_calls") or delta.get("refusal"):
                 self.completion_deltas += 1
@@ -128,7 +135,7 @@ async def relay(
     tracker = UsageTracker(collect_text)
     template: dict[str, Any] = {
         "id": first.get("id"),
-        "object": "chat.completion.chunk",
+        "object": first.get("object") or "chat.completion.chunk",
         "created": first.get("created") or int(time.time()),
         "model": first.get("model"),
     }

@@ -353,7 +353,7 @@ class Telemetry:
         if ctx.endpoint != "unmatched":
             attrs["http.route"] = ctx.endpoint
         if ctx.model is not None:
-            attrs["gen_ai.operation.name"] = "chat"
+            attrs["gen_ai.operation.name"] = ctx.operation
             attrs["gen_ai.request.model"] = ctx.model
             attrs["gen_ai.request.stream"] = ctx.stream
         if ctx.upstream_model is not None:

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import aiohttp
 
+from inference_server.errors import InvalidRequest
 from inference_server.scrub import REDACTED, SECRET_NAME, mask_url
 
 #: Bumped when the interface changes incompatibly; the loader rejects other versions.
@@ -27,6 +28,15 @@ ChatRequest = dict[str, Any]
 ChatResponse = dict[str, Any]
 #: An OpenAI ``chat.completion.chunk`` object.
 ChatChunk = dict[str, Any]
+#: An OpenAI embeddings request / its ``list`` of ``embedding`` objects (optional capability).
+EmbeddingRequest = dict[str, Any]
+EmbeddingResponse = dict[str, Any]
+#: An OpenAI Responses API request / ``response`` object or stream event (optional, native).
+ResponsesRequest = dict[str, Any]
+ResponsesResponse = dict[str, Any]
+#: An OpenAI (legacy) completions request / ``text_completion`` object or chunk (optional).
+CompletionRequest = dict[str, Any]
+CompletionResponse = dict[str, Any]
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,9 +191,69 @@ class Provider(abc.ABC):
         """Release plugin resources.  Must not close the shared session."""
         return None
 
+    # --- optional capabilities (API version 1 stays compatible: defaults say "not supported")
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        """Return an OpenAI embeddings ``list`` (one flat float vector per input, in order).
+
+        ``request["input"]`` is always a list here (the gateway wraps a single input), of strings
+        or of token-id lists; ``encoding_format`` is always ``float`` (the gateway encodes base64
+        itself).  Optional: the default refuses with 400 ``OPERATION_NOT_SUPPORTED``.
+        """
+        raise operation_not_supported(self.config.name, "embeddings")
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        """Return a ``text_completion`` for a legacy ``/v1/completions`` request (optional)."""
+        raise operation_not_supported(self.config.name, "completions")
+
+    def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        """Yield ``text_completion`` chunks (optional; the same rules as :meth:`stream_chat`)."""
+        raise operation_not_supported(self.config.name, "completions")
+
+    #: True when :meth:`respond` / :meth:`stream_respond` reach a native ``/v1/responses``;
+    #: otherwise the gateway translates the Responses API onto :meth:`chat` itself.
+    native_responses: bool = False
+
+    async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
+        """A ``response`` object from the upstream's own Responses API (only called when
+        ``native_responses``)."""
+        raise operation_not_supported(self.config.name, "the native Responses API")
+
+    def stream_respond(
+        self, request: ResponsesRequest, ctx: CallContext
+    ) -> AsyncIterator[ResponsesResponse]:
+        """The upstream's Responses stream events, ending with ``response.completed`` (or
+        ``incomplete`` / ``failed``) (only called when ``native_responses``)."""
+        raise operation_not_supported(self.config.name, "the native Responses API")
+
+    def supports(self, operation: Operation) -> bool:
+        """Whether this provider serves ``operation`` ("chat", "embeddings", "completions",
+        "responses").  Chat always; the others when the plugin overrides their method
+        (``embed``, ``complete``), or a plugin may override this (e.g. per model).  The
+        Responses API is translated onto chat for every provider, so it is always served."""
+        if operation == "embeddings":
+            return type(self).embed is not Provider.embed
+        if operation == "completions":
+            return type(self).complete is not Provider.complete
+        return True
+
 
 ProviderFactory = Callable[[aiohttp.ClientSession, ProviderConfig], Provider]
 Capability = Literal["chat", "stream"]
+#: What a client can ask a provider to do (``Provider.supports``).
+Operation = Literal["chat", "embeddings", "completions", "responses"]
+OPERATIONS: tuple[Operation, ...] = ("chat", "completions", "embeddings", "responses")
+
+
+def operation_not_supported(provider: str, operation: str) -> InvalidRequest:
+    """The 400 for a route whose provider lacks an optional capability (never a fault)."""
+    return InvalidRequest(
+        f"Provider '{provider}' does not serve {operation}",
+        code="OPERATION_NOT_SUPPORTED",
+        param="model",
+    )
 
 
 def _no_settings() -> Mapping[str, Setting]:

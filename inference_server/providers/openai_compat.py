@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import orjson
@@ -35,11 +36,20 @@ from inference_server.providers.base import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     HealthStatus,
     ModelInfo,
     Provider,
+    ResponsesRequest,
+    ResponsesResponse,
 )
 from inference_server.providers.sse import sse_events
+
+#: The events that end a Responses API stream (it has no ``[DONE]``).
+RESPONSES_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed"})
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -50,6 +60,67 @@ def parse_retry_after(value: str | None) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
+
+
+def _mean_pool(vectors: list[Any]) -> list[float]:
+    """The mean of per-token vectors, scaled to unit length (what OpenAI's vectors have)."""
+    width = len(vectors[0])
+    sums = [0.0] * width
+    for vec in vectors:
+        if not isinstance(vec, list) or len(vec) != width:
+            raise ValueError("ragged token vectors")
+        for i, x in enumerate(vec):
+            sums[i] += float(x)
+    mean = [x / len(vectors) for x in sums]
+    norm = math.sqrt(sum(x * x for x in mean))
+    return [x / norm for x in mean] if norm > 0.0 else mean
+
+
+def normalise_embeddings(provider: str, payload: dict[str, Any], inputs: int) -> dict[str, Any]:
+    """An upstream's embeddings ``list`` in OpenAI's shape: one flat float vector per input.
+
+    llama-cpp-python answers a model without a pooling type with one vector *per token* (a
+    list of lists): the gateway **mean-pools** those and scales the result to unit length, as
+    llama.cpp's own ``pooling_type: mean`` would, and says so at debug level.  Anything else
+    that is not a list of numbers per input is ``PROVIDER_BAD_RESPONSE``.
+    """
+    data = payload.get("data")
+    if not isinstance(data, list) or len(data) != inputs:
+        got = len(data) if isinstance(data, list) else "no"
+        raise ProviderBadResponse(
+            f"Provider '{provider}' returned {got} embeddings for {inputs} inputs"
+        )
+    out = []
+    for position, item in enumerate(data):
+        vec = item.get("embedding") if isinstance(item, dict) else None
+        if isinstance(vec, list) and vec and isinstance(vec[0], list):
+            try:
+                vec = _mean_pool(vec)
+            except (ValueError, TypeError):
+                raise ProviderBadResponse(
+                    f"Provider '{provider}' returned unreadable per-token embeddings"
+                ) from None
+        elif not isinstance(vec, list) or not all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in vec
+        ):
+            raise ProviderBadResponse(
+                f"Provider '{provider}' returned an embedding that is not a list of numbers"
+            )
+        index = item.get("index", position)
+        out.append({"object": "embedding", "index": index, "embedding": vec})
+    out.sort(key=lambda e: e["index"] if isinstance(e["index"], int) else 0)
+    usage = payload.get("usage")
+    result: dict[str, Any] = {
+        "object": "list",
+        "data": out,
+        "model": payload.get("model"),
+    }
+    if isinstance(usage, dict):
+        result["usage"] = {
+            "prompt_tokens": usage.get("prompt_tokens") or 0,
+            "total_tokens": usage.get("total_tokens") or usage.get("prompt_tokens") or 0,
+        }
+    return result
 
 
 class UpstreamErrorFields:
@@ -268,12 +339,25 @@ class OpenAICompatibleProvider(Provider):
             )
         return payload
 
-    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
-        body = orjson.dumps(self.build_body(request, ctx, stream=True))
+    def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+        return self._stream(self.chat_url, self.build_body(request, ctx, stream=True), ctx)
+
+    async def _stream(
+        self,
+        url: str,
+        request: dict[str, Any],
+        ctx: CallContext,
+        terminal: frozenset[str] = frozenset(),
+    ) -> AsyncIterator[dict[str, Any]]:
+        """POST ``request`` to ``url`` as a stream and yield its SSE objects until ``[DONE]``
+        (chat and legacy completions stream the same way), or until an object whose ``type``
+        is in ``terminal`` (the Responses API ends with ``response.completed`` & co., no
+        ``[DONE]``)."""
+        body = orjson.dumps(request)
         name = self.config.name
         try:
             resp = await self.session.post(
-                self.chat_url,
+                url,
                 data=body,
                 headers=self.request_headers(ctx),
                 timeout=ctx.timeouts.stream_limits,
@@ -294,6 +378,9 @@ class OpenAICompatibleProvider(Provider):
                     chunk = self._decode_chunk(event, sent > 0)
                     sent += 1
                     yield chunk
+                    if terminal and chunk.get("type") in terminal:
+                        finished = True
+                        return
             if sent:
                 raise StreamInterrupted(
                     f"The upstream (provider '{name}') ended the stream after {sent} "
@@ -312,6 +399,75 @@ class OpenAICompatibleProvider(Provider):
                 # Unfinished (error, or the client went away): drop the connection so the
                 # upstream stops generating at once instead of streaming into a dead pool slot.
                 resp.close()
+
+    # --- optional capabilities: embeddings and legacy completions (pass-through) ----------
+
+    @property
+    def embeddings_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/embeddings"
+
+    @property
+    def completions_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/completions"
+
+    async def _call(self, url: str, request: dict[str, Any], ctx: CallContext, what: str) -> Any:
+        raw = await self._exchange(
+            "POST",
+            url,
+            data=orjson.dumps(request),
+            headers=self.request_headers(ctx),
+            limits=ctx.timeouts.call_limits,
+        )
+        payload = decode_object(raw, f"Provider '{self.config.name}''s {what}")
+        self._check_payload(payload)
+        return payload
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        body = self.build_body(request, ctx, stream=False)
+        body["encoding_format"] = "float"  # the gateway encodes base64 itself (after pooling)
+        payload = await self._call(self.embeddings_url, body, ctx, "embeddings")
+        return normalise_embeddings(self.config.name, payload, len(request.get("input") or ()))
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        payload = await self._call(
+            self.completions_url, self.build_body(request, ctx, stream=False), ctx, "completion"
+        )
+        if "choices" not in payload:
+            raise ProviderBadResponse(
+                f"Provider '{self.config.name}' returned no 'choices' in its completion"
+            )
+        return cast(CompletionResponse, payload)
+
+    def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        return self._stream(self.completions_url, self.build_body(request, ctx, stream=True), ctx)
+
+    # --- the Responses API, natively (used when a plugin sets ``native_responses``) --------
+
+    @property
+    def responses_url(self) -> str:
+        return f"{self.config.base_url.rstrip('/')}/responses"
+
+    def responses_body(self, request: ResponsesRequest, ctx: CallContext) -> dict[str, Any]:
+        """The upstream body: the client's, with the upstream model id."""
+        return {**request, "model": ctx.upstream_model}
+
+    async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
+        body = self.responses_body(request, ctx)
+        body.pop("stream", None)
+        payload = await self._call(self.responses_url, body, ctx, "response")
+        if not isinstance(payload.get("output"), list):
+            raise ProviderBadResponse(
+                f"Provider '{self.config.name}' returned no 'output' in its response"
+            )
+        return cast(ResponsesResponse, payload)
+
+    def stream_respond(
+        self, request: ResponsesRequest, ctx: CallContext
+    ) -> AsyncIterator[ResponsesResponse]:
+        body = {**self.responses_body(request, ctx), "stream": True}
+        return self._stream(self.responses_url, body, ctx, RESPONSES_TERMINAL)
 
     def _decode_chunk(self, event: bytes, started: bool) -> ChatChunk:
         chunk = decode_object(

@@ -147,3 +147,37 @@ async def test_stream_with_a_fallback(
     assert "traceparent" in a.headers[-1]
     _, trace_id, parent_id, _ = b.headers[-1]["traceparent"].split("-")
     assert (trace_id, parent_id) == (CLIENT_TRACE, backup.span_id)
+
+
+async def test_each_endpoint_names_its_operation(
+    make_settings, make_gateway, fake_upstream: FakeUpstream, otlp_http: HttpReceiver
+) -> None:
+    """Spans and the attempt metric carry gen_ai.operation.name per endpoint (issue 14)."""
+    settings = make_settings(
+        {**traces(otlp_http), "inference": {"base_url": fake_upstream.base_url}}
+    )
+    client = await make_gateway(settings)
+    calls = [
+        ("/v1/embeddings", {"model": "gpt-oss-20b", "input": "hi"}, "embeddings"),
+        ("/v1/completions", {"model": "gpt-oss-20b", "prompt": "hi"}, "text_completion"),
+        ("/v1/responses", {"model": "gpt-oss-20b", "input": "hi"}, "responses"),
+        (CHAT, {"model": "gpt-oss-20b", "messages": USER}, "chat"),
+    ]
+    for path, body, _ in calls:
+        assert (await client.post(path, json=body)).status == 200
+    await flush(client)
+    spans = await otlp_http.wait_for(lambda s: sum(x.kind == "server" for x in s) >= 4)
+    for path, _, operation in calls:
+        server = one(spans, f"POST {path}")
+        assert server.attributes["gen_ai.operation.name"] == operation
+        attempt = one(spans, f"{operation} gpt-oss-20b")
+        assert attempt.kind == "client"
+        assert attempt.parent_span_id == server.span_id
+        assert attempt.attributes["gen_ai.operation.name"] == operation
+    metrics = await (await client.get("/metrics")).text()
+    counted = {
+        line.split('operation="')[1].split('"')[0]
+        for line in metrics.splitlines()
+        if line.startswith("gen_ai_client_operation_duration_seconds_count{")
+    }
+    assert counted == {"embeddings", "text_completion", "responses", "chat"}

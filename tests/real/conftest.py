@@ -84,6 +84,9 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServ
         # with [DONE] and no finish_reason); queue them instead, like a real upstream.
         "--interrupt_requests",
         "False",
+        # /v1/embeddings too (the GGUF has a mean pooling type: one 64-float vector per input).
+        "--embedding",
+        "true",
     ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     base_url = f"http://127.0.0.1:{port}/v1"

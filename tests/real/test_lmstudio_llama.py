@@ -9,6 +9,7 @@ allowed list is what returns MODEL_NOT_ALLOWED).
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import openai
 import pytest
@@ -111,3 +112,87 @@ async def test_allowed_list_guards_a_server_that_serves_any_name(
         await sdk.chat.completions.create(model="gpt-4", messages=USER, max_tokens=2)
     assert err.value.code == "MODEL_NOT_ALLOWED"
     await sdk.close()
+
+
+# --- the other endpoints (issue 14) -----------------------------------------------------------
+
+
+async def test_embeddings_one_64_float_vector_per_input(sdk, llama_server: LlamaServer) -> None:
+    out = await sdk.embeddings.create(
+        model=llama_server.model, input=["hello", "world"], encoding_format="float"
+    )
+    assert [len(d.embedding) for d in out.data] == [64, 64]
+    assert out.data[0].embedding != out.data[1].embedding
+    assert out.usage.prompt_tokens > 0
+    decoded = await sdk.embeddings.create(model=llama_server.model, input="hello")  # base64
+    assert decoded.data[0].embedding == pytest.approx(out.data[0].embedding, rel=1e-5)
+    # The same server still chats.
+    done = await sdk.chat.completions.create(model=llama_server.model, messages=USER, max_tokens=4)
+    assert done.choices[0].message.content is not None
+
+
+async def test_legacy_completions_stream_and_not(sdk, llama_server: LlamaServer) -> None:
+    done = await sdk.completions.create(model=llama_server.model, prompt="Once", max_tokens=6)
+    assert done.object == "text_completion"
+    assert done.choices[0].finish_reason in ("length", "stop")
+    assert done.usage is not None
+    assert 0 < done.usage.completion_tokens <= 6
+    stream = await sdk.completions.create(
+        model=llama_server.model,
+        prompt="Once",
+        max_tokens=6,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    pieces, usage = [], None
+    async for chunk in stream:
+        if chunk.choices:
+            pieces.append(chunk.choices[0].text)
+        if chunk.usage:
+            usage = chunk.usage
+    assert pieces
+    assert usage is not None
+    assert usage.completion_tokens > 0
+
+
+async def test_responses_translated_onto_chat(sdk, llama_server: LlamaServer) -> None:
+    """llama-cpp-python has no /v1/responses: the gateway translates onto chat."""
+    first = await sdk.responses.create(
+        model=llama_server.model, input="My name is Ann", max_output_tokens=6
+    )
+    assert first.status in ("completed", "incomplete")
+    assert first.usage is not None
+    assert first.usage.input_tokens > 0
+    assert 0 < first.usage.output_tokens <= 6
+    second = await sdk.responses.create(
+        model=llama_server.model,
+        input="What is my name?",
+        previous_response_id=first.id,
+        max_output_tokens=6,
+    )
+    alone = await sdk.responses.create(
+        model=llama_server.model, input="What is my name?", max_output_tokens=6
+    )
+    assert second.usage is not None
+    assert alone.usage is not None
+    assert second.usage.input_tokens > alone.usage.input_tokens  # the first turn came along
+    # A function-call round trip as a client sends it (the call, then its output).
+    tools: list[Any] = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    follow = await sdk.responses.create(
+        model=llama_server.model,
+        input=[
+            {"role": "user", "content": "Look up apple"},
+            {"type": "function_call", "call_id": "call_1", "name": "lookup", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "call_1", "output": "a fruit"},
+        ],
+        tools=tools,
+        max_output_tokens=4,
+    )
+    assert follow.status in ("completed", "incomplete")
+    stream = await sdk.responses.create(
+        model=llama_server.model, input="Hi", max_output_tokens=4, stream=True
+    )
+    events: list[Any] = [event async for event in stream]
+    assert events[0].type == "response.created"
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    assert events[-1].response.usage.output_tokens > 0  # estimated: llama sends no usage

@@ -90,6 +90,11 @@ class FakeUpstream:
         self.app = web.Application()
         self.app.router.add_post("/v1/chat/completions", self._chat)
         self.app.router.add_get("/v1/models", self._models)
+        self.app.router.add_post("/v1/embeddings", self._embeddings)
+        self.app.router.add_post("/v1/completions", self._completions)
+        self.app.router.add_post("/v1/responses", self._responses)
+        #: Answer embeddings like llama-cpp-python without a pooling type: a vector per token.
+        self.embedding_per_token = False
         self.base_url = ""  # set by the fixture once the server listens
         self.server: Any = None  # the aiohttp TestServer, so a test can stop it
         #: When set, GET /models answers this status with :func:`echo_error` (hostile upstream).
@@ -140,6 +145,105 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+
+    def _next(self, body: dict[str, Any], request: web.Request) -> Action:
+        self.requests.append(body)
+        self.headers.append(CIMultiDict(request.headers))
+        action = self.by_model.get(str(body.get("model"))) or self.always
+        return action or (self.actions.popleft() if self.actions else Action())
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Vectors of 4 floats: [index, len(input), 1, 0] (or two per-token rows of them)."""
+        body = await request.json()
+        action = self._next(body, request)
+        if action.kind == "status":
+            return web.json_response(action.body, status=action.status, headers=action.headers)
+        inputs = body["input"] if isinstance(body["input"], list) else [body["input"]]
+        data = []
+        for i, item in enumerate(inputs):
+            vec: Any = [float(i), float(len(item)), 1.0, 0.0]
+            if self.embedding_per_token:
+                vec = [vec, [float(i), float(len(item)), 3.0, 0.0]]
+            data.append({"object": "embedding", "index": i, "embedding": vec})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": data,
+                "model": body.get("model"),
+                "usage": {"prompt_tokens": 3 * len(inputs), "total_tokens": 3 * len(inputs)},
+            }
+        )
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        """A native Responses API: "Native hello." (streamed in two deltas, no [DONE])."""
+        body = await request.json()
+        action = self._next(body, request)
+        if action.kind == "status":
+            return web.json_response(action.body, status=action.status, headers=action.headers)
+        item = {
+            "type": "message",
+            "id": "msg_up",
+            "status": "completed",
+            "role": "assistant",
+            "content": [{"type": "output_text", "text": "Native hello.", "annotations": []}],
+        }
+        response = {
+            "id": "resp_upstream",
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": "completed",
+            "model": body.get("model"),
+            "output": [item],
+            "usage": {"input_tokens": 6, "output_tokens": 2, "total_tokens": 8},
+        }
+        if not body.get("stream"):
+            return web.json_response(response)
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        started = {**response, "status": "in_progress", "output": [], "usage": None}
+        events: list[dict[str, Any]] = [
+            {"type": "response.created", "response": started},
+            {"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0,
+             "content_index": 0, "delta": "Native "},
+            {"type": "response.output_text.delta", "item_id": "msg_up", "output_index": 0,
+             "content_index": 0, "delta": "hello."},
+            {"type": "response.completed", "response": response},
+        ]  # fmt: skip
+        for n, event in enumerate(events):
+            event["sequence_number"] = n
+            await resp.write(f"event: {event['type']}\n".encode() + sse(event))
+        return resp
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        """A ``text_completion``: "Once upon a time." (streamed as "tok0 tok1 tok2 ")."""
+        body = await request.json()
+        action = self._next(body, request)
+        if action.kind == "status":
+            return web.json_response(action.body, status=action.status, headers=action.headers)
+        base = {
+            "id": "cmpl-fake",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": body.get("model"),
+        }
+        if not body.get("stream"):
+            choice = {"index": 0, "text": "Once upon a time.", "logprobs": None}
+            return web.json_response(
+                {
+                    **base,
+                    "choices": [{**choice, "finish_reason": "stop"}],
+                    "usage": {"prompt_tokens": 4, "completion_tokens": 5, "total_tokens": 9},
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for i in range(action.chunks):
+            choice = {"index": 0, "text": f"tok{i} ", "logprobs": None, "finish_reason": None}
+            await resp.write(sse({**base, "choices": [choice]}))
+        last = {"index": 0, "text": "", "logprobs": None, "finish_reason": "length"}
+        await resp.write(sse({**base, "choices": [last]}))
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
 
     async def _stream(
         self, request: web.Request, body: dict[str, Any], action: Action

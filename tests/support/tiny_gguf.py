@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import gguf
 import numpy as np
 from gguf import GGUFWriter, TokenType
 
@@ -173,6 +174,9 @@ def write_tiny_llama_gguf(path: Path) -> None:
         # ChatML control token (e.g. "<|im_start|>▁user").
         writer.add_add_space_prefix(False)
         writer.add_chat_template(CHAT_TEMPLATE)
+        # A pooling type makes /v1/embeddings (server started with --embedding true) answer
+        # one flat vector per input, as OpenAI does; without it llama.cpp returns one per token.
+        writer.add_pooling_type(gguf.PoolingType.MEAN)
 
         writer.add_tensor("token_embd.weight", token_embd)
         for block in range(N_LAYERS):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -20,6 +22,10 @@ from inference_server.providers import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     HealthStatus,
     ModelInfo,
     Provider,
@@ -106,8 +112,46 @@ class MockProvider(Provider):
         if delay > 0:
             await asyncio.sleep(delay)
 
+    @staticmethod
+    def _tool_call(request: ChatRequest) -> dict[str, Any] | None:
+        """With ``tools`` and a user turn last, call a tool (the named ``tool_choice``, else the
+        first) with the user's text as ``{"input": ...}``; after a tool result, answer in text."""
+        tools = request.get("tools") or []
+        choice = request.get("tool_choice")
+        messages = request.get("messages") or []
+        if not tools or choice == "none" or not messages or messages[-1].get("role") != "user":
+            return None
+        name = tools[0].get("function", {}).get("name")
+        if isinstance(choice, dict):
+            name = choice.get("function", {}).get("name") or name
+        digest = hashlib.sha256(repr(messages).encode()).hexdigest()[:24]
+        arguments = json.dumps({"input": _text_of(messages[-1].get("content"))})
+        return {
+            "id": f"call_{digest}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
+
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
         started = time.monotonic()
+        call = self._tool_call(request)
+        if call is not None:
+            await self._pace(started, 1)
+            return {
+                "id": f"chatcmpl-{uuid.uuid4().hex}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": ctx.upstream_model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": None, "tool_calls": [call]},
+                        "logprobs": None,
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15},
+            }
         tokens, finish, prompt_tokens = self._plan(request)
         await self._pace(started, len(tokens))
         n = int(request.get("n") or 1)
@@ -152,6 +196,17 @@ class MockProvider(Provider):
             }
 
         await self._pace(started, 0)
+        call = self._tool_call(request)
+        if call is not None:
+            first = {"index": 0, "id": call["id"], "type": "function",
+                     "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
+            yield chunk({"role": "assistant", "content": None, "tool_calls": [first]})
+            arguments = call["function"]["arguments"]
+            half = len(arguments) // 2
+            for piece in (arguments[:half], arguments[half:]):
+                yield chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})
+            yield chunk({}, "tool_calls")
+            return
         yield chunk({"role": "assistant", "content": ""})
         for i, token in enumerate(tokens):
             await self._pace(started, i + 1)
@@ -167,6 +222,88 @@ class MockProvider(Provider):
                     "total_tokens": prompt_tokens + len(tokens),
                 },
             }
+
+    # --- optional capabilities -------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        """One unit-length vector per input, derived from a hash of the input (same input, same
+        vector); ``dimensions`` when given, else ``embedding_dims``."""
+        started = time.monotonic()
+        width = int(request.get("dimensions") or self.config.options.get("embedding_dims") or 64)
+        data = []
+        tokens = 0
+        for index, item in enumerate(request.get("input") or ()):
+            text = item if isinstance(item, str) else " ".join(str(t) for t in item)
+            tokens += len(text.split()) if isinstance(item, str) else len(item)
+            seed = hashlib.sha256(text.encode()).digest()
+            raw = [
+                (hashlib.sha256(seed + i.to_bytes(4, "little")).digest()[0] - 127.5) / 127.5
+                for i in range(width)
+            ]
+            norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+            data.append(
+                {"object": "embedding", "index": index, "embedding": [x / norm for x in raw]}
+            )
+        await self._pace(started, 0)
+        return {
+            "object": "list",
+            "data": data,
+            "model": ctx.upstream_model,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+
+    @staticmethod
+    def _as_chat(request: CompletionRequest) -> ChatRequest:
+        prompt = request.get("prompt")
+        text = prompt if isinstance(prompt, str) else " ".join(str(p) for p in prompt or ())
+        return {**request, "messages": [{"role": "user", "content": text}]}
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        """The chat reply's text as a ``text_completion`` (``echo`` prepends the prompt)."""
+        chat = await self.chat(self._as_chat(request), ctx)
+        prompt = request.get("prompt")
+        prefix = prompt if request.get("echo") and isinstance(prompt, str) else ""
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": chat["created"],
+            "model": ctx.upstream_model,
+            "choices": [
+                {
+                    "index": c["index"],
+                    "text": prefix + c["message"]["content"],
+                    "logprobs": None,
+                    "finish_reason": c["finish_reason"],
+                }
+                for c in chat["choices"]
+            ],
+            "usage": chat["usage"],
+        }
+
+    async def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        """The chat stream's tokens as ``text_completion`` chunks."""
+        ident = f"cmpl-{uuid.uuid4().hex}"
+        async for chunk in self.stream_chat(self._as_chat(request), ctx):
+            out: CompletionResponse = {
+                "id": ident,
+                "object": "text_completion",
+                "created": chunk["created"],
+                "model": ctx.upstream_model,
+                "choices": [
+                    {
+                        "index": c["index"],
+                        "text": c["delta"].get("content") or "",
+                        "logprobs": None,
+                        "finish_reason": c["finish_reason"],
+                    }
+                    for c in chunk["choices"]
+                ],
+            }
+            if "usage" in chunk:
+                out["usage"] = chunk["usage"]
+            yield out
 
     async def list_models(self) -> list[ModelInfo]:
         names = self.config.options.get("models") or ["mock-model"]
@@ -194,6 +331,9 @@ plugin = ProviderPlugin(
             (int,), 16, gte=1, lte=100_000, description="tokens per reply before max_tokens applies"
         ),
         "models": Setting((list,), ["mock-model"], description="ids listed by /v1/models"),
+        "embedding_dims": Setting(
+            (int,), 64, gte=1, lte=8192, description="length of the mock's embedding vectors"
+        ),
     },
     default_base_url="mock://local",
 )

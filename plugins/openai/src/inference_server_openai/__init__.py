@@ -40,12 +40,18 @@ from inference_server.providers import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     GatewayError,
     ModelInfo,
     OpenAICompatibleProvider,
     ProviderConfig,
     ProviderPlugin,
     ProviderRejected,
+    ResponsesRequest,
+    ResponsesResponse,
     Scrubber,
     Setting,
     provider_secrets,
@@ -252,6 +258,52 @@ class OpenAIProvider(OpenAICompatibleProvider):
         # The 400 came before any chunk, so the retry is invisible to the client.
         try:
             async with _closing(super().stream_chat(request, ctx)) as chunks:
+                async for chunk in chunks:
+                    yield self._for_client(chunk, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    #: OpenAI serves /v1/responses itself: requests pass through (stored upstream).
+    native_responses = True
+
+    async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
+        try:
+            return await super().respond(request, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def stream_respond(
+        self, request: ResponsesRequest, ctx: CallContext
+    ) -> AsyncIterator[ResponsesResponse]:
+        try:
+            async with _closing(super().stream_respond(request, ctx)) as events:
+                async for event in events:
+                    yield event
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        try:
+            return await super().embed(request, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        try:
+            return await super().complete(request, ctx)
+        except GatewayError as exc:
+            self._scrub(exc)
+            raise
+
+    async def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        try:
+            async with _closing(super().stream_complete(request, ctx)) as chunks:
                 async for chunk in chunks:
                     yield self._for_client(chunk, ctx)
         except GatewayError as exc:

@@ -22,7 +22,7 @@ from typing import Any
 
 import orjson
 
-from inference_server.providers import InvalidRequest
+from inference_server.providers import InvalidRequest, ProviderBadResponse
 from inference_server_triton.options import ModelOptions, StreamOutput
 
 _INT_TYPES = frozenset({"INT8", "INT16", "INT32", "INT64", "UINT8", "UINT16", "UINT32", "UINT64"})
@@ -355,3 +355,53 @@ class Generation:
             "completion_tokens": completion,
             "total_tokens": prompt_tokens + completion,
         }
+
+
+# --- embeddings (KServe v2 infer) -----------------------------------------------------------
+
+_FLOATS = ("FP32", "FP16", "FP64", "BF16")
+
+
+def embedding_tensors(meta: ModelMetadata, options: ModelOptions) -> tuple[TensorSpec, TensorSpec]:
+    """(text input, vector output) of an embedding model: the configured names (``inputs.
+    prompt``, ``outputs.embedding``) when the model has them, else its only BYTES input and its
+    first floating-point output; 400 ``UNSUPPORTED`` when the model has no such tensors."""
+    source = meta.find_input(options.input_name("prompt") or "")
+    if source is None:
+        texts = [t for t in meta.inputs.values() if t.datatype == "BYTES"]
+        source = texts[0] if len(texts) == 1 else None
+    wanted = options.output_name("embedding")
+    target = meta.outputs.get(wanted) if wanted else None
+    if target is None:
+        target = next((t for t in meta.outputs.values() if t.datatype in _FLOATS), None)
+    if source is None or target is None:
+        raise InvalidRequest(
+            f"Triton model '{meta.name}' has no text input and vector output to embed with "
+            "(set inputs.prompt and outputs.embedding)",
+            code="UNSUPPORTED",
+            param="model",
+        )
+    return source, target
+
+
+def split_vectors(
+    provider: str, model: str, payload: dict[str, Any], name: str, count: int
+) -> list[list[float]]:
+    """The ``count`` vectors of output ``name`` of an infer response (row-major ``data``)."""
+    outputs = payload.get("outputs")
+    out = next((o for o in outputs or () if isinstance(o, dict) and o.get("name") == name), None)
+    data = out.get("data") if out else None
+    shape = out.get("shape") if out else None
+    if not isinstance(data, list) or not isinstance(shape, list) or not data:
+        raise ProviderBadResponse(
+            f"Triton provider '{provider}' returned no '{name}' output for '{model}'"
+        )
+    width = len(data) // count
+    if width * count != len(data) or not all(
+        isinstance(x, (int, float)) and not isinstance(x, bool) for x in data
+    ):
+        raise ProviderBadResponse(
+            f"Triton provider '{provider}' returned {len(data)} values of '{name}' for "
+            f"{count} inputs of '{model}'"
+        )
+    return [[float(x) for x in data[i * width : (i + 1) * width]] for i in range(count)]

@@ -45,6 +45,9 @@ DEFAULT_OUTPUTS: dict[str, str | None] = {
     "prompt_tokens": "num_input_tokens",
     "completion_tokens": "num_output_tokens",
     "finish_reason": "finish_reason",
+    # /v1/embeddings through KServe v2 ``infer``: the vector output (else the model's first
+    # floating-point output).
+    "embedding": "embedding",
 }
 
 StreamOutput = Literal["delta", "cumulative"]

@@ -35,6 +35,10 @@ from inference_server.providers import (
     ChatChunk,
     ChatRequest,
     ChatResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
     GatewayError,
     HealthStatus,
     InvalidRequest,
@@ -57,9 +61,12 @@ from inference_server_triton.convert import (
     Generation,
     ModelMetadata,
     StopScanner,
+    TensorSpec,
     build_body,
+    embedding_tensors,
     parse_metadata,
     requested_max_tokens,
+    split_vectors,
     stop_strings,
 )
 from inference_server_triton.options import ModelOptions, TritonConfigError, parse_models
@@ -317,9 +324,11 @@ class TritonProvider(Provider):
     # --- chat -------------------------------------------------------------------------------
 
     def _prepare(
-        self, request: ChatRequest, ctx: CallContext
+        self, request: ChatRequest, ctx: CallContext, raw_prompt: str | None = None
     ) -> tuple[ModelOptions, str, list[str]]:
-        """(options, prompt, stop strings) for a request; 400s for what the model cannot take."""
+        """(options, prompt, stop strings) for a request; 400s for what the model cannot take.
+
+        ``raw_prompt``: a legacy completion's prompt, sent as it is (no chat template)."""
         model = ctx.upstream_model
         n = request.get("n")
         if isinstance(n, int) and n > 1:
@@ -336,6 +345,8 @@ class TritonProvider(Provider):
             )
         key = self._key(model)
         options = self.models[key] if key else self.fallback
+        if raw_prompt is not None:
+            return options, raw_prompt, stop_strings(request, options)
         messages, tools = prepare_messages(
             request,
             model=model,
@@ -355,9 +366,11 @@ class TritonProvider(Provider):
             mode=options.stream_output,
         )
 
-    async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
+    async def chat(
+        self, request: ChatRequest, ctx: CallContext, raw_prompt: str | None = None
+    ) -> ChatResponse:
         model = ctx.upstream_model
-        options, prompt, stops = self._prepare(request, ctx)
+        options, prompt, stops = self._prepare(request, ctx, raw_prompt)
         meta = await self.metadata(model, options, ctx.timeouts)
         gen = self._generation(request, options, stops)
         timeout = ctx.timeouts.call_limits
@@ -516,10 +529,12 @@ class TritonProvider(Provider):
             # Stopped early or failed: close, so Triton stops generating for nobody.
             resp.close()
 
-    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(
+        self, request: ChatRequest, ctx: CallContext, raw_prompt: str | None = None
+    ) -> AsyncGenerator[ChatChunk, None]:
         model = ctx.upstream_model
         name = self.config.name
-        options, prompt, stops = self._prepare(request, ctx)
+        options, prompt, stops = self._prepare(request, ctx, raw_prompt)
         meta = await self.metadata(model, options, ctx.timeouts)
         gen = self._generation(request, options, stops)
         timeout = ctx.timeouts.stream_limits  # no total: connect, then idle per read
@@ -589,6 +604,150 @@ class TritonProvider(Provider):
                 # Stopped at a stop string, failed, or the client went away: drop the
                 # connection so Triton stops generating at once.
                 resp.close()
+
+    # --- legacy completions: generate / generate_stream without a chat template ------------
+
+    def _raw_prompt(self, request: CompletionRequest, ctx: CallContext) -> str:
+        """The one prompt string Triton generates from (400 for what a text model cannot take)."""
+        prompt = request.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if not isinstance(prompt, str):
+            raise InvalidRequest(
+                f"Model '{ctx.upstream_model}' on a Triton provider completes one text prompt "
+                "per request (not a list, nor token ids)",
+                code="UNSUPPORTED_PARAMETER",
+                param="prompt",
+            )
+        for key in ("suffix", "best_of"):
+            value = request.get(key)
+            if value is not None and not (key == "best_of" and value == 1):
+                raise InvalidRequest(
+                    f"Model '{ctx.upstream_model}' on a Triton provider does not take {key}",
+                    code="UNSUPPORTED_PARAMETER",
+                    param=key,
+                )
+        return prompt
+
+    async def complete(self, request: CompletionRequest, ctx: CallContext) -> CompletionResponse:
+        prompt = self._raw_prompt(request, ctx)
+        chat = await self.chat(request, ctx, prompt)
+        choice = chat["choices"][0]
+        text = choice["message"]["content"] or ""
+        return {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": chat["created"],
+            "model": chat["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "text": (prompt + text) if request.get("echo") else text,
+                    "logprobs": None,
+                    "finish_reason": choice["finish_reason"],
+                }
+            ],
+            "usage": chat["usage"],
+        }
+
+    async def stream_complete(
+        self, request: CompletionRequest, ctx: CallContext
+    ) -> AsyncIterator[CompletionResponse]:
+        prompt = self._raw_prompt(request, ctx)
+        ident = f"cmpl-{uuid.uuid4().hex}"
+        echo = bool(request.get("echo"))
+        async with contextlib.aclosing(self.stream_chat(request, ctx, prompt)) as chunks:
+            async for chunk in chunks:
+                out: CompletionResponse = {
+                    "id": ident,
+                    "object": "text_completion",
+                    "created": chunk["created"],
+                    "model": chunk["model"],
+                    "choices": [],
+                }
+                for c in chunk["choices"]:
+                    text = c["delta"].get("content") or ""
+                    if echo and c["delta"].get("role"):
+                        text = prompt + text
+                    out["choices"].append(
+                        {
+                            "index": 0,
+                            "text": text,
+                            "logprobs": None,
+                            "finish_reason": c["finish_reason"],
+                        }
+                    )
+                if "usage" in chunk:
+                    out["usage"] = chunk["usage"]
+                yield out
+
+    # --- embeddings: KServe v2 infer -------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
+        """``POST /v2/models/{m}/infer`` with the texts as one BYTES batch (one call per text
+        for a model without a batch dimension); the vectors from the embedding output."""
+        model = ctx.upstream_model
+        texts = request.get("input") or []
+        if not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest(
+                f"Model '{model}' on a Triton provider embeds text (not token ids)",
+                code="UNSUPPORTED_PARAMETER",
+                param="input",
+            )
+        options = self.options_for(model)
+        meta = await self.metadata(model, options, ctx.timeouts)
+        source, target = embedding_tensors(meta, options)
+        batched = bool(source.shape) and source.shape[0] == -1
+        try:
+            if batched:
+                vectors = await self._infer(model, options, ctx, source, target, texts)
+            else:
+                parts = await asyncio.gather(
+                    *(self._infer(model, options, ctx, source, target, [t]) for t in texts)
+                )
+                vectors = [v for part in parts for v in part]
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise map_client_exception(self.config.name, exc) from exc
+        except GatewayError as exc:
+            self._invalidate(model, exc)
+            raise
+        return {
+            "object": "list",
+            "data": [
+                {"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)
+            ],
+            "model": model,
+        }
+
+    async def _infer(
+        self,
+        model: str,
+        options: ModelOptions,
+        ctx: CallContext,
+        source: TensorSpec,
+        target: TensorSpec,
+        texts: list[str],
+    ) -> list[list[float]]:
+        batched = bool(source.shape) and source.shape[0] == -1
+        shape = [len(texts), 1] if batched else [1]
+        body = {
+            "id": ctx.request_id,
+            "inputs": [{"name": source.name, "shape": shape, "datatype": "BYTES", "data": texts}],
+            "outputs": [{"name": target.name}],
+        }
+        async with self.session.post(
+            f"{self._model_url(model, options)}/infer",
+            data=orjson.dumps(body),
+            headers=self._headers(ctx),
+            timeout=ctx.timeouts.call_limits,
+        ) as resp:
+            raw = await resp.read()
+            if resp.status >= 400:
+                raise self.error_for(model, resp.status, raw, resp.headers)
+        payload = decode_object(raw, f"Triton provider '{self.config.name}''s infer for '{model}'")
+        if payload.get("error"):
+            raise self.error_for(model, resp.status, raw)
+        return split_vectors(self.config.name, model, payload, target.name, len(texts))
 
     # --- models and health ------------------------------------------------------------------
 

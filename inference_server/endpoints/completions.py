@@ -1,0 +1,34 @@
+"""``POST /v1/completions`` (the legacy text API), non-streaming and SSE.
+
+The body passes through to providers that serve it (``Provider.complete`` /
+``stream_complete``); the stream is relayed exactly like chat's (``pipeline.stream``: first
+chunk before the 200, usage chunk on ``include_usage``, ``[DONE]``, one error event on a cut).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from inference_server.endpoints import serve
+from inference_server.endpoints.schemas import validate_completions
+from inference_server.keys import CTX, TELEMETRY
+from inference_server.pipeline import Operation, read_json, respond_chat
+
+COMPLETE = Operation(
+    "text_completion",
+    "completions",
+    lambda p, b, c: p.complete(b, c),
+    lambda p, b, c: p.stream_complete(b, c),
+)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions."""
+    ctx = request[CTX]
+    # 1. admit — authentication and rate limits slot in here (as in chat_completions).
+    # 2. validate
+    with request.app[TELEMETRY].span("inference.validate"):
+        body = validate_completions(await read_json(request))
+    ctx.operation = "text_completion"
+    ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    return await serve(request, body, COMPLETE, respond_chat, stream=bool(body.get("stream")))
