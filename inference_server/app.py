@@ -16,7 +16,7 @@ import orjson
 from aiohttp import web
 from loguru import logger
 
-from inference_server import logs
+from inference_server import logs, tenancy
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
     BACKGROUND,
@@ -203,6 +203,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(_http_session_ctx)
     app.cleanup_ctx.append(state_ctx)
     app.cleanup_ctx.append(_providers_ctx)
+    tenancy.install(app, settings)  # issue 12: keys, limits, usage, CORS (off: nothing added)
     setup_routes(app)
     app[METRICS].know(
         endpoints=["unmatched", *(r.canonical for r in app.router.resources())],

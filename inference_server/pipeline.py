@@ -45,6 +45,7 @@ from inference_server.schemas import validate_chat
 from inference_server.server import read_body
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
+from inference_server.tenancy import admit
 
 
 async def read_json(request: web.Request) -> Any:
@@ -76,7 +77,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = app[SETTINGS]
     router = app[ROUTER]
 
-    # 1. admit — authentication and rate limits slot in here.
+    # 1. admit — authentication (tenancy.access_middleware); limits: step 1b below.
     # 2. validate
     telemetry = app[TELEMETRY]
     with telemetry.span("inference.validate"):
@@ -107,6 +108,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     ctx.include_usage = include_usage
     ctx.queue_secs = time.perf_counter() - ctx.started
+    # 1b. admit (issue 12): the key was authenticated before the body was read
+    #     (tenancy.access_middleware); now the model is known: its model list, budget, limits.
+    admission = await admit(request, ctx, body)
     try:
         # 5. attempt: walk the plan (deployments, fallbacks, retry rounds, budget, panic), all
         #    before the first byte reaches the client.
@@ -128,6 +132,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         raise plan.error()
     finally:
         # 7. record (metrics and the access log read ctx in the middleware)
+        admission.settle(ctx)  # tokens settle to the real usage, slots freed, usage ledger
         if experiment is not None and ctx.variant is not None:
             experiment.stats[ctx.variant].record(
                 time.perf_counter() - ctx.started,

@@ -89,3 +89,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model_id:.+}", get_model)
     app.router.add_post("/v1/chat/completions", chat_completions, expect_handler=expect_continue)
     app.router.add_get("/admin/experiments", admin_experiments)
+    from inference_server.admin import setup_admin_routes  # (admin imports require_admin)
+
+    setup_admin_routes(app)  # issue 12: /admin/keys, /admin/usage

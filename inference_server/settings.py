@@ -28,6 +28,7 @@ from inference_server.routing_config import (
     build_experiments,
     build_routes,
 )
+from inference_server.tenancy_config import TenancySettings, build_tenancy
 
 S = Setting
 _NUM = (int, float)
@@ -72,6 +73,12 @@ CORE_SCHEMA: dict[str, Any] = {
             nullable=True,
             description="bearer token for /admin/* (unset: admin endpoints off)",
         ),
+        # Browsers (issue 12): CORS for /v1/* (empty: no CORS headers at all).
+        "cors": {
+            "allow_origins": S(
+                (list,), [], description='origins allowed to call /v1/* ("*" for any)'
+            ),
+        },
     },
     "inference": {
         "provider": S((str,), "lmstudio", description="plugin of the one-provider shorthand"),
@@ -195,6 +202,33 @@ CORE_SCHEMA: dict[str, Any] = {
             description="Redis unreachable: allow (admit, log, count) or deny (503)",
         ),
         "timeout_secs": S(_NUM, 0.25, gte=0.001, lte=60, description="per Redis command"),
+    },
+    # Access control, rate limits, usage (issue 12; tenancy_config.py reads these).
+    "auth": {
+        "enabled": S((bool,), False, description="require Authorization: Bearer <key> on /v1/*"),
+        "keys": S(
+            (dict,),
+            {},
+            secret=True,
+            description="static keys: <name>: {key_sha256 | key: '@secret NAME', models, rpm, "
+            "tpm, max_parallel, budget: {tokens, period}}",
+        ),
+        "key_refresh_secs": S(
+            _NUM, 0.25, gte=0.01, lte=60, description="virtual keys re-read from Redis this often"
+        ),
+    },
+    "limits": {
+        "global": S((dict,), {}, description="{rpm, tpm, max_parallel} over all requests"),
+        "models": S((dict,), {}, description="<model>: {rpm, tpm, max_parallel}"),
+        "default_key": S((dict,), {}, description="limits of keys without their own"),
+        "default_max_tokens": S(
+            (int,), 256, gte=1, lte=10_000_000, description="tokens reserved without max_tokens"
+        ),
+    },
+    "usage": {
+        "flush_secs": S(
+            _NUM, 1.0, gte=0.05, lte=60, description="ledger writes batched this often"
+        ),
     },
 }
 
@@ -356,6 +390,7 @@ class Settings:
     #: Provider name → seconds between active health checks (only those that want them).
     health_checks: Mapping[str, float]
     state: StateSettings = field(default_factory=StateSettings)
+    tenancy: TenancySettings = field(default_factory=TenancySettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(default_factory=dict)
 
@@ -700,6 +735,7 @@ def load_settings(
         if isinstance(section, Mapping) and section.get("health_check_interval_secs")
     }
     state = _state_settings(resolved["state"], problems)
+    tenancy = build_tenancy(resolved, problems)  # issue 12: keys, limits, usage, CORS
 
     if problems:
         raise ConfigError(problems)
@@ -788,6 +824,7 @@ def load_settings(
         admin_token=srv.get("admin_token"),
         health_checks=health_checks,
         state=state,
+        tenancy=tenancy,
         plugins=loaded,
         raw=tree,
     )

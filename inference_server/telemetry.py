@@ -364,6 +364,7 @@ class Telemetry:
             ("inference.deployment", ctx.deployment),
             ("inference.experiment", ctx.experiment),
             ("inference.variant", ctx.variant),
+            ("inference.key", ctx.key_name),  # the API key's name, never the key
         ):
             if value is not None:
                 attrs[key] = value
