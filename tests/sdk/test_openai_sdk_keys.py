@@ -14,7 +14,7 @@ ADMIN = "sdk-admin-token"
 
 
 @pytest.fixture
-async def gateway(gateway_for):  # type: ignore[no-untyped-def]
+async def gateway(gateway_for):
     return await gateway_for(
         {"allowed_models": ["gpt-oss-20b", "llama-2-7b"]},
         server={"admin_token": ADMIN},
@@ -32,7 +32,7 @@ async def gateway(gateway_for):  # type: ignore[no-untyped-def]
     )
 
 
-async def test_sdk_sees_auth_permission_and_rate_limit_errors(gateway) -> None:  # type: ignore[no-untyped-def]
+async def test_sdk_sees_auth_permission_and_rate_limit_errors(gateway) -> None:
     base_url = str(gateway.make_url("/v1"))
     wrong = openai.AsyncOpenAI(base_url=base_url, api_key="sk-wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError) as auth_err:
@@ -61,7 +61,7 @@ async def test_sdk_sees_auth_permission_and_rate_limit_errors(gateway) -> None: 
     await sdk.close()
 
 
-async def test_sdk_budget_is_not_retried(gateway_for) -> None:  # type: ignore[no-untyped-def]
+async def test_sdk_budget_is_not_retried(gateway_for) -> None:
     gateway = await gateway_for(
         auth={
             "enabled": True,
