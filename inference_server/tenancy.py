@@ -343,11 +343,9 @@ async def _admit_redis(
     key: KeySpec | None,
     member: str,
 ) -> Decision:
-    from inference_server.usage import spent_key
-
     budget = None
     if key is not None and key.budget is not None:
-        budget = (spent_key(key.id, key.budget.period), key.budget.tokens)
+        budget = (t.ledger.spent_key(key.id, key.budget.period), key.budget.tokens)
     started = time.perf_counter()
     try:
         decision = await limiter.admit(scopes, reserved, budget, member)

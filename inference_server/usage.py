@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -39,16 +40,6 @@ def today(now: dt.datetime | None = None) -> str:
     return (now or dt.datetime.now(dt.UTC)).strftime("%Y-%m-%d")
 
 
-def period_id(period: str, now: dt.datetime | None = None) -> str:
-    """The budget period a moment falls in (UTC): ``2026-11-26`` (day) or ``2026-11`` (month)."""
-    day = today(now)
-    return day if period == "day" else day[:7]
-
-
-def spent_key(key_id: str, period: str) -> str:
-    return f"{PREFIX}spent:{key_id}:{period_id(period)}"
-
-
 class Ledger:
     """Per-process accumulation, flushed off the request path."""
 
@@ -59,6 +50,18 @@ class Ledger:
         #: Memory backend: everything flushed so far (the ledger itself).
         self.rows: dict[Row, list[int]] = {}
         self.spent: dict[str, int] = {}
+        #: (UTC day number, "YYYY-MM-DD"): strftime once a day, not per request.
+        self._day: tuple[int, str] = (-1, "")
+
+    def today(self) -> str:
+        number = int(time.time() // 86400)
+        if number != self._day[0]:
+            self._day = (number, today())
+        return self._day[1]
+
+    def spent_key(self, key_id: str, period: str) -> str:
+        day = self.today()
+        return f"{PREFIX}spent:{key_id}:{day if period == 'day' else day[:7]}"
 
     def record(
         self,
@@ -72,7 +75,7 @@ class Ledger:
         prompt = _int(usage.get("prompt_tokens")) if usage else 0
         completion = _int(usage.get("completion_tokens")) if usage else 0
         name = (model or ANONYMOUS)[:MAX_MODEL_CHARS]
-        row = (key_id, name, today())
+        row = (key_id, name, self.today())
         counts = self.pending.get(row)
         if counts is None:
             if len(self.pending) >= MAX_PENDING:
@@ -84,13 +87,13 @@ class Ledger:
         counts[3] += 1 if estimated else 0
         total = prompt + completion
         if budget_period is not None and total:
-            skey = spent_key(key_id, budget_period)
+            skey = self.spent_key(key_id, budget_period)
             self.pending_spend[skey] = self.pending_spend.get(skey, 0) + total
         return total
 
     def spent_now(self, key_id: str, period: str) -> int:
         """Memory backend: the key's spend this period (flushed and pending)."""
-        skey = spent_key(key_id, period)
+        skey = self.spent_key(key_id, period)
         return self.spent.get(skey, 0) + self.pending_spend.get(skey, 0)
 
     async def flush(self) -> None:
