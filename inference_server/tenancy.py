@@ -16,11 +16,12 @@ Three hooks, each a no-op unless configured (the default costs nothing per reque
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
@@ -30,8 +31,17 @@ from redis.exceptions import RedisError
 from inference_server.auth import KeyStore, check_model
 from inference_server.context import RequestContext
 from inference_server.errors import BudgetExceeded, RateLimited, ServiceUnavailable
-from inference_server.keys import BACKGROUND, CTX, METRICS, SETTINGS
-from inference_server.limits import Decision, MemoryLimiter, RedisLimiter, Scope, fmt_duration
+from inference_server.keys import CTX, METRICS, SETTINGS
+from inference_server.limits import (
+    SETTLE_EVERY_SECS,
+    Decision,
+    MemoryLimiter,
+    Plan,
+    RedisLimiter,
+    Scope,
+    compile_plan,
+    fmt_duration,
+)
 from inference_server.metrics import Metrics
 from inference_server.settings import Settings
 from inference_server.state import REDIS, REDIS_HEALTH
@@ -74,6 +84,7 @@ class TenantMetrics:
         self.max_names = max_names
         self.names: dict[str, str] = {ANONYMOUS: ANONYMOUS}
         self.children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        self.by_key: dict[str, KeyChildren] = {}
         from prometheus_client import Counter, Gauge, Histogram
 
         r = metrics.registry
@@ -116,6 +127,22 @@ class TenantMetrics:
             if name not in self.names and len(self.names) < self.max_names:
                 self.names[name] = name[:64]
 
+    def for_key(self, name: str | None) -> KeyChildren | None:
+        """The label children of one key (resolved once per key label)."""
+        if not self.enabled:
+            return None
+        label = self.label(name)
+        children = self.by_key.get(label)
+        if children is None:
+            children = self.by_key[label] = KeyChildren(
+                admitted=self.admissions.labels(label, "admitted"),
+                headroom_requests=self.headroom.labels(label, "requests"),
+                headroom_tokens=self.headroom.labels(label, "tokens"),
+                prompt=self.key_tokens.labels(label, "prompt"),
+                completion=self.key_tokens.labels(label, "completion"),
+            )
+        return children
+
     def _child(self, metric: Any, labels: tuple[str, ...]) -> Any:
         key = (id(metric), labels)
         child = self.children.get(key)
@@ -123,29 +150,33 @@ class TenantMetrics:
             child = self.children[key] = metric.labels(*labels)
         return child
 
+    def publish(self) -> None:
+        """Export what requests accumulated (called with every ledger flush)."""
+        for children in self.by_key.values():
+            children.publish()
+
     def label(self, name: str | None) -> str:
         return self.names.get(name or ANONYMOUS, "other")
 
     def admission(self, key: str | None, outcome: str) -> None:
-        if self.enabled:
-            self._child(self.admissions, (self.label(key), outcome)).inc()
-
-    def decision(self, key: str | None, decision: Decision) -> None:
         if not self.enabled:
             return
-        label = self.label(key)
-        for dim, d in (("requests", decision.requests), ("tokens", decision.tokens)):
-            if d is not None:
-                self._child(self.headroom, (label, dim)).set(d.remaining / d.limit)
+        if outcome == "admitted":
+            children = self.for_key(key)
+            if children is not None:
+                children.admitted.inc()
+            return
+        self._child(self.admissions, (self.label(key), outcome)).inc()
+
+    def decision(self, key: str | None, decision: Decision) -> None:
+        children = self.for_key(key)
+        if children is not None:
+            children.decision(decision)
 
     def tokens(self, key: str | None, usage: dict[str, Any] | None) -> None:
-        if not self.enabled or not usage:
-            return
-        label = self.label(key)
-        for kind in ("prompt", "completion"):
-            n = usage.get(f"{kind}_tokens")
-            if isinstance(n, int) and n > 0:
-                self._child(self.key_tokens, (label, kind)).inc(n)
+        children = self.for_key(key)
+        if children is not None and usage:
+            children.tokens(usage)
 
     def redis(self, op: str, secs: float | None) -> None:
         if not self.enabled:
@@ -154,6 +185,47 @@ class TenantMetrics:
             self._child(self.redis_errors, (op,)).inc()
         else:
             self._child(self.redis_seconds, (op,)).observe(secs)
+
+
+@dataclass(slots=True)
+class KeyChildren:
+    """One key label's metric children: a request costs a few calls, no lookups by labels."""
+
+    admitted: Any
+    headroom_requests: Any
+    headroom_tokens: Any
+    prompt: Any
+    completion: Any
+    #: What :meth:`publish` exports (per request: an assignment or an addition, no metric call).
+    last: Decision | None = None
+    pending_prompt: int = 0
+    pending_completion: int = 0
+
+    def decision(self, decision: Decision) -> None:
+        self.last = decision
+
+    def tokens(self, usage: dict[str, Any]) -> None:
+        n = usage.get("prompt_tokens")
+        if isinstance(n, int) and n > 0:
+            self.pending_prompt += n
+        n = usage.get("completion_tokens")
+        if isinstance(n, int) and n > 0:
+            self.pending_completion += n
+
+    def publish(self) -> None:
+        """Headroom at the last admission and the tokens since the last call (ledger flush)."""
+        last, self.last = self.last, None
+        if last is not None:
+            if last.requests is not None:
+                self.headroom_requests.set(last.requests.remaining / last.requests.limit)
+            if last.tokens is not None:
+                self.headroom_tokens.set(last.tokens.remaining / last.tokens.limit)
+        if self.pending_prompt:
+            self.prompt.inc(self.pending_prompt)
+            self.pending_prompt = 0
+        if self.pending_completion:
+            self.completion.inc(self.pending_completion)
+            self.pending_completion = 0
 
 
 @dataclass(slots=True)
@@ -171,13 +243,31 @@ class Tenancy:
     on_error: str
     failed: Callable[[str, BaseException], None]
     app: web.Application
+    #: Compiled plans per (key id, limited model or ""): bounded by keys × configured models.
+    plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
+    plan_owner: dict[tuple[str, str], KeySpec] = field(default_factory=dict)
+
+    def plan(self, key: KeySpec | None, model: str) -> Plan:
+        """The limits of this key and model, compiled on first use (a key's limits changed
+        through the admin API make a new KeySpec, whose plan is compiled again)."""
+        limited = model if model in self.settings.model_limits else ""
+        cache_key = (key.id if key is not None else "", limited)
+        plan = self.plans.get(cache_key)
+        if plan is None or (key is not None and self.plan_owner.get(cache_key) is not key):
+            if len(self.plans) >= MAX_PLANS:
+                self.plans.clear()
+                self.plan_owner.clear()
+            plan = self.plans[cache_key] = compile_plan(self.scopes(key, limited))
+            if key is not None:
+                self.plan_owner[cache_key] = key
+        return plan
 
     def scopes(self, key: KeySpec | None, model: str) -> list[Scope]:
         t = self.settings
         scopes: list[Scope] = []
         if t.global_limit:
             scopes.append(Scope("global", t.global_limit))
-        model_limit = t.model_limits.get(model)
+        model_limit = t.model_limits.get(model) if model else None
         if model_limit is not None:
             scopes.append(Scope(f"model:{model}", model_limit))
         if key is not None:
@@ -189,6 +279,8 @@ class Tenancy:
         return scopes
 
 
+#: Plans kept at most (then the cache starts over): far above keys × limited models.
+MAX_PLANS = 100_000
 TENANCY = web.AppKey("tenancy", Tenancy)
 #: The authenticated key of a request (absent: auth off, or not a /v1/* path).
 KEY = web.RequestKey("api_key", KeySpec)
@@ -199,24 +291,24 @@ DECISION = web.RequestKey("rate_decision", Decision)
 class Admission:
     """One admitted request's reservation; :meth:`settle` once, when the response ended."""
 
-    __slots__ = ("key", "member", "model", "reserved", "scopes", "slots", "tenancy")
+    __slots__ = ("key", "member", "model", "plan", "reserved", "slots", "tenancy")
 
     def __init__(
         self,
         tenancy: Tenancy | None = None,
         key: KeySpec | None = None,
         model: str = "",
-        scopes: list[Scope] | None = None,
+        plan: Plan | None = None,
         reserved: int = 0,
-        slots: list[str] | None = None,
+        slots: tuple[str, ...] = (),
         member: str = "",
     ) -> None:
         self.tenancy = tenancy
         self.key = key
         self.model = model
-        self.scopes = scopes or []
+        self.plan = plan
         self.reserved = reserved
-        self.slots = slots or []
+        self.slots = slots
         self.member = member
 
     def settle(self, ctx: RequestContext) -> None:
@@ -243,26 +335,14 @@ class Admission:
             key_id, self.model, usage, ctx.usage_estimated, budget.period if budget else None
         )
         t.metrics.tokens(key.name if key else None, usage)
+        plan = self.plan
+        if plan is None:
+            return
         if t.redis_limiter is None:
-            t.limiter.settle(self.scopes, delta, self.slots)
-            return
-        if not delta and not self.slots:
-            return
-        # Off the request path: the response is complete or failed already.
-        task = asyncio.create_task(self._settle_redis(t, t.redis_limiter, delta))
-        background = t.app[BACKGROUND]
-        background.add(task)
-        task.add_done_callback(background.discard)
-
-    async def _settle_redis(self, t: Tenancy, limiter: RedisLimiter, delta: int) -> None:
-        started = time.perf_counter()
-        try:
-            await limiter.settle(self.scopes, delta, self.slots, self.member)
-        except STATE_ERRORS as exc:
-            t.metrics.redis("settle", None)
-            t.failed("rate-limit settle", exc)
-            return
-        t.metrics.redis("settle", time.perf_counter() - started)
+            t.limiter.settle(plan, delta, self.slots)
+        elif delta or self.slots:
+            # Queued: one script call every few ms carries every request's settlement.
+            t.redis_limiter.settle(plan, delta, self.slots, self.member)
 
 
 #: Returned when tenancy is off: settling it does nothing.
@@ -290,7 +370,7 @@ def _reserve(body: dict[str, Any], default_max_tokens: int) -> int:
 async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any]) -> Admission:
     """The admit step: model permission, budget, rate limits (raises 403 / 429 / 503)."""
     t = request.app.get(TENANCY)
-    if t is None:
+    if t is None or not t.settings.active:  # off, or CORS only
         return NO_ADMISSION
     key = request.get(KEY)
     model = ctx.model or ""
@@ -301,9 +381,9 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
         except Exception:
             t.metrics.admission(name, "model_not_allowed")
             raise
-    scopes = t.scopes(key, model)
+    plan = t.plan(key, model)
     budget = key.budget if key is not None else None
-    if not scopes and budget is None:
+    if not plan and budget is None:
         t.metrics.admission(name, "admitted")
         return Admission(t, key, model)
     reserved = _reserve(body, t.settings.default_max_tokens)
@@ -312,9 +392,9 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
         left = None
         if budget is not None and key is not None:
             left = budget.tokens // t.share - t.ledger.spent_now(key.id, budget.period)
-        decision = t.limiter.admit(scopes, reserved, left, member)
+        decision = t.limiter.admit(plan, reserved, left)
     else:
-        decision = await _admit_redis(t, t.redis_limiter, scopes, reserved, key, member)
+        decision = await _admit_redis(t, t.redis_limiter, plan, reserved, key, member)
     request[DECISION] = decision
     if not decision.ok:
         t.metrics.admission(name, decision.reason)
@@ -332,13 +412,13 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
         raise err
     t.metrics.admission(name, "unchecked" if decision.unchecked else "admitted")
     t.metrics.decision(name, decision)
-    return Admission(t, key, model, scopes, reserved, decision.slots, member)
+    return Admission(t, key, model, plan, reserved, decision.slots, member)
 
 
 async def _admit_redis(
     t: Tenancy,
     limiter: RedisLimiter,
-    scopes: list[Scope],
+    plan: Plan,
     reserved: int,
     key: KeySpec | None,
     member: str,
@@ -348,7 +428,7 @@ async def _admit_redis(
         budget = (t.ledger.spent_key(key.id, key.budget.period), key.budget.tokens)
     started = time.perf_counter()
     try:
-        decision = await limiter.admit(scopes, reserved, budget, member)
+        decision = await limiter.admit(plan, reserved, budget, member)
     except STATE_ERRORS as exc:
         t.metrics.redis("admit", None)
         t.failed("rate limits", exc)
@@ -488,7 +568,9 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     startup_notes(settings)
     tasks: list[asyncio.Task[None]] = []
     if t.active:
-        tasks.append(asyncio.create_task(tenancy.ledger.run(t.flush_secs, failed)))
+        tasks.append(asyncio.create_task(tenancy.ledger.run(t.flush_secs, failed, metrics.publish)))
+        if tenancy.redis_limiter is not None:
+            tasks.append(asyncio.create_task(settle_loop(tenancy, tenancy.redis_limiter)))
         if redis is not None and t.auth_enabled:
             try:
                 await store.refresh()
@@ -499,7 +581,28 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
+    if tenancy.redis_limiter is not None:
+        with contextlib.suppress(*STATE_ERRORS):
+            await tenancy.redis_limiter.flush()
     await tenancy.ledger.close()
+    metrics.publish()
+
+
+async def settle_loop(t: Tenancy, limiter: RedisLimiter) -> None:
+    """Send queued settlements every ``SETTLE_EVERY_SECS`` (nothing when none are queued)."""
+    while True:
+        await asyncio.sleep(SETTLE_EVERY_SECS)
+        if not limiter.pending:
+            continue
+        started = time.perf_counter()
+        try:
+            await limiter.flush()
+        except STATE_ERRORS as exc:
+            t.metrics.redis("settle", None)
+            t.failed("rate-limit settle", exc)
+            await asyncio.sleep(1.0)  # Redis away: try again in a second, not every 5 ms
+            continue
+        t.metrics.redis("settle", time.perf_counter() - started)
 
 
 def startup_notes(settings: Settings) -> None:

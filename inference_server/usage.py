@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from loguru import logger
@@ -164,10 +164,14 @@ class Ledger:
                     )
         return out
 
-    async def run(self, every_secs: float, on_error: Any) -> None:
-        """Flush forever (cancelled at cleanup, after one last flush)."""
+    async def run(
+        self, every_secs: float, on_error: Any, also: Callable[[], None] | None = None
+    ) -> None:
+        """Flush forever (cancelled at cleanup, after one last flush); ``also`` runs with each."""
         while True:
             await asyncio.sleep(every_secs)
+            if also is not None:
+                also()
             try:
                 await self.flush()
             except Exception as exc:  # noqa: BLE001 (Redis away: retried next interval)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from inference_server.errors import RateLimited
-from inference_server.limits import MemoryLimiter, Scope, fmt_duration
+from inference_server.limits import MemoryLimiter, Scope, compile_plan, fmt_duration
 from inference_server.settings import ConfigError
 from inference_server.tenancy import TENANCY, access_middleware
 from inference_server.tenancy_config import Limit
@@ -56,17 +56,39 @@ async def test_off_by_default_adds_nothing_to_the_request_path(gateway_for) -> N
     assert not any(h.lower().startswith("x-ratelimit") for h in resp.headers)
 
 
-def test_public_bind_without_auth_warns(make_settings, capsys) -> None:
-    from inference_server.app import create_app
-    from inference_server.logs import setup_logging
+def logged(fn: Any) -> str:
+    """What ``fn()`` logs through loguru at warning level and above."""
+    from loguru import logger
 
-    settings = make_settings({"server": {"host": "0.0.0.0"}, "logging": {"level": "info"}})
-    setup_logging(settings.logging)
-    create_app(settings)
-    from inference_server import logs
+    lines: list[str] = []
+    sink = logger.add(lambda m: lines.append(str(m)), level="WARNING", format="{message}")
+    try:
+        fn()
+    finally:
+        logger.remove(sink)
+    return "".join(lines)
 
-    asyncio.run(logs.complete())
-    assert "anyone who can reach this port spends the upstream keys" in capsys.readouterr().out
+
+def test_public_bind_without_auth_warns(make_settings) -> None:
+    from inference_server.tenancy import public_bind_warning
+
+    public = make_settings({"server": {"host": "0.0.0.0"}})
+    assert "anyone who can reach this port" in logged(lambda: public_bind_warning(public))
+    local = make_settings({"server": {"host": "127.0.0.1"}})
+    assert logged(lambda: public_bind_warning(local)) == ""
+    keyed_public = make_settings({"server": {"host": "0.0.0.0"}, **keyed()})
+    assert logged(lambda: public_bind_warning(keyed_public)) == ""
+
+
+def test_startup_says_memory_limits_are_approximate_and_virtual_keys_temporary(
+    make_settings,
+) -> None:
+    from inference_server.tenancy import startup_notes
+
+    text = logged(lambda: startup_notes(make_settings({**keyed(rpm=10), "server": {"workers": 2}})))
+    assert "each worker enforces 1/2 of every limit" in text
+    assert "virtual keys are kept in this process" in text
+    assert logged(lambda: startup_notes(make_settings({}))) == ""
 
 
 # --- keys ----------------------------------------------------------------------------------
@@ -143,22 +165,39 @@ async def test_model_not_allowed_for_key(gateway_for) -> None:
 def test_gcra_admits_the_limit_then_one_per_interval() -> None:
     now = [1000.0]
     limiter = MemoryLimiter(clock=lambda: now[0])
-    scopes = [Scope("key:a", Limit(rpm=6))]
-    admitted = [limiter.admit(scopes, 1, None, "m").ok for _ in range(8)]
+    plan = compile_plan([Scope("key:a", Limit(rpm=6))])
+    admitted = [limiter.admit(plan, 1).ok for _ in range(8)]
     assert admitted == [True] * 6 + [False] * 2
-    blocked = limiter.admit(scopes, 1, None, "m")
+    blocked = limiter.admit(plan, 1)
     assert blocked.reason == "rpm"
     assert blocked.retry_after == pytest.approx(10.0)  # 60 s / 6
     now[0] += 9.9
-    assert not limiter.admit(scopes, 1, None, "m").ok
+    assert not limiter.admit(plan, 1).ok
     now[0] += 0.1
-    ok = limiter.admit(scopes, 1, None, "m")
+    ok = limiter.admit(plan, 1)
     assert ok.ok
     assert ok.requests is not None
     assert ok.requests.remaining == 0
     # Across any window edge: never more than the limit within 60 s.
     now[0] += 60
-    assert sum(limiter.admit(scopes, 1, None, "m").ok for _ in range(20)) == 6
+    assert sum(limiter.admit(plan, 1).ok for _ in range(20)) == 6
+
+
+def test_the_tightest_limit_names_the_reason_and_the_headers() -> None:
+    now = [0.0]
+    limiter = MemoryLimiter(clock=lambda: now[0])
+    plan = compile_plan(
+        [Scope("global", Limit(rpm=100, tpm=1000)), Scope("key:a", Limit(rpm=2, tpm=5000))]
+    )
+    first = limiter.admit(plan, 600)
+    assert first.ok
+    assert first.requests is not None
+    assert first.tokens is not None
+    assert (first.requests.limit, first.requests.remaining) == (2, 1)
+    assert (first.tokens.limit, first.tokens.remaining) == (1000, 400)
+    second = limiter.admit(plan, 600)
+    assert (second.ok, second.reason) == (False, "tpm")
+    assert second.retry_after == pytest.approx(12.0)  # 200 tokens short at 1000/min
 
 
 def test_reset_format_is_openais() -> None:
@@ -365,7 +404,7 @@ def redis_state(server: RedisServer, on_error: str = "allow") -> dict[str, Any]:
 
 
 async def test_redis_limits_two_apps_share_one_limit(
-    make_settings, make_gateway, fake_upstream, redis_server: RedisServer
+    redis_server: RedisServer, make_settings, make_gateway, fake_upstream
 ) -> None:
     settings = make_settings(
         {
@@ -383,7 +422,7 @@ async def test_redis_limits_two_apps_share_one_limit(
 
 @pytest.mark.parametrize("on_error", ["allow", "deny"])
 async def test_redis_down_then_back(
-    make_settings, make_gateway, fake_upstream, redis_server: RedisServer, on_error: str
+    redis_server: RedisServer, make_settings, make_gateway, fake_upstream, on_error: str
 ) -> None:
     settings = make_settings(
         {
@@ -411,7 +450,7 @@ async def test_redis_down_then_back(
 
 
 async def test_redis_budget_and_usage(
-    make_settings, make_gateway, fake_upstream, redis_server: RedisServer
+    redis_server: RedisServer, make_settings, make_gateway, fake_upstream
 ) -> None:
     settings = make_settings(
         {
@@ -434,3 +473,39 @@ async def test_redis_budget_and_usage(
     usage = await (await client.get("/admin/usage?key=team", headers=admin)).json()
     assert usage["scope"] == "all processes"
     assert sum(r["total_tokens"] for r in usage["data"]) == 38
+
+
+async def settled(client: Any) -> None:
+    """Wait (bounded) until the queued Redis settlements were sent."""
+    limiter = client.app[TENANCY].redis_limiter
+    for _ in range(200):
+        if not limiter.pending:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("settlements still queued after 2 s")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_redis_tpm_settles_to_real_usage_and_frees_slots(
+    redis_server: RedisServer, make_settings, make_gateway, fake_upstream, stream: bool
+) -> None:
+    settings = make_settings(
+        {
+            "inference": {"base_url": fake_upstream.base_url},
+            **keyed(tpm=1000, max_parallel=1),
+            **redis_state(redis_server),
+        }
+    )
+    client = await make_gateway(settings)
+    body: dict[str, Any] = {"max_tokens": 500}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    resp = await chat(client, **body)
+    assert resp.status == 200
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 1000 - 508
+    await resp.read()
+    await settled(client)
+    used = 8 if stream else 19  # the fake's usage: streamed 5 + 3, else 12 + 7
+    resp = await chat(client, max_tokens=100)
+    assert resp.status == 200  # the concurrency slot of the first request was freed
+    assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 1000 - used - 108

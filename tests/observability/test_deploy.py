@@ -56,6 +56,7 @@ def full_exposition() -> set[str]:
     tenants.tokens("k", ctx.usage)
     tenants.redis("admit", 0.001)
     tenants.redis("admit", None)
+    tenants.publish()
     return {name for name, _, _ in samples(m.render()[0].decode())}
 
 
