@@ -102,7 +102,7 @@ FEATURE_ARMS = {
     "gateway-keys-redis": (
         "keys + limits (Redis)",
         "the same with `state.backend: redis` (a local redis-server on loopback): one Lua "
-        "script per admission, one per settlement (after the response)",
+        "script per admission; settlements batched, one script call per 5 ms",
     ),
 }
 CHAT_ARMS = ("direct", "nginx", "passthrough", "gateway", *FEATURE_ARMS, "gateway-w2", "litellm")

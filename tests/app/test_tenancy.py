@@ -509,3 +509,38 @@ async def test_redis_tpm_settles_to_real_usage_and_frees_slots(
     resp = await chat(client, max_tokens=100)
     assert resp.status == 200  # the concurrency slot of the first request was freed
     assert int(resp.headers["x-ratelimit-remaining-tokens"]) == 1000 - used - 108
+
+
+async def test_access_line_names_the_key_never_the_key(gateway_for) -> None:
+    from loguru import logger
+
+    records: list[dict[str, Any]] = []
+    sink = logger.add(lambda m: records.append(m.record["extra"]), level="INFO")
+    try:
+        client = await gateway_for(**keyed(), logging={"level": "info"})
+        assert (await chat(client)).status == 200
+    finally:
+        logger.remove(sink)
+    access = [r for r in records if r.get("event") == "access"]
+    assert access
+    assert access[-1]["key"] == "team"
+    assert KEY not in str(records)
+
+
+async def test_server_span_names_the_key(gateway_for) -> None:
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from inference_server.keys import TELEMETRY
+
+    client = await gateway_for(**keyed(), telemetry={"traces": {"exporter": "console"}})
+    memory = InMemorySpanExporter()
+    provider = client.app[TELEMETRY].provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    assert (await chat(client)).status == 200
+    server = [s for s in memory.get_finished_spans() if s.kind == SpanKind.SERVER]
+    assert server[0].attributes is not None
+    assert server[0].attributes["inference.key"] == "team"
+    assert KEY not in str([dict(s.attributes or {}) for s in memory.get_finished_spans()])
