@@ -308,6 +308,8 @@ class RedisLimiter:
         #: Queued settlements: token key → (interval, delta); slot key → members.
         self.pending_tokens: dict[str, list[float]] = {}
         self.pending_slots: dict[str, list[str]] = {}
+        #: A flush is on its way to Redis (its settlements are not applied yet).
+        self.flushing = False
 
     async def admit(
         self, plan: Plan, tokens: int, budget: tuple[str, int] | None, member: str
@@ -345,7 +347,8 @@ class RedisLimiter:
 
     @property
     def pending(self) -> bool:
-        return bool(self.pending_tokens or self.pending_slots)
+        """Settlements queued or being sent."""
+        return self.flushing or bool(self.pending_tokens or self.pending_slots)
 
     async def flush(self) -> None:
         """Send every queued settlement in one script call (requeued if it fails)."""
@@ -357,6 +360,7 @@ class RedisLimiter:
         for interval, delta in tokens.values():
             spec += [round(interval * _US), round(delta)]
         spec += list(slots.values())
+        self.flushing = True
         try:
             await self._settle(keys=[*tokens, *slots], args=[orjson.dumps(spec)])
         except BaseException:
@@ -366,3 +370,5 @@ class RedisLimiter:
             for key, members in slots.items():
                 self.pending_slots.setdefault(key, []).extend(members)
             raise
+        finally:
+            self.flushing = False

@@ -592,7 +592,7 @@ async def settle_loop(t: Tenancy, limiter: RedisLimiter) -> None:
     """Send queued settlements every ``SETTLE_EVERY_SECS`` (nothing when none are queued)."""
     while True:
         await asyncio.sleep(SETTLE_EVERY_SECS)
-        if not limiter.pending:
+        if not (limiter.pending_tokens or limiter.pending_slots):
             continue
         started = time.perf_counter()
         try:
