@@ -14,11 +14,10 @@ every worker and replica within about that, with no Redis read on the request pa
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from fnmatch import fnmatchcase
 
 import orjson
@@ -141,13 +140,18 @@ class KeyStore:
         self._named(k.name for k in keys.values())
         return True
 
-    async def run(self, every_secs: float, on_error: Callable[[str, BaseException], None]) -> None:
-        while True:
+    async def run(
+        self,
+        every_secs: float,
+        on_error: Callable[[str, BaseException], None],
+        pause: Callable[[float], Awaitable[bool]],
+    ) -> None:
+        """Refresh every ``every_secs`` until ``pause`` says stop."""
+        while not await pause(every_secs):
             try:
                 await self.refresh()
             except Exception as exc:  # noqa: BLE001 (Redis away: keep the last copy, retry)
                 on_error("virtual keys", exc)
-            await asyncio.sleep(every_secs)
 
     def _named(self, names: Iterable[str]) -> None:
         if self.on_names is not None:

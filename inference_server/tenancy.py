@@ -566,21 +566,32 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     app[TENANCY] = tenancy
     startup_notes(settings)
+    # The loops stop at the event, between Redis commands: cancelling one mid-command can
+    # leave redis-py's connection waiting to close (see stop_loops).
+    stop = asyncio.Event()
+
+    async def pause(secs: float) -> bool:
+        """Wait ``secs``; True once the app is stopping."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(secs):
+                await stop.wait()
+        return stop.is_set()
+
     tasks: list[asyncio.Task[None]] = []
     if t.active:
-        tasks.append(asyncio.create_task(tenancy.ledger.run(t.flush_secs, failed, metrics.publish)))
+        tasks.append(
+            asyncio.create_task(tenancy.ledger.run(t.flush_secs, failed, metrics.publish, pause))
+        )
         if tenancy.redis_limiter is not None:
-            tasks.append(asyncio.create_task(settle_loop(tenancy, tenancy.redis_limiter)))
+            tasks.append(asyncio.create_task(settle_loop(tenancy, tenancy.redis_limiter, pause)))
         if redis is not None and t.auth_enabled:
             try:
                 await store.refresh()
             except STATE_ERRORS as exc:
                 failed("virtual keys", exc)
-            tasks.append(asyncio.create_task(store.run(t.key_refresh_secs, failed)))
+            tasks.append(asyncio.create_task(store.run(t.key_refresh_secs, failed, pause)))
     yield
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await stop_loops(stop, tasks)
     if tenancy.redis_limiter is not None:
         with contextlib.suppress(*STATE_ERRORS):
             await tenancy.redis_limiter.flush()
@@ -588,10 +599,11 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics.publish()
 
 
-async def settle_loop(t: Tenancy, limiter: RedisLimiter) -> None:
+async def settle_loop(
+    t: Tenancy, limiter: RedisLimiter, pause: Callable[[float], Awaitable[bool]]
+) -> None:
     """Send queued settlements every ``SETTLE_EVERY_SECS`` (nothing when none are queued)."""
-    while True:
-        await asyncio.sleep(SETTLE_EVERY_SECS)
+    while not await pause(SETTLE_EVERY_SECS):
         if not (limiter.pending_tokens or limiter.pending_slots):
             continue
         started = time.perf_counter()
@@ -600,9 +612,22 @@ async def settle_loop(t: Tenancy, limiter: RedisLimiter) -> None:
         except STATE_ERRORS as exc:
             t.metrics.redis("settle", None)
             t.failed("rate-limit settle", exc)
-            await asyncio.sleep(1.0)  # Redis away: try again in a second, not every 5 ms
+            if await pause(1.0):  # Redis away: try again in a second, not every 5 ms
+                return
             continue
         t.metrics.redis("settle", time.perf_counter() - started)
+
+
+async def stop_loops(stop: asyncio.Event, tasks: list[asyncio.Task[None]]) -> None:
+    """End the background loops between commands (each command is bounded by
+    ``state.timeout_secs``), cancelling only one that did not end within 5 s."""
+    stop.set()
+    if not tasks:
+        return
+    _, late = await asyncio.wait(tasks, timeout=5.0)
+    for task in late:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def startup_notes(settings: Settings) -> None:

@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 from loguru import logger
@@ -165,11 +165,14 @@ class Ledger:
         return out
 
     async def run(
-        self, every_secs: float, on_error: Any, also: Callable[[], None] | None = None
+        self,
+        every_secs: float,
+        on_error: Any,
+        also: Callable[[], None] | None = None,
+        pause: Callable[[float], Awaitable[bool]] | None = None,
     ) -> None:
-        """Flush forever (cancelled at cleanup, after one last flush); ``also`` runs with each."""
-        while True:
-            await asyncio.sleep(every_secs)
+        """Flush every ``every_secs`` until ``pause`` says stop; ``also`` runs with each."""
+        while not await (pause or _sleep)(every_secs):
             if also is not None:
                 also()
             try:
@@ -182,6 +185,11 @@ class Ledger:
             await self.flush()
         if self.pending:
             logger.warning("usage: {} ledger rows could not be written", len(self.pending))
+
+
+async def _sleep(secs: float) -> bool:
+    await asyncio.sleep(secs)
+    return False
 
 
 def _days(start: dt.date, end: dt.date) -> Iterator[str]:
