@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import hashlib
 import http.client
 import importlib.metadata
 import json
@@ -101,6 +102,16 @@ FEATURE_ARMS = {
         "response cache, misses",
         "the same, every request with `Cache-Control: max-age=0`: looked up, missed, sent "
         "upstream, stored again",
+    ),
+    "gateway-keys": (
+        "keys + limits (memory)",
+        "`auth.enabled`, the bench key (key_sha256) with rpm, tpm, max_parallel and a budget, "
+        "`limits.global` and `limits.models.bench-model`; `state.backend: memory`",
+    ),
+    "gateway-keys-redis": (
+        "keys + limits (Redis)",
+        "the same with `state.backend: redis` (a local redis-server on loopback): one Lua "
+        "script per admission; settlements batched, one script call per 5 ms",
     ),
 }
 #: Extra request headers of an arm (post.lua sends BENCH_CACHE_CONTROL as Cache-Control).
@@ -462,17 +473,10 @@ def start_gateway(
     return Target(arm, f"http://127.0.0.1:{port}", procs.start(name, argv, env), name)
 
 
-def routed_settings(gateway: Gateway, workdir: Path, origin: str) -> Path:
-    """Write gateway-routed's settings file: the gateway arm's settings plus a routing table.
-
-    The base is the gateway arm's effective settings, as `--print-config` shows them under
-    the same environment (settings.yaml with its production section), so the two arms differ
-    in providers, models and experiments only. Two provider instances reach the same upstream;
-    the public name bench-model is an A/B experiment (sticky by the body's `user`) whose
-    variants both use a weighted route of the two, with a fallback route behind it.
-    """
+def effective_settings(gateway: Gateway, origin: str) -> dict[str, Any]:
+    """The gateway arm's effective settings (`--print-config` under the same environment)."""
     if gateway.python is None:
-        raise RuntimeError("the routed arm needs the real gateway")
+        raise RuntimeError("this arm needs the real gateway")
     argv = [str(gateway.python), "-m", "inference_server", "--print-config"]
     proc = subprocess.run(
         argv,
@@ -487,6 +491,69 @@ def routed_settings(gateway: Gateway, workdir: Path, origin: str) -> Path:
         raise RuntimeError(f"--print-config failed: {proc.stderr.strip()[-500:]}")
     tree: dict[str, Any] = json.loads(proc.stdout)
     tree.pop("env", None)
+    return tree
+
+
+def keys_settings(gateway: Gateway, workdir: Path, origin: str, redis_url: str | None) -> Path:
+    """gateway-keys(-redis): the gateway arm's settings plus keys and limits that never bind.
+
+    Every limit kind is on (so every admission runs the whole check: key, model and global
+    scopes, rpm + tpm, a concurrency slot, the budget), with values far above what the bench
+    can send, so every request is admitted and the arms measure the cost, not refusals.
+    """
+    tree = effective_settings(gateway, origin)
+    digest = hashlib.sha256(AUTH.removeprefix("Bearer ").encode()).hexdigest()
+    huge = {"rpm": 1_000_000_000, "tpm": 1_000_000_000, "max_parallel": 100_000}
+    tree["auth"] = {
+        "enabled": True,
+        "keys": {
+            "bench": {
+                "key_sha256": digest,
+                **huge,
+                "budget": {"tokens": 10**15, "period": "month"},
+            }
+        },
+    }
+    tree["limits"] = {"global": huge, "models": {"bench-model": huge}}
+    if redis_url is not None:
+        tree["state"] = {**tree.get("state", {}), "backend": "redis", "redis_url": redis_url}
+    path = workdir / ("gateway-keys-redis.yaml" if redis_url else "gateway-keys.yaml")
+    path.write_text(json.dumps({"default": tree}, indent=2))
+    return path
+
+
+def start_redis(procs: Processes) -> str:
+    """A redis-server for gateway-keys-redis on a free loopback port (no persistence)."""
+    exe = shutil.which("redis-server")
+    if exe is None:
+        raise RuntimeError("redis-server is not installed (apt-get install redis-server)")
+    port = free_port()
+    argv = [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"]
+    procs.start("redis", argv)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError("redis-server did not answer PING within 10 s")
+        time.sleep(0.05)
+
+
+def routed_settings(gateway: Gateway, workdir: Path, origin: str) -> Path:
+    """Write gateway-routed's settings file: the gateway arm's settings plus a routing table.
+
+    The base is the gateway arm's effective settings, as `--print-config` shows them under
+    the same environment (settings.yaml with its production section), so the two arms differ
+    in providers, models and experiments only. Two provider instances reach the same upstream;
+    the public name bench-model is an A/B experiment (sticky by the body's `user`) whose
+    variants both use a weighted route of the two, with a fallback route behind it.
+    """
+    tree = effective_settings(gateway, origin)
     base_url = origin + "/v1"
     tree["providers"] = {
         "bench-a": {"plugin": "lmstudio", "base_url": base_url},
@@ -552,6 +619,13 @@ def start_feature_arms(
             extra = {"INFERENCE_METRICS__ENABLED": "false"}
         elif arm.startswith("gateway-cache-"):
             extra = {"INFERENCE_CACHE__ENABLED": "true"}
+        elif arm.startswith("gateway-keys"):
+            try:
+                redis_url = start_redis(procs) if arm == "gateway-keys-redis" else None
+                config = keys_settings(gateway, procs.workdir, origin, redis_url)
+            except (RuntimeError, OSError, ValueError, subprocess.SubprocessError) as exc:
+                notes.append(f"{arm} left out: {exc}")
+                continue
         else:  # gateway-trace-<ratio>: a path per arm, so the sink's log tells them apart
             extra = trace_env(f"{origin}/{arm}", arm.removeprefix("gateway-trace-"))
         target = start_gateway(procs, gateway, arm, arm, origin, 1, extra_env=extra, config=config)

@@ -47,6 +47,8 @@ class RequestContext:
     #: A/B experiment and variant assigned to this request, if any.
     experiment: str | None = None
     variant: str | None = None
+    #: The API key's name (never the key) when auth is on (tenancy.access_middleware).
+    key_name: str | None = None
     stream: bool = False
     #: The GenAI operation (``gen_ai.operation.name``): chat, text_completion, embeddings,
     #: responses (the endpoint's handler).

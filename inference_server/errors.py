@@ -153,6 +153,39 @@ class Forbidden(GatewayError):
     default_code = "FORBIDDEN"
 
 
+class InvalidApiKey(Unauthorized):
+    """No key, or a key the gateway does not know (or disabled, expired) on /v1/* (401)."""
+
+    type = "invalid_request_error"
+    default_code = "INVALID_API_KEY"
+
+
+class ModelNotAllowedForKey(Forbidden):
+    """The key exists but may not use the requested model (403)."""
+
+    default_code = "MODEL_NOT_ALLOWED_FOR_KEY"
+
+
+class RateLimited(GatewayError):
+    """A gateway rate limit (rpm, tpm, max_parallel) of the key, the model or all traffic (429).
+
+    Retryable by the client after ``Retry-After``: the gateway never sent anything upstream.
+    """
+
+    status = 429
+    type = "rate_limit_error"
+    default_code = "RATE_LIMITED"
+    retryable = True
+
+
+class BudgetExceeded(GatewayError):
+    """The key spent its token budget for the period (429); waiting seconds will not help."""
+
+    status = 429
+    type = "insufficient_quota"
+    default_code = "BUDGET_EXCEEDED"
+
+
 class NoDeploymentAvailable(GatewayError):
     """Every deployment of the route (and its fallbacks) is out and panic routing is off."""
 

@@ -108,3 +108,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/responses/{response_id}", get_response)
     app.router.add_delete("/v1/responses/{response_id}", delete_response)
     app.router.add_get("/admin/experiments", admin_experiments)
+    from inference_server.admin import setup_admin_routes  # (admin imports require_admin)
+
+    setup_admin_routes(app)  # issue 12: /admin/keys, /admin/usage

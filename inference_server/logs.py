@@ -444,6 +444,8 @@ def access(ctx: RequestContext, method: str, path: str, status: int, duration_se
         fields["fallbacks"] = ctx.fallbacks
     if ctx.variant:
         fields["variant"] = f"{ctx.experiment}/{ctx.variant}"
+    if ctx.key_name:
+        fields["key"] = ctx.key_name  # the API key's name, never the key (issue 12)
     if ctx.error_code:
         fields["error"] = ctx.error_code
     if ctx.cache is not None:

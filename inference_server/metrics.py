@@ -494,6 +494,11 @@ class Metrics:
             if self.multiprocess_dir:
                 self._check_multiprocess()
 
+    @property
+    def registry(self) -> Any:
+        """Where other modules' metrics register (None in multiprocess mode: files)."""
+        return self._registry
+
     def _check_multiprocess(self) -> None:
         """Refuse to run with values that never reach the workers' directory.
 

@@ -56,6 +56,7 @@ from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lea
 from inference_server.schemas import validate_chat
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
+from inference_server.tenancy import admit
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -64,7 +65,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     ctx = request[CTX]
     settings = app[SETTINGS]
 
-    # 1. admit — authentication and rate limits slot in here.
+    # 1. admit — authentication (tenancy.access_middleware); limits: step 1b below.
     # 2. validate
     telemetry = app[TELEMETRY]
     with telemetry.span("inference.validate"):
@@ -77,6 +78,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     route, experiment = route_request(request, ctx, model, body)
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     ctx.include_usage = include_usage
+    # 1b. admit (tenancy.py): the key was authenticated before the body was read
+    #     (tenancy.access_middleware); now the model is known: its model list, budget, limits.
+    #     A cache hit still counts toward the key's limits.
+    admission = await admit(request, ctx, body)
     cache = app[CACHE]
     cached: Lookup | None = None
     try:
@@ -90,6 +95,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         respond = respond_chat if cached is None else partial(respond_chat, cached=cached)
         return await walk(request, ctx, route, model, body, CHAT, respond)
     finally:
+        admission.settle(ctx)  # tokens settle to the real usage, slots freed, usage ledger
         if cached is not None:
             await cached.close()  # wakes identical requests waiting on this one
         # 7. record (metrics and the access log read ctx in the middleware)

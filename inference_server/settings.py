@@ -30,6 +30,7 @@ from inference_server.routing_config import (
     build_routes,
 )
 from inference_server.scrub import NO_SECRETS, SECRET_NAME, Scrubber, mask_url, url_secrets
+from inference_server.tenancy_config import TenancySettings, build_tenancy
 
 S = Setting
 _NUM = (int, float)
@@ -74,6 +75,12 @@ CORE_SCHEMA: dict[str, Any] = {
             nullable=True,
             description="bearer token for /admin/* (unset: admin endpoints off)",
         ),
+        # Browsers (issue 12): CORS for /v1/* (empty: no CORS headers at all).
+        "cors": {
+            "allow_origins": S(
+                (list,), [], description='origins allowed to call /v1/* ("*" for any)'
+            ),
+        },
     },
     "inference": {
         "provider": S((str,), "lmstudio", description="plugin of the one-provider shorthand"),
@@ -216,6 +223,33 @@ CORE_SCHEMA: dict[str, Any] = {
             lte=1_000_000,
             description="memory backend: stored responses kept per worker (oldest dropped); "
             "0 stores none",
+        ),
+    },
+    # Access control, rate limits, usage (issue 12; tenancy_config.py reads these).
+    "auth": {
+        "enabled": S((bool,), False, description="require Authorization: Bearer <key> on /v1/*"),
+        "keys": S(
+            (dict,),
+            {},
+            secret=True,
+            description="static keys: <name>: {key_sha256 | key: '@secret NAME', models, rpm, "
+            "tpm, max_parallel, budget: {tokens, period}}",
+        ),
+        "key_refresh_secs": S(
+            _NUM, 0.25, gte=0.01, lte=60, description="virtual keys re-read from Redis this often"
+        ),
+    },
+    "limits": {
+        "global": S((dict,), {}, description="{rpm, tpm, max_parallel} over all requests"),
+        "models": S((dict,), {}, description="<model>: {rpm, tpm, max_parallel}"),
+        "default_key": S((dict,), {}, description="limits of keys without their own"),
+        "default_max_tokens": S(
+            (int,), 256, gte=1, lte=10_000_000, description="tokens reserved without max_tokens"
+        ),
+    },
+    "usage": {
+        "flush_secs": S(
+            _NUM, 1.0, gte=0.05, lte=60, description="ledger writes batched this often"
         ),
     },
 }
@@ -389,6 +423,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     responses: ResponsesSettings = field(default_factory=ResponsesSettings)
+    tenancy: TenancySettings = field(default_factory=TenancySettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     #: The settings tree as layered, secrets already masked (for ``--print-config``).
     raw: Mapping[str, Any] = field(default_factory=dict)
@@ -776,6 +811,7 @@ def load_settings(
     }
     state = _state_settings(resolved["state"], problems)
     cache = build_cache_settings(resolved["cache"], models, state.backend, problems)
+    tenancy = build_tenancy(resolved, problems)  # issue 12: keys, limits, usage, CORS
 
     if problems:
         raise ConfigError(problems)
@@ -877,6 +913,7 @@ def load_settings(
             retention_secs=int(resolved["responses"]["retention_secs"]),
             max_stored=int(resolved["responses"]["max_stored"]),
         ),
+        tenancy=tenancy,
         plugins=loaded,
         # Masked now: the settings object keeps no secret it does not need (the values it
         # needs live in typed fields, each kept out of repr()).

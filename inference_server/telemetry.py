@@ -365,6 +365,7 @@ class Telemetry:
             ("inference.experiment", ctx.experiment),
             ("inference.variant", ctx.variant),
             ("inference.cache", ctx.cache),
+            ("inference.key", ctx.key_name),  # the API key's name, never the key
         ):
             if value is not None:
                 attrs[key] = value

@@ -17,6 +17,7 @@ from aiohttp import web
 from inference_server.context import RequestContext
 from inference_server.keys import CTX, SETTINGS
 from inference_server.pipeline import Operation, Respond, route_request, walk
+from inference_server.tenancy import admit
 
 
 async def serve(
@@ -27,16 +28,19 @@ async def serve(
     *,
     stream: bool = False,
 ) -> web.StreamResponse:
-    """Steps 4–7 for a validated ``body``: route, walk the plan with ``op``, respond, record."""
+    """Steps 1b and 3–7 for a validated ``body``: route, admit (limits, budget, the key's
+    models), walk the plan with ``op``, respond, record and settle."""
     ctx: RequestContext = request[CTX]
     model = body.get("model") or request.app[SETTINGS].default_model
     body["model"] = model
     ctx.model = model
     ctx.stream = stream
     route, experiment = route_request(request, ctx, model, body)
+    admission = await admit(request, ctx, body)
     try:
         return await walk(request, ctx, route, model, body, op, respond)
     finally:
+        admission.settle(ctx)
         if experiment is not None and ctx.variant is not None:
             experiment.stats[ctx.variant].record(
                 time.perf_counter() - ctx.started,

@@ -25,7 +25,8 @@ COMPLETE = Operation(
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions."""
     ctx = request[CTX]
-    # 1. admit — authentication and rate limits slot in here (as in chat_completions).
+    # 1. admit — authentication (tenancy.access_middleware); limits: in serve(), once the
+    #    model is known.
     # 2. validate
     with request.app[TELEMETRY].span("inference.validate"):
         body = validate_completions(await read_json(request))

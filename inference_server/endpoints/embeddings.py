@@ -73,7 +73,8 @@ async def respond_embeddings(
 async def embeddings(request: web.Request) -> web.StreamResponse:
     """POST /v1/embeddings."""
     ctx = request[CTX]
-    # 1. admit — authentication and rate limits slot in here (as in chat_completions).
+    # 1. admit — authentication (tenancy.access_middleware); limits: in serve(), once the
+    #    model is known.
     # 2. validate
     with request.app[TELEMETRY].span("inference.validate"):
         body = validate_embeddings(await read_json(request))

@@ -257,7 +257,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses."""
     app = request.app
     ctx = request[CTX]
-    # 1. admit — authentication and rate limits slot in here (as in chat_completions).
+    # 1. admit — authentication (tenancy.access_middleware); limits: in serve(), once the
+    #    model is known.
     # 2. validate
     with app[TELEMETRY].span("inference.validate"):
         body = validate_responses(await read_json(request))

@@ -54,6 +54,16 @@ def full_exposition() -> set[str]:
     m.cache_size(100, 1)
     m.cache_evicted("size")
     m.cache_error("get")
+    from inference_server.limits import Decision, Dimension
+    from inference_server.tenancy import TenantMetrics
+
+    tenants = TenantMetrics(m, 10)
+    tenants.admission("k", "rpm")
+    tenants.decision("k", Decision(requests=Dimension(10, 5, 1.0)))
+    tenants.tokens("k", ctx.usage)
+    tenants.redis("admit", 0.001)
+    tenants.redis("admit", None)
+    tenants.publish()
     return {name for name, _, _ in samples(m.render()[0].decode())}
 
 
@@ -74,6 +84,8 @@ def test_dashboard_queries_only_exported_metrics() -> None:
         "inference_circuit_breaker_state",
         "inference_experiment_requests_total",
         "inference_cache_requests_total",
+        "inference_key_tokens_total",
+        "inference_admissions_total",
     ):
         assert wanted in used, wanted
 

@@ -1,0 +1,374 @@
+"""Rate limits (GCRA for requests and tokens per minute, a counter for concurrency) and budgets,
+in this process (``memory``) or in Redis (one atomic Lua script per admission).
+
+GCRA keeps one number per limit: the theoretical arrival time (TAT).  A request costing ``q``
+moves it by ``q × T`` (T = 60 s / limit) and is admitted iff the new TAT is at most one period
+(τ = 60 s) ahead of now, so at most ``limit`` units go at once and then one per T: no window
+edge where twice the limit gets through.  Tokens are reserved at admission (the prompt estimate
+plus ``max_tokens`` or ``limits.default_max_tokens``, at most the limit itself) and settled to
+the real usage when the response ends: the TAT moves back (or further) by the difference.
+
+What limits a (key, model) pair is compiled once into a :class:`Plan` (keys, intervals, the
+packed script argument), so an admission is arithmetic over a short tuple.  With Redis, every
+worker and replica shares the state and Redis's own clock (``TIME`` inside the script): one
+clock, exact limits.  Concurrency slots are members of a sorted set scored by their expiry, so
+a process that dies mid-request leaks a slot for at most ``SLOT_TTL_SECS``.  Settlements are
+queued and sent in one script call per ``SETTLE_EVERY_SECS`` (off the request path).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import orjson
+from redis.asyncio import Redis
+
+from inference_server.tenancy_config import Limit
+
+PERIOD_SECS = 60.0
+#: A concurrency slot held by a process that died is freed after this long.
+SLOT_TTL_SECS = 900.0
+#: Queued settlements (token corrections, freed slots) go to Redis this often.
+SETTLE_EVERY_SECS = 0.005
+PREFIX = "isv:"
+_US = 1_000_000
+
+
+@dataclass(frozen=True, slots=True)
+class Scope:
+    """One set of limits that applies to a request: a key's, a model's or the global one."""
+
+    name: str  # "key:<id>", "model:<name>", "global"
+    limit: Limit
+
+
+@dataclass(frozen=True, slots=True)
+class Gcra:
+    """One GCRA limit: its state key, emission interval, limit and whether it counts tokens."""
+
+    key: str
+    interval: float
+    limit: int
+    tokens: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Every limit one (key, model) pair is subject to, compiled once."""
+
+    gcra: tuple[Gcra, ...] = ()
+    #: (state key, max_parallel) per scope with a concurrency limit.
+    slots: tuple[tuple[str, int], ...] = ()
+    #: The token limits (what settlement moves).
+    tpm: tuple[Gcra, ...] = ()
+    #: Redis: the script's KEYS (gcra keys, then slot keys) and its packed static argument.
+    keys: tuple[str, ...] = ()
+    spec: bytes = b"[]"
+
+    def __bool__(self) -> bool:
+        return bool(self.gcra or self.slots)
+
+
+def compile_plan(scopes: Sequence[Scope]) -> Plan:
+    gcra: list[Gcra] = []
+    slots: list[tuple[str, int]] = []
+    for scope in scopes:
+        lim = scope.limit
+        for dim, limit in (("rpm", lim.rpm), ("tpm", lim.tpm)):
+            if limit is not None:
+                key = f"{PREFIX}rl:{scope.name}:{dim}"
+                gcra.append(Gcra(key, PERIOD_SECS / limit, limit, dim == "tpm"))
+        if lim.max_parallel is not None:
+            slots.append((f"{PREFIX}par:{scope.name}", lim.max_parallel))
+    spec: list[int] = [len(gcra), len(slots)]
+    for g in gcra:
+        spec += [round(g.interval * _US), g.limit, int(g.tokens)]
+    spec += [n for _, n in slots]
+    return Plan(
+        gcra=tuple(gcra),
+        slots=tuple(slots),
+        tpm=tuple(g for g in gcra if g.tokens),
+        keys=(*(g.key for g in gcra), *(k for k, _ in slots)),
+        spec=orjson.dumps(spec),
+    )
+
+
+@dataclass(slots=True)
+class Dimension:
+    """What the client is told about one dimension (requests or tokens): the tightest limit."""
+
+    limit: int
+    remaining: int
+    reset_secs: float
+
+
+@dataclass(slots=True)
+class Decision:
+    ok: bool = True
+    #: Why not: "rpm", "tpm", "max_parallel", "budget"; "" when admitted.
+    reason: str = ""
+    retry_after: float = 0.0
+    requests: Dimension | None = None
+    tokens: Dimension | None = None
+    #: Limits were not applied (shared state unreachable, ``state.on_error: allow``).
+    unchecked: bool = False
+    #: Slot keys this request holds.
+    slots: tuple[str, ...] = ()
+
+
+def fmt_duration(secs: float) -> str:
+    """OpenAI's reset format: "1s", "6m0s", "12ms"."""
+    if secs < 1:
+        return f"{max(0, math.ceil(secs * 1000))}ms"
+    secs = math.ceil(secs)
+    minutes, s = divmod(secs, 60)
+    return f"{minutes}m{s}s" if minutes else f"{s}s"
+
+
+def headers_for(decision: Decision, plan: Plan, tats: Sequence[float], now: float) -> None:
+    """The tightest requests and tokens limits, from each limit's TAT after this request."""
+    best_r = best_t = None
+    rem_r = rem_t = 0
+    for g, tat in zip(plan.gcra, tats, strict=False):
+        # (+1e-6: TATs come back from Redis as whole microseconds)
+        remaining = int((now + PERIOD_SECS - max(tat, now)) / g.interval + 1e-6)
+        remaining = max(0, min(g.limit, remaining))
+        if g.tokens:
+            if best_t is None or remaining < rem_t:
+                best_t, rem_t, reset_t = g, remaining, tat - now
+        elif best_r is None or remaining < rem_r:
+            best_r, rem_r, reset_r = g, remaining, tat - now
+    if best_r is not None:
+        decision.requests = Dimension(best_r.limit, rem_r, max(0.0, reset_r))
+    if best_t is not None:
+        decision.tokens = Dimension(best_t.limit, rem_t, max(0.0, reset_t))
+
+
+class MemoryLimiter:
+    """This process's limits.  Tables are keyed by scope names, which come from configuration
+    and keys (never from a client's string), so they stay bounded."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.tats: dict[str, float] = {}
+        self.inflight: dict[str, int] = {}
+
+    def admit(self, plan: Plan, tokens: int, budget_left: int | None = None) -> Decision:
+        if budget_left is not None and budget_left <= 0:
+            return Decision(ok=False, reason="budget")
+        now = self.clock()
+        tats = self.tats
+        news: list[float] = []
+        wait, worst = 0.0, None
+        for g in plan.gcra:
+            tat = tats.get(g.key, now)
+            if tat < now:
+                tat = now
+            new = tat + (min(tokens, g.limit) if g.tokens else 1) * g.interval
+            late = new - PERIOD_SECS - now
+            if late > 1e-9 and late > wait:
+                wait, worst = late, g
+            news.append(new)
+        if worst is not None:
+            decision = Decision(False, "tpm" if worst.tokens else "rpm", wait)
+            headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
+            return decision
+        inflight = self.inflight
+        for key, most in plan.slots:
+            if inflight.get(key, 0) >= most:
+                decision = Decision(False, "max_parallel", 1.0)
+                headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
+                return decision
+        for g, new in zip(plan.gcra, news, strict=True):
+            tats[g.key] = new
+        decision = Decision()
+        if plan.slots:
+            for key, _ in plan.slots:
+                inflight[key] = inflight.get(key, 0) + 1
+            decision.slots = tuple(k for k, _ in plan.slots)
+        headers_for(decision, plan, news, now)
+        return decision
+
+    def settle(self, plan: Plan, delta_tokens: int, slots: Sequence[str]) -> None:
+        """Move each token TAT by the difference between real and reserved usage; free slots."""
+        if delta_tokens:
+            now = self.clock()
+            for g in plan.tpm:
+                tat = self.tats.get(g.key)
+                if tat is not None:
+                    self.tats[g.key] = max(now, tat + delta_tokens * g.interval)
+        for key in slots:
+            left = self.inflight.get(key, 0) - 1
+            if left > 0:
+                self.inflight[key] = left
+            else:
+                self.inflight.pop(key, None)
+
+
+# --- Redis ----------------------------------------------------------------------------------
+
+#: KEYS: gcra keys…, slot keys…, budget key.  ARGV: spec (JSON: n_gcra, n_slots, then
+#: interval_us, limit, is_tokens per gcra key, then max per slot key), tokens, member,
+#: budget limit (-1: none).  Returns {status (0 ok, 1 gcra, 2 slots, 3 budget), retry_us,
+#: now_us, worst gcra index, tat_us per gcra key}.
+ADMIT_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local spec = cjson.decode(ARGV[1])
+local tokens, member, budget = tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local ng, ns = spec[1], spec[2]
+if budget >= 0 then
+  local spent = tonumber(redis.call('GET', KEYS[ng + ns + 1]) or '0')
+  if spent >= budget then return {3, 0, now, 0} end
+end
+local status, retry, worst = 0, 0, 0
+local tats, news = {}, {}
+for i = 1, ng do
+  local interval, limit, is_tokens = spec[3 * i], spec[3 * i + 1], spec[3 * i + 2]
+  local cost = 1
+  if is_tokens == 1 then cost = math.min(tokens, limit) end
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat < now then tat = now end
+  local new = tat + cost * interval
+  local wait = new - 60000000 - now
+  if wait > 0 and wait > retry then
+    status = 1
+    retry = wait
+    worst = i
+  end
+  tats[i] = tat
+  news[i] = new
+end
+if status == 0 then
+  for j = 1, ns do
+    local key = KEYS[ng + j]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) >= spec[3 * ng + 2 + j] then
+      status = 2
+      retry = 1000000
+    end
+  end
+end
+local out = {status, math.floor(retry), now, worst}
+if status ~= 0 then
+  for i = 1, ng do out[#out + 1] = math.floor(tats[i]) end
+  return out
+end
+for i = 1, ng do
+  local ttl = math.ceil((news[i] - now) / 1000) + 1000
+  redis.call('SET', KEYS[i], string.format('%.0f', news[i]), 'PX', ttl)
+  out[#out + 1] = math.floor(news[i])
+end
+for j = 1, ns do
+  redis.call('ZADD', KEYS[ng + j], now + SLOT_TTL_US, member)
+  redis.call('PEXPIRE', KEYS[ng + j], SLOT_TTL_MS)
+end
+return out
+""".replace("SLOT_TTL_US", str(int(SLOT_TTL_SECS * _US))).replace(
+    "SLOT_TTL_MS", str(int(SLOT_TTL_SECS * 1000))
+)
+
+#: KEYS: token gcra keys…, slot keys….  ARGV: JSON [n_tok, n_slots, interval_us, delta per
+#: token key…, [members…] per slot key].
+SETTLE_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local spec = cjson.decode(ARGV[1])
+local nt, ns = spec[1], spec[2]
+for i = 1, nt do
+  local interval, delta = spec[1 + 2 * i], spec[2 + 2 * i]
+  local tat = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if tat > 0 and delta ~= 0 then
+    local new = tat + delta * interval
+    if new <= now then
+      redis.call('DEL', KEYS[i])
+    else
+      redis.call('SET', KEYS[i], string.format('%.0f', new), 'PX', math.ceil((new - now) / 1000) + 1000)
+    end
+  end
+end
+for j = 1, ns do
+  redis.call('ZREM', KEYS[nt + j], unpack(spec[2 + 2 * nt + j]))
+end
+return 1
+"""
+
+
+class RedisLimiter:
+    """The same limits in Redis: one script call per admission; settlements batched."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        # register_script: EVALSHA, and EVAL again after NOSCRIPT (a restarted Redis).
+        self._admit = redis.register_script(ADMIT_LUA)
+        self._settle = redis.register_script(SETTLE_LUA)
+        #: Queued settlements: token key → (interval, delta); slot key → members.
+        self.pending_tokens: dict[str, list[float]] = {}
+        self.pending_slots: dict[str, list[str]] = {}
+        #: A flush is on its way to Redis (its settlements are not applied yet).
+        self.flushing = False
+
+    async def admit(
+        self, plan: Plan, tokens: int, budget: tuple[str, int] | None, member: str
+    ) -> Decision:
+        keys = plan.keys if budget is None else (*plan.keys, budget[0])
+        reply = await self._admit(
+            keys=keys, args=(plan.spec, tokens, member, -1 if budget is None else budget[1])
+        )
+        status = int(reply[0])
+        if status == 3:
+            return Decision(ok=False, reason="budget")
+        now = int(reply[2]) / _US
+        tats = [int(x) / _US for x in reply[4:]]
+        if status == 0:
+            decision = Decision(slots=tuple(k for k, _ in plan.slots))
+        elif status == 1:
+            worst = plan.gcra[int(reply[3]) - 1]
+            decision = Decision(False, "tpm" if worst.tokens else "rpm", int(reply[1]) / _US)
+        else:
+            decision = Decision(False, "max_parallel", 1.0)
+        headers_for(decision, plan, tats, now)
+        return decision
+
+    def settle(self, plan: Plan, delta_tokens: int, slots: Sequence[str], member: str) -> None:
+        """Queue a settlement (sent by :meth:`flush`)."""
+        if delta_tokens:
+            for g in plan.tpm:
+                entry = self.pending_tokens.get(g.key)
+                if entry is None:
+                    self.pending_tokens[g.key] = [g.interval, float(delta_tokens)]
+                else:
+                    entry[1] += delta_tokens
+        for key in slots:
+            self.pending_slots.setdefault(key, []).append(member)
+
+    @property
+    def pending(self) -> bool:
+        """Settlements queued or being sent."""
+        return self.flushing or bool(self.pending_tokens or self.pending_slots)
+
+    async def flush(self) -> None:
+        """Send every queued settlement in one script call (requeued if it fails)."""
+        tokens, slots = self.pending_tokens, self.pending_slots
+        if not tokens and not slots:
+            return
+        self.pending_tokens, self.pending_slots = {}, {}
+        spec: list[object] = [len(tokens), len(slots)]
+        for interval, delta in tokens.values():
+            spec += [round(interval * _US), round(delta)]
+        spec += list(slots.values())
+        self.flushing = True
+        try:
+            await self._settle(keys=[*tokens, *slots], args=[orjson.dumps(spec)])
+        except BaseException:
+            for key, (interval, delta) in tokens.items():
+                entry = self.pending_tokens.setdefault(key, [interval, 0.0])
+                entry[1] += delta
+            for key, members in slots.items():
+                self.pending_slots.setdefault(key, []).extend(members)
+            raise
+        finally:
+            self.flushing = False
