@@ -38,8 +38,9 @@ class RequestContext:
     provider: str | None = None
     deployment: str | None = None
     upstream_model: str | None = None
-    #: The name of the API key that authenticated the request (auth, issue 12); None when auth
-    #: is off.  The response cache partitions by it (``cache.scope: key``).
+    #: The name (never the key) of the API key that authenticated the request
+    #: (tenancy.access_middleware); None when auth is off.  The response cache partitions by it
+    #: (``cache.scope: key``).
     key_name: str | None = None
     #: What the response cache did: "hit", "miss", "bypass", or None when the cache is off
     #: (cache.py; read by the access line, metrics and the server span).
@@ -47,8 +48,6 @@ class RequestContext:
     #: A/B experiment and variant assigned to this request, if any.
     experiment: str | None = None
     variant: str | None = None
-    #: The API key's name (never the key) when auth is on (tenancy.access_middleware).
-    key_name: str | None = None
     stream: bool = False
     #: The GenAI operation (``gen_ai.operation.name``): chat, text_completion, embeddings,
     #: responses (the endpoint's handler).
