@@ -21,7 +21,7 @@ from aiohttp import web
 
 from inference_server.auth import MAX_VIRTUAL_KEYS, digest
 from inference_server.errors import InvalidRequest, NotFound, ServiceUnavailable
-from inference_server.routes import require_admin
+from inference_server.handlers import require_admin
 from inference_server.server import read_body
 from inference_server.tenancy import STATE_ERRORS, TENANCY, Tenancy
 from inference_server.tenancy_config import (

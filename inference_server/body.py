@@ -136,3 +136,12 @@ async def read_json(
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(None, _parse_and_validate, raw, validate)
     return parse(raw)
+
+
+async def read_validated(
+    request: web.Request, validate: Callable[[Any], dict[str, Any]]
+) -> dict[str, Any]:
+    """The body read by :func:`read_json` and validated by ``validate`` (the endpoint's own
+    schema), on a worker thread when the body is large, else here."""
+    body = await read_json(request, validate)
+    return body if type(body) is ValidatedBody else validate(body)

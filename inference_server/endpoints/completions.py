@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from inference_server.body import read_validated
 from inference_server.endpoints import serve
 from inference_server.endpoints.schemas import validate_completions
 from inference_server.keys import CTX, TELEMETRY
-from inference_server.pipeline import Operation, read_json, respond_chat
+from inference_server.pipeline import Operation, respond_chat
 
 COMPLETE = Operation(
     "text_completion",
@@ -29,7 +30,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     #    model is known.
     # 2. validate
     with request.app[TELEMETRY].span("inference.validate"):
-        body = validate_completions(await read_json(request))
+        body = await read_validated(request, validate_completions)
     ctx.operation = "text_completion"
     ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     return await serve(request, body, COMPLETE, respond_chat, stream=bool(body.get("stream")))

@@ -16,12 +16,13 @@ from typing import Any, NoReturn
 import orjson
 from aiohttp import web
 
+from inference_server.body import read_validated
 from inference_server.context import RequestContext
 from inference_server.endpoints import serve
 from inference_server.endpoints.schemas import validate_embeddings
 from inference_server.errors import InternalError
 from inference_server.keys import CTX, TELEMETRY
-from inference_server.pipeline import Operation, read_json
+from inference_server.pipeline import Operation
 from inference_server.providers.base import CallContext, Provider
 from inference_server.routing import Lease
 
@@ -77,6 +78,6 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     #    model is known.
     # 2. validate
     with request.app[TELEMETRY].span("inference.validate"):
-        body = validate_embeddings(await read_json(request))
+        body = await read_validated(request, validate_embeddings)
     ctx.operation = "embeddings"
     return await serve(request, body, EMBED, respond_embeddings)

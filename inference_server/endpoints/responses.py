@@ -21,6 +21,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from inference_server.body import read_validated
 from inference_server.context import RequestContext
 from inference_server.endpoints import serve
 from inference_server.endpoints.responses_convert import (
@@ -44,7 +45,7 @@ from inference_server.errors import (
     ServiceUnavailable,
 )
 from inference_server.keys import CTX, SETTINGS, TELEMETRY
-from inference_server.pipeline import Operation, read_json, stream
+from inference_server.pipeline import Operation, stream
 from inference_server.providers.base import CallContext, Provider
 from inference_server.providers.openai_compat import RESPONSES_TERMINAL
 from inference_server.routing import Lease
@@ -261,7 +262,7 @@ async def responses(request: web.Request) -> web.StreamResponse:
     #    model is known.
     # 2. validate
     with app[TELEMETRY].span("inference.validate"):
-        body = validate_responses(await read_json(request))
+        body = await read_validated(request, validate_responses)
     ctx.operation = "responses"
     ctx.include_usage = bool(body.get("stream"))  # ask upstreams for stream usage
     store = app[RESPONSE_STORE]

@@ -60,6 +60,23 @@ async def test_validation_errors_are_400_envelopes(
     assert fake_upstream.requests == []
 
 
+async def test_large_bodies_are_validated_by_their_own_endpoints_schema(
+    make_settings, make_gateway
+) -> None:
+    """A body over 64 KB is validated off the event loop: with the endpoint's schema, not chat's
+    (an embeddings or completions body has no ``messages``)."""
+    client = await make_gateway(make_settings({"inference": {"provider": "mock"}}))
+    big = ["word " * 20] * 1000  # ~100 KB
+    resp = await client.post("/v1/embeddings", json={"input": big})
+    assert resp.status == 200, await resp.text()
+    assert len((await resp.json())["data"]) == 1000
+    resp = await client.post("/v1/completions", json={"prompt": "x" * 100_000, "max_tokens": 2})
+    assert resp.status == 200, await resp.text()
+    resp = await client.post("/v1/embeddings", json={"input": [*big, 1]})
+    assert resp.status == 400
+    assert (await resp.json())["error"]["param"] == "input"
+
+
 async def test_malformed_json_and_media_type(gateway_for) -> None:
     client = await gateway_for()
     for path in ("/v1/embeddings", "/v1/completions"):

@@ -12,7 +12,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.process.test_server_process import gateway
+from tests.support.procs import gateway_process as gateway
 from tests.support.redis_server import RedisServer
 
 KEY = "sk-process-test-0123456789"
