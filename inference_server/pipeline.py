@@ -187,6 +187,7 @@ async def walk(
             provider = lease.deployment.provider
             if capability != "chat" and not provider.supports(capability):
                 unsupported = operation_not_supported(lease.deployment.config.name, op.name)
+                plan.exclude(lease)  # never asked, so no verdict, and not asked again
                 continue
             try:
                 result = await attempt(request, ctx, lease.candidate, body, op)

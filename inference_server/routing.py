@@ -353,6 +353,9 @@ class Plan:
         self.client_may_retry = False
         self._waits: Iterator[float] | None = None
         self._panic: Candidate | None = None
+        self._rescanned = False
+        #: Deployments that cannot serve this request at all (the operation is not theirs).
+        self.excluded: set[int] = set()
         router.retry_budget.request()
 
     # --- walking ---------------------------------------------------------------------------
@@ -388,6 +391,8 @@ class Plan:
         out: list[Candidate] = []
         for route in self._routes:
             self.router.extend(out, route, self.model)
+        if self.excluded:
+            out = [c for c in out if id(c.deployment) not in self.excluded]
         return out
 
     def _select(self) -> Lease | None:
@@ -426,7 +431,7 @@ class Plan:
     def _round_over(self) -> float:
         """The round has no candidate left: how long to wait before the next, or end."""
         upcoming = self._candidates()
-        if not self.ctx.attempts:
+        if not self.tried:
             return self._nothing_selectable(upcoming)
         if self.round + 1 >= self.max_rounds or not self.round_leases:
             # No retries configured: the client is the retrying layer (one attempt made).
@@ -458,8 +463,11 @@ class Plan:
     def _nothing_selectable(self, upcoming: list[Candidate]) -> float:
         """Nothing was tried yet and nothing is selectable: panic, wait out a pause, or refuse."""
         deps = [c.deployment for c in upcoming]
-        if any(d.selectable() for d in deps):
-            return 0.0  # a pause ran out since the round began: the next round takes it
+        if not self._rescanned and any(d.selectable() for d in deps):
+            # A pause ran out since the round began: one more look takes it (once, so a
+            # deployment _select keeps refusing can never spin this loop without awaiting).
+            self._rescanned = True
+            return 0.0
         ejected = [c for c in upcoming if c.deployment.ejected()]
         if ejected and self.limits.panic and not self.panicked:
             self.panicked = True
@@ -516,6 +524,15 @@ class Plan:
         self.final = err or self._refusal([])
 
     # --- outcomes --------------------------------------------------------------------------
+
+    def exclude(self, lease: Lease) -> None:
+        """This deployment cannot serve the request (e.g. its provider lacks the operation):
+        freed without a verdict, skipped for the rest of the plan, not counted as tried."""
+        dep = lease.deployment
+        self.excluded.add(id(dep))
+        if dep in self.tried:
+            self.tried.remove(dep)
+        self.queue = deque(c for c in self.queue if c.deployment is not dep)
 
     def succeeded(self, lease: Lease) -> None:
         lease.settled = True

@@ -7,6 +7,7 @@ lease``), with each deployment's outcome scripted, so every rule is checked with
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -360,7 +361,36 @@ async def test_a_pause_that_runs_out_mid_round_is_served_not_refused(make_settin
     plan = r.plan(r.resolve("m"), "m", ctx, Moves())
     assert plan._select() is None  # skipped: paused
     clock.now += 1.0  # the pause runs out before the round is judged
-    assert plan._round_over() == 0.0
+    assert plan._round_over() == 0.0  # look again at once (no refusal, no wait)
     assert plan.final is None
-    lease = await anext(plan)
+    plan.queue = deque(plan._candidates())  # what __anext__ does for the next round
+    lease = plan._select()
+    assert lease is not None
     assert lease.deployment is dep
+
+
+async def test_a_plan_always_ends_even_when_nothing_it_selects_is_attempted(
+    make_settings,
+) -> None:
+    """Leases handed out but never attempted (the walk skipped them: its provider lacks the
+    operation) must not make the plan spin without awaiting: it ends, bounded."""
+    clock = FakeTime()
+    r = make_router(make_settings, SHORTHAND, clock)
+    ctx = RequestContext(request_id="t")
+    plan = r.plan(r.resolve("m"), "m", ctx, Moves())
+    handed = 0
+    async for lease in plan:
+        async with lease:
+            handed += 1
+            assert handed < 50
+            plan.exclude(lease)
+    assert handed == 1
+    assert isinstance(plan.error(), NoDeploymentAvailable)
+    # Without exclude() (a walk that just skips): bounded by the retry rounds.
+    plan = r.plan(r.resolve("m"), "m", ctx, Moves())
+    handed = 0
+    async for lease in plan:
+        async with lease:
+            handed += 1
+            assert handed < 50
+    assert handed <= 1 + r.resolve("m").max_retries
