@@ -376,6 +376,20 @@ def setup_logging(settings: LoggingSettings) -> None:
     logging.getLogger("aiohttp.access").disabled = True
 
 
+def reset_logging() -> None:
+    """Back to loguru's default (stderr, no patcher) and no direct access-line writer: what a
+    process that never called :func:`setup_logging` has (tests call it between tests)."""
+    global _ACCESS, _SCRUBBER
+    _ACCESS = None
+    _SCRUBBER = NO_SECRETS
+    for old in _SINKS:
+        old.close()
+    _SINKS.clear()
+    logger.remove()
+    logger.configure(patcher=None)
+    logger.add(sys.stderr)
+
+
 async def complete() -> None:
     """Write every line logged so far (at shutdown)."""
     await logger.complete()

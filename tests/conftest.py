@@ -16,6 +16,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient
 from aioresponses import aioresponses
 
+from inference_server import logs
 from inference_server.app import create_app
 from inference_server.providers.base import ProviderPlugin
 from inference_server.settings import Settings, load_settings
@@ -40,6 +41,14 @@ def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 SettingsFactory = Callable[..., Settings]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """A test that configured logging (logs.setup_logging) leaves no sink or direct access-line
+    writer behind for the next test."""
+    yield
+    logs.reset_logging()
 
 
 @pytest.fixture
