@@ -310,59 +310,67 @@ def protocol_error(status: int, exc: BaseException | None) -> GatewayError:
 class GatewayRequestHandler(web.RequestHandler):
     """aiohttp's connection protocol plus a header-read timeout and JSON protocol errors.
 
-    The header timer runs while the connection waits for a complete request line and headers:
+    The header clock runs while the connection waits for a complete request line and headers:
     from the moment it opens, and again from the first byte of each further request.  It stops
-    when a request starts (see :meth:`ProtocolFactory.request_factory`).  On expiry the client
-    gets a 408 JSON if it sent anything, and the connection closes.
+    when a request starts (see :meth:`ProtocolFactory.request_factory`).  The factory's sweep
+    (:meth:`ProtocolFactory.sweep`, a few times per timeout, one timer per worker) expires a
+    connection whose clock ran past ``server.header_timeout_secs``: the client gets a 408 JSON
+    if it sent anything, and the connection closes.  No timer is made per request.
     """
 
     def __init__(self, manager: web.Server, *, factory: ProtocolFactory, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._gw_factory = factory
-        self._gw_timer: asyncio.TimerHandle | None = None
+        #: loop.time() since when a request's headers are awaited (None: in a request, or idle
+        #: between requests, which is keep-alive's to bound).
+        self._gw_since: float | None = None
         self._gw_in_request = False
         self._gw_partial = False
         self._gw_counted = True
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._gw_arm()
+        self._gw_since = self._gw_factory.now()
+        self._gw_factory.handlers.add(self)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._gw_disarm()
+        self._gw_since = None
+        factory = self._gw_factory
+        factory.handlers.discard(self)
         if self._gw_counted:
             self._gw_counted = False
-            self._gw_factory.open_connections -= 1
+            factory.open_connections -= 1
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         if not self._gw_in_request:
             self._gw_partial = True
-            if self._gw_timer is None:
-                self._gw_arm()
+            if self._gw_since is None:
+                self._gw_since = self._gw_factory.now()
         super().data_received(data)
 
     def request_started(self) -> None:
-        """A complete request line and headers arrived: the header timer stops."""
+        """A complete request line and headers arrived: the header clock stops."""
         self._gw_in_request = True
         self._gw_partial = False
-        self._gw_disarm()
+        self._gw_since = None
+
+    def log_access(
+        self, request: web.BaseRequest, response: web.StreamResponse, time: float | None
+    ) -> None:
+        """aiohttp calls this once each response is complete: the request is over."""
+        self._gw_in_request = False
+        super().log_access(request, response, time)
 
     def request_finished(self) -> None:
         self._gw_in_request = False
 
-    def _gw_arm(self) -> None:
-        self._gw_disarm()
-        timeout = self._gw_factory.limits.header_timeout_secs
-        self._gw_timer = asyncio.get_running_loop().call_later(timeout, self._gw_expired)
+    def header_overdue(self, now: float, timeout: float) -> bool:
+        since = self._gw_since
+        return since is not None and not self._gw_in_request and now - since >= timeout
 
-    def _gw_disarm(self) -> None:
-        if self._gw_timer is not None:
-            self._gw_timer.cancel()
-            self._gw_timer = None
-
-    def _gw_expired(self) -> None:
-        self._gw_timer = None
+    def expire_headers(self) -> None:
+        self._gw_since = None
         transport = self.transport
         if self._gw_in_request or transport is None or transport.is_closing():
             return
@@ -409,8 +417,8 @@ class ProtocolFactory:
     """The protocol factory given to ``loop.create_server``: a connection cap in front of
     ``web.Server``, and a :class:`GatewayRequestHandler` per accepted connection.
 
-    It hooks the server's public ``request_factory`` and ``request_handler`` to learn when a
-    request starts and ends on a connection (the header timer's on/off switch).
+    It hooks the server's public ``request_factory`` to learn when a request starts on a
+    connection (``log_access`` tells when it ended): the header clock's on/off switch.
     """
 
     #: Keyword arguments of every ``RequestHandler`` (explicit: a typo here would make aiohttp
@@ -429,12 +437,14 @@ class ProtocolFactory:
         self.open_connections = 0
         self.refused = 0
         self._loop = asyncio.get_running_loop()
+        self.now = self._loop.time
+        #: Live connections (the sweep's list).
+        self.handlers: set[GatewayRequestHandler] = set()
         over = LocalResourceExhausted(
             f"Too many connections to this worker (limit {limits.max_connections}); retry shortly"
         )
         self._over = over
         make_request = server.request_factory
-        handle = server.request_handler
 
         def request_factory(
             message: Any, payload: Any, protocol: Any, writer: Any, task: Any
@@ -443,16 +453,26 @@ class ProtocolFactory:
                 protocol.request_started()
             return make_request(message, payload, protocol, writer, task)
 
-        async def request_handler(request: web.BaseRequest) -> web.StreamResponse:
-            try:
-                return await handle(request)
-            finally:
-                protocol = request.protocol
-                if isinstance(protocol, GatewayRequestHandler):
-                    protocol.request_finished()
-
         server.request_factory = request_factory
-        server.request_handler = request_handler
+        # A few sweeps per timeout: a connection is expired within 1.25 × the timeout.
+        self._sweep_every = min(1.0, limits.header_timeout_secs / 4)
+        self._sweeper: asyncio.TimerHandle | None = self._loop.call_later(
+            self._sweep_every, self.sweep
+        )
+
+    def sweep(self) -> None:
+        """Expire connections whose request headers are overdue (one timer per worker)."""
+        now = self.now()
+        timeout = self.limits.header_timeout_secs
+        for handler in [h for h in self.handlers if h.header_overdue(now, timeout)]:
+            handler.expire_headers()
+        self._sweeper = self._loop.call_later(self._sweep_every, self.sweep)
+
+    def close(self) -> None:
+        """Stop sweeping (the listener is shutting down)."""
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
 
     def __call__(self) -> asyncio.BaseProtocol:
         if self.open_connections >= self.limits.max_connections:
@@ -547,6 +567,8 @@ class Listener:
         if self._server is not None:
             self._server.close()
         await self.runner.cleanup()
+        if self.factory is not None:
+            self.factory.close()
 
 
 #: How often a supervised worker checks that its supervisor is still alive.
