@@ -269,7 +269,6 @@ PROVIDER_SCHEMA: dict[str, Setting] = {
 
 SHORTHAND_PROVIDER = "local"
 _SECRET_REF = re.compile(r"^@secret\s+([A-Za-z0-9_.-]+)$")
-_SECRET_NAME = re.compile(r"(api_?key|secret|token|password)", re.IGNORECASE)
 
 
 class ConfigError(Exception):
@@ -947,8 +946,9 @@ def masked(
 ) -> Any:
     """A copy of the settings tree safe to print: secrets replaced by ``"***"``.
 
-    Secret are keys declared ``secret`` (by the core or by the provider's plugin) and any key
-    whose name looks like one (api_key, token, password, secret); credentials inside a URL
+    Secret are keys declared ``secret`` (by the core or by the provider's plugin) and any
+    undeclared key whose name looks like one (``scrub.SECRET_NAME``: api_key, token,
+    password, secret, but not ``max_tokens``); credentials inside a URL
     (``http://user:KEY@host``) are masked wherever the URL appears.
     """
     if isinstance(tree, str):
@@ -957,7 +957,11 @@ def masked(
         out: dict[str, Any] = {}
         for k, v in tree.items():
             sub = schema.get(k) if isinstance(schema, Mapping) else None
-            if (isinstance(sub, Setting) and sub.secret) or _SECRET_NAME.search(str(k)):
+            # A declared key is a secret only if declared so (``hits_count_tokens`` is not); an
+            # undeclared one (plugin options, params) when its name says so (not max_tokens).
+            if (isinstance(sub, Setting) and sub.secret) or (
+                sub is None and SECRET_NAME.search(str(k))
+            ):
                 out[k] = "***" if v not in (None, "", {}) else v
             elif k == "providers" and schema is CORE_SCHEMA and isinstance(v, Mapping):
                 out[k] = {

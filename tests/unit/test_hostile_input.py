@@ -240,6 +240,24 @@ def test_masked_config_hides_url_credentials_everywhere() -> None:
         assert secret not in text
 
 
+def test_masked_config_keeps_settings_that_only_sound_like_secrets() -> None:
+    """Declared keys are secret only when declared so, and ``max_tokens`` is not a token: a
+    masked (--print-config) tree still loads (`make bench` feeds it back as a settings file)."""
+    tree = {
+        "cache": {"hits_count_tokens": True},
+        "limits": {"default_max_tokens": 256},
+        "models": {"m": {"provider": "p", "params": {"max_tokens": 64}}},
+        "providers": {"p": {"plugin": "openai", "api_key": "sk-real-secret-1", "tokens": "x"}},
+        "secrets": {"anything": "hidden-value-1"},
+    }
+    out = masked(tree)
+    assert out["cache"]["hits_count_tokens"] is True
+    assert out["limits"]["default_max_tokens"] == 256
+    assert out["models"]["m"]["params"]["max_tokens"] == 64
+    assert out["providers"]["p"]["api_key"] == "***"
+    assert out["secrets"] == "***"
+
+
 def test_settings_keep_no_unmasked_secret_they_do_not_need(make_settings: Any) -> None:
     settings = make_settings(
         {
