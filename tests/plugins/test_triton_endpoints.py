@@ -3,14 +3,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
 import pytest
-from aioresponses import aioresponses
+from aioresponses import CallbackResult, aioresponses
+from yarl import URL
 
 from inference_server.providers import InvalidRequest, ProviderBadResponse
 from tests.plugins.test_triton_unit import (
+    USER,
     collect,
     ctx,
     make_provider,
@@ -134,3 +138,68 @@ async def test_embedding_problems_are_clear(
     with pytest.raises(InvalidRequest) as no_vectors:
         await make_provider(session).embed({"input": ["a"]}, ctx())
     assert no_vectors.value.code == "UNSUPPORTED"
+
+
+async def test_embeddings_are_split_into_batches_the_model_takes(
+    http_mock: aioresponses, session: aiohttp.ClientSession
+) -> None:
+    """Triton rejects a request larger than the model's ``max_batch_size`` (from its config):
+    more inputs than that go as several batches, answered in the inputs' order."""
+    http_mock.get(model_url("emb"), payload=EMBED_METADATA, repeat=True)
+    http_mock.get(
+        f"{model_url('emb')}/config",
+        payload={"name": "emb", "max_batch_size": 2, "model_transaction_policy": {}},
+        repeat=True,
+    )
+
+    def answer(url: URL, **kwargs: Any) -> CallbackResult:
+        texts = json.loads(kwargs["data"])["inputs"][0]["data"]
+        if len(texts) > 2:
+            return CallbackResult(status=400, payload={"error": "batch-size must be <= 2"})
+        data = [x for t in texts for x in (float(len(t)), 0.0, 1.0)]
+        shape = [len(texts), 3]
+        return CallbackResult(
+            payload={
+                "outputs": [{"name": "VECTOR", "datatype": "FP32", "shape": shape, "data": data}]
+            }
+        )
+
+    http_mock.post(f"{model_url('emb')}/infer", callback=answer, repeat=True)
+    provider = make_provider(session, {"emb": {}})
+    texts = ["a", "bb", "ccc", "dddd", "eeeee"]
+    out = await provider.embed({"input": texts}, ctx("emb"))
+    assert [d["embedding"][0] for d in out["data"]] == [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert [d["index"] for d in out["data"]] == [0, 1, 2, 3, 4]
+    shapes = sorted(
+        b["inputs"][0]["shape"] for b in sent_bodies(http_mock, f"{model_url('emb')}/infer")
+    )
+    assert shapes == [[1, 1], [2, 1], [2, 1]]
+
+
+async def test_a_model_without_a_text_output_cannot_chat(
+    http_mock: aioresponses, session: aiohttp.ClientSession
+) -> None:
+    """Triton's ``/generate`` runs any model: an embedding model answers with its vectors and no
+    text, which was an empty 200 completion.  Now a 400 before Triton is called."""
+    mock_model(http_mock, "emb", EMBED_METADATA)
+    for endpoint in ("generate", "generate_stream"):
+        http_mock.post(
+            f"{model_url('emb')}/{endpoint}",
+            payload={"model_name": "emb", "VECTOR": [1.0, 2.0, 3.0]},
+            repeat=True,
+        )
+    provider = make_provider(session, {"emb": {"inputs": {"prompt": "TEXT"}}})
+    calls: list[Callable[[], Awaitable[object]]] = [
+        lambda: provider.chat({"messages": USER}, ctx("emb")),
+        lambda: collect(provider.stream_chat({"messages": USER, "stream": True}, ctx("emb"))),
+        lambda: provider.complete({"prompt": "Once"}, ctx("emb")),
+    ]
+    for call in calls:
+        with pytest.raises(InvalidRequest) as info:
+            await call()
+        assert info.value.code == "UNSUPPORTED"
+        assert info.value.param == "model"
+        assert "no text output 'text_output'" in info.value.message
+        assert "/v1/embeddings" in info.value.message
+    assert sent_bodies(http_mock, f"{model_url('emb')}/generate") == []
+    assert sent_bodies(http_mock, f"{model_url('emb')}/generate_stream") == []

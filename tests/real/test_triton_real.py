@@ -7,13 +7,18 @@ outputs), ``/generate_stream`` with delta and cumulative text, a decoupled model
 non-streaming request, stop strings across events, the official openai SDK, and the error paths
 a client can meet: a model Triton does not know, a configured model that is unloaded (not
 ready), and a model that fails mid-stream (exactly one ``data: {"error": ...}`` event, no
-``[DONE]``).
+``[DONE]``).  ``/v1/embeddings`` goes through KServe v2 ``infer`` to the ``embed`` model, whose
+vectors the tests compute themselves (``expected_vector``); Triton's own statistics show how
+many requests carried how many inputs (the batched path).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import math
+import struct
 import time
 import urllib.request
 from collections.abc import AsyncIterator
@@ -44,6 +49,11 @@ PROMPT_WORDS = [
     "<|im_start|>assistant",
 ]
 TIMEOUTS = Timeouts(connect=5, total=60, first_byte=60, idle=60)
+#: triton_models.EMBED_DIMS and EMBED_MAX_BATCH (that module imports PyTriton: not importable here).
+EMBED_DIMS = 8
+EMBED_MAX_BATCH = 8
+#: Texts to embed; the first and last are the same text.
+TEXTS = ["hello Triton", "a second, longer text to embed", "ünïcödé ✓", "hello Triton"]
 
 #: The triton provider's models: upstream name → options (the issue's settings shape).
 TRITON_MODELS: dict[str, Any] = {
@@ -53,6 +63,9 @@ TRITON_MODELS: dict[str, Any] = {
     "fail_stream": {},
     "spare": {},
     "missing_model": {},
+    # Its first float output is ``norm``: the vector output must be named (and the text input,
+    # which is not the default ``text_input``).
+    "embed": {"inputs": {"prompt": "TEXT"}, "outputs": {"embedding": "VECTOR"}},
 }
 #: Public model names → upstream models.
 PUBLIC = {
@@ -62,9 +75,20 @@ PUBLIC = {
     "triton-fail": "fail_stream",
     "triton-spare": "spare",
     "triton-missing": "missing_model",
+    "triton-embed": "embed",
 }
 
 Client = TestClient[web.Request, web.Application]
+
+
+def expected_vector(text: str) -> list[float]:
+    """``embed``'s vector for ``text``: one plus the count of UTF-8 bytes per ``byte % 8``
+    bucket, scaled to unit length (computed here in float64; Triton's is float32)."""
+    counts = [1.0] * EMBED_DIMS
+    for byte in text.encode("utf-8"):
+        counts[byte % EMBED_DIMS] += 1.0
+    norm = math.sqrt(sum(c * c for c in counts))
+    return [c / norm for c in counts]
 
 
 def echoed(limit: int | None = None) -> str:
@@ -391,3 +415,122 @@ async def test_health_models_and_an_unloaded_model_that_is_not_ready(
     error = (await resp.json())["error"]
     assert error["code"] == "MODEL_NOT_READY"
     assert "has no available versions" in error["message"]
+
+
+# --- embeddings: KServe v2 infer -----------------------------------------------------------
+
+
+async def embed_stats(session: aiohttp.ClientSession, server: TritonServer) -> tuple[int, int]:
+    """(requests, inputs) Triton has counted for ``embed``: one request may batch many inputs.
+
+    The statistics API is one of PyTriton's token-protected endpoints.
+    """
+    async with session.get(
+        f"{server.base_url}/v2/models/embed/stats",
+        headers={"triton-access-token": server.access_token},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+        stats = (await resp.json(content_type=None))["model_stats"][0]
+    return int(stats["inference_stats"]["success"]["count"]), int(stats["inference_count"])
+
+
+async def stats_after(
+    session: aiohttp.ClientSession, server: TritonServer, before: tuple[int, int], inputs: int
+) -> tuple[int, int]:
+    """The (requests, inputs) added since ``before``, once Triton has counted ``inputs`` more
+    inputs (its statistics may trail the response by a moment; bounded wait)."""
+    deadline = time.monotonic() + 10
+    now = await embed_stats(session, server)
+    while now[1] - before[1] < inputs and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        now = await embed_stats(session, server)
+    return now[0] - before[0], now[1] - before[1]
+
+
+async def test_openai_sdk_embeds_a_string_and_a_list_one_vector_per_input(
+    sdk: openai.AsyncOpenAI,
+) -> None:
+    one = await sdk.embeddings.create(model="triton-embed", input=TEXTS[0], encoding_format="float")
+    assert len(one.data) == 1
+    assert len(one.data[0].embedding) == EMBED_DIMS
+    assert one.data[0].embedding == pytest.approx(expected_vector(TEXTS[0]), abs=1e-6)
+
+    many = await sdk.embeddings.create(model="triton-embed", input=TEXTS, encoding_format="float")
+    assert [d.index for d in many.data] == list(range(len(TEXTS)))
+    for text, item in zip(TEXTS, many.data, strict=True):
+        assert len(item.embedding) == EMBED_DIMS
+        assert item.embedding == pytest.approx(expected_vector(text), abs=1e-6)
+    # Deterministic: the same text gives the same vector, alone or in a batch.
+    assert many.data[0].embedding == many.data[3].embedding == one.data[0].embedding
+    assert many.data[0].embedding != many.data[1].embedding
+    # The model reports no token counts: estimated at ~4 characters per token, per input.
+    tokens = sum(math.ceil(len(t) / 4) for t in TEXTS)
+    assert (many.usage.prompt_tokens, many.usage.total_tokens) == (tokens, tokens)
+
+
+async def test_base64_embeddings_decode_to_the_same_floats(sdk: openai.AsyncOpenAI) -> None:
+    floats = await sdk.embeddings.create(
+        model="triton-embed", input=TEXTS[:2], encoding_format="float"
+    )
+    encoded = await sdk.embeddings.create(
+        model="triton-embed", input=TEXTS[:2], encoding_format="base64"
+    )
+    for plain, packed in zip(floats.data, encoded.data, strict=True):
+        # Typed list[float] by the SDK, but it hands an explicit base64 answer over as it came.
+        raw: object = packed.embedding
+        assert isinstance(raw, str)
+        decoded = struct.unpack(f"<{EMBED_DIMS}f", base64.b64decode(raw))
+        assert list(decoded) == pytest.approx(plain.embedding, rel=1e-6)
+    # Without encoding_format the SDK asks for base64 itself and decodes it to floats.
+    default = await sdk.embeddings.create(model="triton-embed", input=TEXTS[:2])
+    for plain, decoded_by_sdk in zip(floats.data, default.data, strict=True):
+        assert decoded_by_sdk.embedding == pytest.approx(plain.embedding, rel=1e-6)
+
+
+async def test_inputs_go_as_batches_of_at_most_the_models_max_batch_size(
+    sdk: openai.AsyncOpenAI, triton_server: TritonServer, session: aiohttp.ClientSession
+) -> None:
+    """One ``infer`` request per batch (Triton counts requests and inputs apart); more inputs
+    than ``max_batch_size`` are split, since Triton rejects a larger batch."""
+    before = await embed_stats(session, triton_server)
+    out = await sdk.embeddings.create(model="triton-embed", input=TEXTS, encoding_format="float")
+    assert len(out.data) == len(TEXTS)
+    assert await stats_after(session, triton_server, before, len(TEXTS)) == (1, len(TEXTS))
+
+    texts = [f"text number {i}" for i in range(2 * EMBED_MAX_BATCH + 3)]
+    before = await embed_stats(session, triton_server)
+    out = await sdk.embeddings.create(model="triton-embed", input=texts, encoding_format="float")
+    assert [d.index for d in out.data] == list(range(len(texts)))
+    for text, item in zip(texts, out.data, strict=True):
+        assert item.embedding == pytest.approx(expected_vector(text), abs=1e-6)
+    assert await stats_after(session, triton_server, before, len(texts)) == (3, len(texts))
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", {"messages": USER}),
+        ("/v1/chat/completions", {"messages": USER, "stream": True}),
+        ("/v1/completions", {"prompt": "Once"}),
+    ],
+)
+async def test_an_embedding_model_cannot_chat_or_complete(
+    gateway: Client, path: str, body: dict[str, Any]
+) -> None:
+    """Triton's ``/generate`` would run it and answer vectors without text (an empty reply)."""
+    resp = await gateway.post(path, json={"model": "triton-embed", **body})
+    assert resp.status == 400
+    assert resp.headers["x-should-retry"] == "false"
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("UNSUPPORTED", "model")
+    assert "no text output 'text_output'" in error["message"]
+    assert "/v1/embeddings" in error["message"]
+
+
+async def test_token_ids_are_refused_by_a_text_embedding_model(gateway: Client) -> None:
+    resp = await gateway.post(
+        "/v1/embeddings", json={"model": "triton-embed", "input": [[1, 2, 3]]}
+    )
+    assert resp.status == 400
+    error = (await resp.json())["error"]
+    assert (error["code"], error["param"]) == ("UNSUPPORTED_PARAMETER", "input")

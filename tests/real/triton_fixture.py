@@ -38,7 +38,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 INSTALL_SCRIPT = "scripts/install-triton.sh"
 MODELS_SCRIPT = Path(__file__).with_name("triton_models.py")
 #: Every model triton_models.py serves; ``fail_stream`` is bound last.
-MODELS = ("echo", "spare", "echo_stream", "echo_cumulative", "fail_stream")
+MODELS = ("echo", "spare", "echo_stream", "echo_cumulative", "embed", "fail_stream")
 #: Ready in ~15-25 s on 2 idle cores; generous for a busy CI machine.
 START_TIMEOUT = 180.0
 

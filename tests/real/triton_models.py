@@ -15,6 +15,11 @@ exact output of a chat template and of ``max_tokens`` without a neural network:
 - ``fail_stream``: decoupled; sends three words, then raises, so Triton reports an in-band
   ``data: {"error": ...}`` event under HTTP 200.
 - ``spare``: like ``echo``; the test unloads it to see a configured model that is not ready.
+- ``embed``: a batched *embedding* model (``max_batch_size`` ``EMBED_MAX_BATCH``) for KServe v2
+  ``infer``: input ``TEXT`` (BYTES), outputs ``norm`` (FP32, listed first, so the plugin must be
+  told which output is the vector) and ``VECTOR`` (FP32, ``EMBED_DIMS`` floats): a histogram of
+  the text's UTF-8 bytes by ``byte % EMBED_DIMS``, each bucket plus one, scaled to unit length
+  (``norm`` is the length before scaling).  It has no text output, so it cannot chat.
 
 Run: ``python tests/real/triton_models.py --http-port P --grpc-port G --metrics-port M
 [--token-file F] [--workspace DIR]``. SIGTERM and SIGINT stop Triton cleanly (PyTriton handles only SIGINT itself).
@@ -42,6 +47,10 @@ from pytriton.triton import Triton, TritonConfig  # type: ignore[import-not-foun
 DEFAULT_MAX_TOKENS = 64
 #: ``fail_stream`` raises after this many events.
 FAIL_AFTER = 3
+#: Floats per ``embed`` vector.
+EMBED_DIMS = 8
+#: The largest batch ``embed`` takes in one execution (Triton rejects larger requests).
+EMBED_MAX_BATCH = 8
 
 
 def _text(value: Any) -> str:
@@ -121,6 +130,30 @@ def fail_stream(requests: list[dict[str, np.ndarray]]) -> Iterator[list[dict[str
     raise RuntimeError("fail_stream: simulated failure inside the model")
 
 
+def _histogram(text: str) -> np.ndarray:
+    """``embed``'s vector before scaling: one plus the count of UTF-8 bytes ``b`` per bucket
+    ``b % EMBED_DIMS`` (never all zero, so the empty string has a direction too)."""
+    counts = np.ones(EMBED_DIMS, dtype=np.float64)
+    for byte in text.encode("utf-8"):
+        counts[byte % EMBED_DIMS] += 1.0
+    return counts
+
+
+@batch  # type: ignore[untyped-decorator]
+def embed(**inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Batched embedding: one unit-length ``VECTOR`` and its pre-scaling ``norm`` per row."""
+    vectors, norms = [], []
+    for row in inputs["TEXT"]:
+        counts = _histogram(_text(row[0]))
+        norm = float(np.linalg.norm(counts))
+        vectors.append(counts / norm)
+        norms.append([norm])
+    return {
+        "norm": np.array(norms, dtype=np.float32),
+        "VECTOR": np.array(vectors, dtype=np.float32),
+    }
+
+
 def _text_inputs() -> list[Tensor]:
     return [
         Tensor(name="text_input", dtype=bytes, shape=(1,)),
@@ -196,6 +229,16 @@ def main(argv: list[str] | None = None) -> int:
                 Tensor(name="finish_reason", dtype=bytes, shape=(1,)),
             ],
             config=decoupled,
+        )
+        triton.bind(
+            model_name="embed",
+            infer_func=embed,
+            inputs=[Tensor(name="TEXT", dtype=bytes, shape=(1,))],
+            outputs=[
+                Tensor(name="norm", dtype=np.float32, shape=(1,)),
+                Tensor(name="VECTOR", dtype=np.float32, shape=(EMBED_DIMS,)),
+            ],
+            config=ModelConfig(max_batch_size=EMBED_MAX_BATCH),
         )
         triton.bind(
             model_name="fail_stream",

@@ -49,6 +49,9 @@ class ModelMetadata:
     outputs: Mapping[str, TensorSpec] = field(default_factory=dict)
     #: From ``GET /v2/models/{m}/config`` (``model_transaction_policy.decoupled``); None: unknown.
     decoupled: bool | None = None
+    #: From the config too: the most inputs one request may batch (Triton rejects more);
+    #: 0 when unknown or the model does not batch.
+    max_batch_size: int = 0
 
     def find_input(self, name: str) -> TensorSpec | None:
         """The input called ``name`` (exactly, else ignoring case: settings keys are lower-cased)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping
@@ -249,7 +250,8 @@ class TritonProvider(Provider):
     async def metadata(
         self, model: str, options: ModelOptions, timeouts: Timeouts
     ) -> ModelMetadata:
-        """``GET /v2/models/{m}`` (and its ``/config`` for the decoupled flag), cached.
+        """``GET /v2/models/{m}`` (and its ``/config`` for the decoupled flag and the largest
+        batch), cached.
 
         Inputs and their datatypes decide how request fields are sent, so the metadata is read
         before the first request to a model and reused for ``metadata_cache_secs``.
@@ -277,12 +279,12 @@ class TritonProvider(Provider):
                         f"Triton provider '{self.config.name}' returned unreadable metadata "
                         f"for model '{model}': {exc}"
                     ) from exc
-                decoupled = options.decoupled
-                if decoupled is None:
-                    decoupled = await self._decoupled(url, timeout)
+                decoupled, max_batch_size = await self._config(url, timeout)
+                if options.decoupled is not None:
+                    decoupled = options.decoupled
             except (TimeoutError, aiohttp.ClientError) as exc:
                 raise map_client_exception(self.config.name, exc) from exc
-            meta = ModelMetadata(meta.name, meta.inputs, meta.outputs, decoupled)
+            meta = dataclasses.replace(meta, decoupled=decoupled, max_batch_size=max_batch_size)
             if self.metadata_ttl > 0:
                 self._metadata[model] = (time.monotonic() + self.metadata_ttl, meta)
             return meta
@@ -303,17 +305,22 @@ class TritonProvider(Provider):
             else:
                 self._metadata_locks[model] = (lock, users - 1)
 
-    async def _decoupled(self, model_url: str, limits: aiohttp.ClientTimeout) -> bool:
-        """Whether the model config says decoupled; False when the config is not readable."""
+    async def _config(self, model_url: str, limits: aiohttp.ClientTimeout) -> tuple[bool, int]:
+        """(decoupled, max_batch_size) from the model config; (False, 0) when it is not
+        readable (e.g. a proxy restricting it), as for a model that neither streams nor batches.
+        """
         status, raw, _ = await self._get(f"{model_url}/config", limits)
         if status != 200:
-            return False
+            return False, 0
         with contextlib.suppress(orjson.JSONDecodeError):
             payload = orjson.loads(raw)
             if isinstance(payload, dict):
                 policy = payload.get("model_transaction_policy")
-                return isinstance(policy, dict) and policy.get("decoupled") is True
-        return False
+                decoupled = isinstance(policy, dict) and policy.get("decoupled") is True
+                size = payload.get("max_batch_size")
+                batch = size if isinstance(size, int) and not isinstance(size, bool) else 0
+                return decoupled, max(batch, 0)
+        return False, 0
 
     async def _get(
         self, url: str, limits: aiohttp.ClientTimeout
@@ -356,6 +363,23 @@ class TritonProvider(Provider):
         prompt = self._templates[key].render(messages, tools)
         return options, prompt, stop_strings(request, options)
 
+    def _check_generates(self, model: str, options: ModelOptions, meta: ModelMetadata) -> None:
+        """400 before calling Triton when the model has no output to read text from.
+
+        Triton's ``/generate`` runs any model: an embedding model would answer a chat with its
+        vectors and no text, which the client would get as an empty 200 completion.
+        """
+        name = options.output_name("text") or "text_output"
+        if not meta.outputs or name in meta.outputs:
+            return
+        raise InvalidRequest(
+            f"Model '{model}' on Triton provider '{self.config.name}' has no text output "
+            f"'{name}' to generate with (outputs: {', '.join(meta.outputs)}); an embedding "
+            "model serves /v1/embeddings only (else set outputs.text)",
+            code="UNSUPPORTED",
+            param="model",
+        )
+
     def _generation(
         self, request: ChatRequest, options: ModelOptions, stops: list[str]
     ) -> Generation:
@@ -372,6 +396,7 @@ class TritonProvider(Provider):
         model = ctx.upstream_model
         options, prompt, stops = self._prepare(request, ctx, raw_prompt)
         meta = await self.metadata(model, options, ctx.timeouts)
+        self._check_generates(model, options, meta)
         gen = self._generation(request, options, stops)
         timeout = ctx.timeouts.call_limits
         try:
@@ -381,7 +406,7 @@ class TritonProvider(Provider):
                 payload = await self._generate(request, ctx, options, meta, prompt, timeout)
                 if payload is None:  # decoupled after all: remember, and stream it
                     self._metadata.pop(model, None)
-                    meta = ModelMetadata(meta.name, meta.inputs, meta.outputs, True)
+                    meta = dataclasses.replace(meta, decoupled=True)
                     if self.metadata_ttl > 0:
                         self._metadata[model] = (time.monotonic() + self.metadata_ttl, meta)
                     await self._collect(request, ctx, options, meta, prompt, gen, timeout)
@@ -536,6 +561,7 @@ class TritonProvider(Provider):
         name = self.config.name
         options, prompt, stops = self._prepare(request, ctx, raw_prompt)
         meta = await self.metadata(model, options, ctx.timeouts)
+        self._check_generates(model, options, meta)
         gen = self._generation(request, options, stops)
         timeout = ctx.timeouts.stream_limits  # no total: connect, then idle per read
         try:
@@ -684,8 +710,9 @@ class TritonProvider(Provider):
     # --- embeddings: KServe v2 infer -------------------------------------------------------
 
     async def embed(self, request: EmbeddingRequest, ctx: CallContext) -> EmbeddingResponse:
-        """``POST /v2/models/{m}/infer`` with the texts as one BYTES batch (one call per text
-        for a model without a batch dimension); the vectors from the embedding output."""
+        """``POST /v2/models/{m}/infer`` with the texts as BYTES batches of at most the model's
+        ``max_batch_size`` (one call per text for a model without a batch dimension); the vectors
+        from the embedding output, in the inputs' order."""
         model = ctx.upstream_model
         texts = request.get("input") or []
         if not all(isinstance(t, str) for t in texts):
@@ -698,14 +725,14 @@ class TritonProvider(Provider):
         meta = await self.metadata(model, options, ctx.timeouts)
         source, target = embedding_tensors(meta, options)
         batched = bool(source.shape) and source.shape[0] == -1
+        # Triton rejects a request batching more than the model's max_batch_size.
+        size = (meta.max_batch_size or max(len(texts), 1)) if batched else 1
+        batches = [texts[i : i + size] for i in range(0, len(texts), size)]
         try:
-            if batched:
-                vectors = await self._infer(model, options, ctx, source, target, texts)
-            else:
-                parts = await asyncio.gather(
-                    *(self._infer(model, options, ctx, source, target, [t]) for t in texts)
-                )
-                vectors = [v for part in parts for v in part]
+            parts = await asyncio.gather(
+                *(self._infer(model, options, ctx, source, target, b) for b in batches)
+            )
+            vectors = [v for part in parts for v in part]
         except (TimeoutError, aiohttp.ClientError) as exc:
             raise map_client_exception(self.config.name, exc) from exc
         except GatewayError as exc:
