@@ -169,18 +169,18 @@ class ChatCompletionSchema(_Base):
 CHAT_SCHEMA = ChatCompletionSchema()
 
 
-def _first_error(messages: Any, path: list[str]) -> tuple[list[str], str]:
+def first_error(messages: Any, path: list[str]) -> tuple[list[str], str]:
     """Depth-first: the path and text of the first leaf message of a marshmallow error dict."""
     if isinstance(messages, Mapping):
         # Field errors before schema-level ones so `param` is as specific as possible.
         keys = sorted(messages, key=lambda k: (k == "_schema", str(k)))
         for key in keys:
             sub_path = path if key == "_schema" else [*path, str(key)]
-            return _first_error(messages[key], sub_path)
+            return first_error(messages[key], sub_path)
     if isinstance(messages, list) and messages:
         if all(isinstance(m, str) for m in messages):
             return path, "; ".join(messages)
-        return _first_error(messages[0], path)
+        return first_error(messages[0], path)
     return path, str(messages)
 
 
@@ -352,7 +352,7 @@ def validate_with_schema(body: dict[str, Any]) -> dict[str, Any]:
     try:
         data: dict[str, Any] = CHAT_SCHEMA.load(body)
     except ValidationError as exc:
-        path, text = _first_error(exc.messages, [])
+        path, text = first_error(exc.messages, [])
         param = ".".join(path) or None
         if text == "Missing data for required field.":
             raise InvalidRequest(

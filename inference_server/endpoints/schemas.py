@@ -8,13 +8,12 @@ client controls are bounded here (inputs per request, prompt list lengths, ``n``
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from marshmallow import INCLUDE, Schema, ValidationError, fields, validate
 
 from inference_server.errors import InvalidRequest
-from inference_server.schemas import StringOrList
+from inference_server.schemas import StringOrList, first_error
 
 #: OpenAI's own limits: at most 2048 inputs per embeddings request.
 MAX_INPUTS = 2048
@@ -102,20 +101,6 @@ EMBEDDINGS_SCHEMA = EmbeddingsSchema()
 COMPLETIONS_SCHEMA = CompletionsSchema()
 
 
-def _first_error(messages: Any, path: list[str]) -> tuple[list[str], str]:
-    """Depth-first: the path and text of the first leaf message of a marshmallow error dict."""
-    if isinstance(messages, Mapping):
-        keys = sorted(messages, key=lambda k: (k == "_schema", str(k)))
-        for key in keys:
-            sub_path = path if key == "_schema" else [*path, str(key)]
-            return _first_error(messages[key], sub_path)
-    if isinstance(messages, list) and messages:
-        if all(isinstance(m, str) for m in messages):
-            return path, "; ".join(messages)
-        return _first_error(messages[0], path)
-    return path, str(messages)
-
-
 def invalid(param: str | None, text: str) -> InvalidRequest:
     """The 400 for one problem (``MISSING_PARAMETER`` when a required field is absent)."""
     if text == _MISSING:
@@ -137,7 +122,7 @@ def load(schema: Schema, body: Any) -> dict[str, Any]:
     try:
         data: dict[str, Any] = schema.load(body)
     except ValidationError as exc:
-        path, text = _first_error(exc.messages, [])
+        path, text = first_error(exc.messages, [])
         raise invalid(".".join(path) or None, text) from exc
     for key in [k for k, v in data.items() if v is None]:
         del data[key]

@@ -3,7 +3,6 @@ operation the route's provider does not serve, metrics by endpoint."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,15 +10,12 @@ from inference_server_mock import plugin as mock_plugin
 
 from inference_server.providers import (
     CallContext,
-    ChatChunk,
     ChatRequest,
     ChatResponse,
-    HealthStatus,
-    ModelInfo,
-    Provider,
     ProviderPlugin,
 )
 from tests.support.fake_upstream import FakeUpstream, completion
+from tests.support.providers import ChatStub
 
 
 @pytest.mark.parametrize(
@@ -86,7 +82,7 @@ async def test_malformed_json_and_media_type(gateway_for) -> None:
         assert resp.status == 415
 
 
-class ChatOnly(Provider):
+class ChatOnly(ChatStub):
     """A provider with no optional capabilities."""
 
     calls = 0
@@ -94,15 +90,6 @@ class ChatOnly(Provider):
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
         ChatOnly.calls += 1
         return completion(ctx.upstream_model)
-
-    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
-        yield await self.chat(request, ctx)
-
-    async def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo(id="m")]
-
-    async def health(self) -> HealthStatus:
-        return HealthStatus(True, "ok")
 
 
 async def test_operation_the_provider_lacks_is_a_clear_400_and_falls_back(

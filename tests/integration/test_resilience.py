@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -20,16 +19,13 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from inference_server.providers import (
     CallContext,
-    ChatChunk,
     ChatRequest,
     ChatResponse,
-    HealthStatus,
-    ModelInfo,
-    Provider,
     ProviderError,
     ProviderPlugin,
 )
 from tests.support.fake_upstream import Action, FakeUpstream, PortUpstream, completion
+from tests.support.providers import ChatStub
 
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Hello"}]
 BODY = {"model": "llama-2-7b", "messages": [{"role": "user", "content": "Hello"}]}
@@ -231,7 +227,7 @@ async def test_streams_carry_x_request_id_and_an_actionable_cut_message(
 # --- a plugin that raises something other than a GatewayError ------------------------------
 
 
-class FlakyProvider(Provider):
+class FlakyProvider(ChatStub):
     """Fails with a 5xx-like error, raises a bare KeyError (a plugin bug), or answers."""
 
     mode = "ok"
@@ -243,15 +239,6 @@ class FlakyProvider(Provider):
         if mode == "bug":
             raise KeyError("choices")
         return completion(ctx.upstream_model)
-
-    async def stream_chat(self, request: ChatRequest, ctx: CallContext) -> AsyncIterator[ChatChunk]:
-        yield await self.chat(request, ctx)
-
-    async def list_models(self) -> list[ModelInfo]:
-        return [ModelInfo(id="m")]
-
-    async def health(self) -> HealthStatus:
-        return HealthStatus(True, "ok")
 
 
 async def test_plugin_bug_in_a_half_open_probe_leaves_the_deployment_serving(
