@@ -25,17 +25,19 @@ from inference_server.keys import (
     BACKGROUND,
     HEALTH,
     HTTP_SESSION,
+    IN_FLIGHT,
     METRICS,
     OPEN_STREAMS,
     ROUTER,
     SETTINGS,
     TELEMETRY,
+    InFlight,
 )
 from inference_server.metrics import Metrics
 from inference_server.middlewares import error_envelope, request_context
 from inference_server.providers.base import Provider
 from inference_server.routing import Router
-from inference_server.server import IN_FLIGHT, InFlight, cut_at_deadline, deadline_guard
+from inference_server.server import cut_at_deadline
 from inference_server.settings import Settings
 from inference_server.state import state_ctx
 from inference_server.telemetry import Telemetry
@@ -180,7 +182,7 @@ async def _cut_at_deadline(app: web.Application) -> None:
     """on_shutdown: every request still running just before the deadline is answered.
 
     Streams end with their in-band error event, requests that sent nothing yet get a 503 JSON
-    (see ``server.deadline_guard``), instead of aiohttp cancelling them and closing their
+    (see ``middlewares.error_envelope``), instead of aiohttp cancelling them and closing their
     sockets in the same tick at (or, for a second ``shutdown_timeout``, after) the deadline.
     """
     await cut_at_deadline(app, app[SETTINGS].server.shutdown_timeout_secs)
@@ -189,8 +191,8 @@ async def _cut_at_deadline(app: web.Application) -> None:
 def create_app(settings: Settings) -> web.Application:
     """Assemble the gateway for already-validated ``settings``."""
     app = web.Application(
-        # deadline_guard innermost: its 503 at the shutdown deadline goes through the envelope.
-        middlewares=[request_context, error_envelope, deadline_guard],
+        # error_envelope also tracks every handler task for the shutdown deadline (its 503).
+        middlewares=[request_context, error_envelope],
         client_max_size=settings.server.max_body_bytes,
     )
     app[SETTINGS] = settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
@@ -26,3 +27,15 @@ OPEN_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("open_streams")
 #: Fire-and-forget tasks (shadow traffic), cancelled at cleanup.
 BACKGROUND: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("background")
 CTX = web.RequestKey("ctx", RequestContext)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """Handler tasks running now, and whether the shutdown deadline has cut them."""
+
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    cut: bool = False
+
+
+#: Every request's handler task (middlewares.error_envelope), cut at the shutdown deadline.
+IN_FLIGHT = web.AppKey("in_flight", InFlight)

@@ -2,7 +2,8 @@
 
 Business logic lives in pipeline.py.  The order matters and is fixed in app.py:
 ``request_context`` (outermost: sees the final status, sets ``x-request-id`` on every response)
-then ``error_envelope`` (turns every exception into the JSON error body, in one place).
+then ``error_envelope`` (turns every exception into the JSON error body, in one place, and
+answers a request cut at the shutdown deadline with a 503).
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from inference_server.errors import (
     GatewayError,
     InternalError,
     RequestTooLarge,
+    ServiceUnavailable,
     error_body,
     from_http_status,
 )
-from inference_server.keys import CTX, METRICS, SETTINGS, TELEMETRY
+from inference_server.keys import CTX, IN_FLIGHT, METRICS, SETTINGS, TELEMETRY
 from inference_server.telemetry import NO_SPAN
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -116,9 +118,39 @@ def error_response(err: GatewayError, error_format: str) -> web.Response:
 
 @web.middleware
 async def error_envelope(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Map every exception to the JSON error envelope; a bug becomes a logged generic 500."""
+    """Map every exception to the JSON error envelope; a bug becomes a logged generic 500.
+
+    It also tracks the handler task for the shutdown deadline: ``server.cut_at_deadline``
+    cancels every tracked task just before aiohttp's own deadline.  A stream has then written
+    its error event (streaming.py) and the cancellation goes on; a request that has sent
+    nothing yet (typically one waiting for the upstream's first byte) gets a 503 JSON
+    (``SERVICE_UNAVAILABLE``) here instead of a bare disconnect.  And it refuses a
+    ``Content-Length`` over the limit before anything reads the body.
+    """
+    app = request.app
+    state = app[IN_FLIGHT]
+    task = asyncio.current_task()
+    if task is not None:
+        state.tasks.add(task)
     try:
+        length = request.content_length
+        if length is not None and length > (limit := app[SETTINGS].server.max_body_bytes):
+            raise RequestTooLarge(f"Request body too large: the limit is {limit} bytes")
         return await handler(request)
+    except asyncio.CancelledError:
+        transport = request.transport
+        if not (
+            state.cut
+            and task is not None
+            and request.writer.output_size == 0
+            and transport is not None
+            and not transport.is_closing()
+        ):
+            raise
+        task.uncancel()
+        err: GatewayError = ServiceUnavailable(
+            "The server is shutting down; the request was cut at the shutdown deadline"
+        )
     except GatewayError as exc:
         err = exc
     except web.HTTPRequestEntityTooLarge:
@@ -138,6 +170,9 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         ctx = request.get(CTX)
         (ctx.log if ctx else logger).exception("unhandled error")
         err = InternalError("Internal server error")
+    finally:
+        if task is not None:
+            state.tasks.discard(task)
     # Before anything reads it (access log, metrics, spans, the body): no configured secret in
     # any field of the error, and a code that is a plain token.
     request.app[SETTINGS].scrubber.scrub_error(err)

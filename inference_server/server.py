@@ -14,7 +14,7 @@ what the client sent.  This module adds those through public API only:
 - :func:`read_body` reads a request body under an idle (per chunk) and a total timeout and
   raises :class:`RequestTimeout` (408) when either expires, so a stalled body cannot hold a
   connection for ever.
-- :func:`deadline_guard` (a middleware) and :func:`cut_at_deadline` (``on_shutdown``) make
+- ``middlewares.error_envelope`` (tracking every handler task) and :func:`cut_at_deadline` (``on_shutdown``) make
   sure every request still running just before ``server.shutdown_timeout_secs`` gets an answer:
   a 503 JSON if nothing was sent yet, the in-band error event if it is a stream.
 - :func:`local_resource_error` tells a local resource failure (out of file descriptors, memory,
@@ -31,7 +31,7 @@ import resource
 import signal
 import socket
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import orjson
@@ -45,10 +45,9 @@ from inference_server.errors import (
     LocalResourceExhausted,
     RequestTimeout,
     RequestTooLarge,
-    ServiceUnavailable,
     error_body,
 )
-from inference_server.keys import SETTINGS
+from inference_server.keys import IN_FLIGHT, SETTINGS
 from inference_server.middlewares import error_response, new_request_id
 from inference_server.settings import ServerSettings
 
@@ -105,7 +104,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
     """Route ``expect_handler``: ``100 Continue`` only for a body the gateway would accept.
 
     A ``Content-Length`` over ``client_max_size`` gets no ``100 Continue``; the request then goes
-    on to :func:`deadline_guard`, which answers 413 without reading the body.  Any other
+    on to ``middlewares.error_envelope``, which answers 413 without reading the body.  Any other
     ``Expect`` value gets 417 (as aiohttp's default handler does, but as the JSON envelope).
     """
     expect = request.headers.get("Expect", "")
@@ -126,55 +125,7 @@ async def expect_continue(request: web.Request) -> web.StreamResponse | None:
 # --- the shutdown deadline for every request -----------------------------------------------
 
 
-@dataclass(slots=True)
-class InFlight:
-    """Handler tasks running now, and whether the shutdown deadline has cut them."""
-
-    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
-    cut: bool = False
-
-
-IN_FLIGHT = web.AppKey("in_flight", InFlight)
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-@web.middleware
-async def deadline_guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Innermost middleware: track the handler task; turn the shutdown cut into a 503.
-
-    :func:`cut_at_deadline` cancels every tracked task just before aiohttp's own deadline.  A
-    stream has then written its error event (streaming.py) and the cancellation goes on; a
-    request that has sent nothing yet (typically one waiting for the upstream's first byte)
-    gets ``ServiceUnavailable`` here, which ``error_envelope`` renders as a 503 JSON, instead
-    of a bare disconnect.  Also refuses a ``Content-Length`` over the limit before any read.
-    """
-    app = request.app
-    length = request.content_length
-    if length is not None and length > (limit := app[SETTINGS].server.max_body_bytes):
-        raise RequestTooLarge(f"Request body too large: the limit is {limit} bytes")
-    state = app[IN_FLIGHT]
-    task = asyncio.current_task()
-    if task is None:  # pragma: no cover (aiohttp always runs handlers in a task)
-        return await handler(request)
-    state.tasks.add(task)
-    try:
-        return await handler(request)
-    except asyncio.CancelledError:
-        transport = request.transport
-        if (
-            state.cut
-            and request.writer.output_size == 0
-            and transport is not None
-            and not transport.is_closing()
-        ):
-            task.uncancel()
-            raise ServiceUnavailable(
-                "The server is shutting down; the request was cut at the shutdown deadline"
-            ) from None
-        raise
-    finally:
-        state.tasks.discard(task)
 
 
 async def cut_at_deadline(app: web.Application, deadline_secs: float) -> None:
@@ -183,7 +134,7 @@ async def cut_at_deadline(app: web.Application, deadline_secs: float) -> None:
     aiohttp waits ``shutdown_timeout`` for handlers, then cancels them and closes their sockets
     in the same tick (and may wait a second ``shutdown_timeout`` for them), which cut requests
     with a bare disconnect well after the deadline.  Cancelling them a margin earlier ourselves
-    lets each one answer (see :func:`deadline_guard`) within the deadline.
+    lets each one answer (see ``middlewares.error_envelope``) within the deadline.
     """
     state = app[IN_FLIGHT]
     margin = min(0.5, deadline_secs / 10)
