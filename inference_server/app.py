@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 import orjson
@@ -27,7 +26,6 @@ from inference_server.keys import (
     HTTP_SESSION,
     IN_FLIGHT,
     METRICS,
-    OPEN_STREAMS,
     ROUTER,
     SETTINGS,
     TELEMETRY,
@@ -197,8 +195,6 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics)
-    open_streams: set[asyncio.Task[Any]] = set()
-    app[OPEN_STREAMS] = open_streams
     app[IN_FLIGHT] = InFlight()
     background: set[asyncio.Task[None]] = set()
     app[BACKGROUND] = background

@@ -22,8 +22,6 @@ ROUTER = web.AppKey("router", Router)
 HEALTH = web.AppKey("health", HealthMonitor)
 TELEMETRY = web.AppKey("telemetry", Telemetry)
 METRICS = web.AppKey("metrics", Metrics)
-#: Handler tasks relaying a stream right now (cut with an error event at the shutdown deadline).
-OPEN_STREAMS: web.AppKey[set[asyncio.Task[Any]]] = web.AppKey("open_streams")
 #: Fire-and-forget tasks (shadow traffic), cancelled at cleanup.
 BACKGROUND: web.AppKey[set[asyncio.Task[None]]] = web.AppKey("background")
 CTX = web.RequestKey("ctx", RequestContext)

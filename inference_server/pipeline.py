@@ -40,7 +40,6 @@ from inference_server.keys import (
     CTX,
     HEALTH,
     METRICS,
-    OPEN_STREAMS,
     ROUTER,
     SETTINGS,
     TELEMETRY,
@@ -392,10 +391,6 @@ async def stream(
         await aclose_chunks(chunks)
         raise
     ctx.status = 200
-    open_streams = request.app[OPEN_STREAMS]
-    task = asyncio.current_task()
-    if task is not None:
-        open_streams.add(task)
     telemetry = request.app[TELEMETRY]
     # Only chat is cached: a stream is handed to the cache's collector when there is one.
     extra = {} if cached is None else {"collector": cached.collector()}
@@ -421,8 +416,6 @@ async def stream(
                 if ctx.error_code is not None:
                     telemetry.record_error(span, ctx.error_code, ctx.error_code)
     finally:
-        if task is not None:
-            open_streams.discard(task)
         ctx.stream_secs = time.perf_counter() - ctx.started - ctx.first_token_secs
     if ctx.error_code not in (None, "CLIENT_DISCONNECTED", "SERVICE_UNAVAILABLE"):
         # The deployment broke the stream it had started: a fault.
