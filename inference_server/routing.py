@@ -342,7 +342,6 @@ class Plan:
         self.round = 0
         self.round_leases = 0
         self._routes: list[Route] = router.plan_routes(route)
-        self.queue: deque[Candidate] = deque(router.candidates(route, model))
         self.tried: list[Deployment] = []
         self.previous: Candidate | None = None
         self.last: GatewayError | None = None
@@ -356,6 +355,7 @@ class Plan:
         self._rescanned = False
         #: Deployments that cannot serve this request at all (the operation is not theirs).
         self.excluded: set[int] = set()
+        self.queue: deque[Candidate] = deque(self._candidates())  # the first round
         router.retry_budget.request()
 
     # --- walking ---------------------------------------------------------------------------
