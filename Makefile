@@ -15,7 +15,7 @@ PIP_LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
 LATEST_VENV := .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 
-.PHONY: install run test test-fast test-latest fuzz upstreams system-deps lint fmt lock check-config bench clean
+.PHONY: install run test test-fast test-latest fuzz upstreams system-deps lint fmt lock check-config bench bench-instructions clean
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP):
@@ -89,6 +89,12 @@ fmt: install
 
 bench: install
 	bash bench/run.sh
+
+# Instructions per request under callgrind: exact cost ratios, immune to machine noise.
+bench-instructions: install
+	@command -v valgrind >/dev/null || { $(SUDO) apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends valgrind; }
+	$(PY) bench/instructions.py
 
 clean:
 	rm -rf build dist *.egg-info plugins/*/src/*.egg-info .mypy_cache .ruff_cache $(LATEST_VENV)

@@ -90,12 +90,15 @@ def _parse_and_validate(raw: bytes, validate: Callable[[Any], dict[str, Any]]) -
 
 
 def _check_headers(request: web.Request) -> None:
-    ctype = request.content_type
-    if ctype != "application/json" and not ctype.endswith("+json"):
-        raise UnsupportedMediaType(
-            f"Content-Type must be application/json, got '{_shown(ctype) or 'none'}'"
-        )
-    encoding = request.headers.get("Content-Encoding")
+    headers = request.headers
+    # What every SDK sends, recognised without aiohttp parsing the header (~1 µs per request).
+    if headers.get("Content-Type") != "application/json":
+        ctype = request.content_type
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json, got '{_shown(ctype) or 'none'}'"
+            )
+    encoding = headers.get("Content-Encoding")
     if encoding is not None and encoding.strip().lower() not in ENCODINGS:
         raise UnsupportedMediaType(
             f"Content-Encoding '{_shown(encoding)}' is not supported "

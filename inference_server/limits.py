@@ -67,6 +67,8 @@ class Plan:
     #: Redis: the script's KEYS (gcra keys, then slot keys) and its packed static argument.
     keys: tuple[str, ...] = ()
     spec: bytes = b"[]"
+    #: The slot keys alone (what an admitted request holds).
+    slot_keys: tuple[str, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.gcra or self.slots)
@@ -93,6 +95,7 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
         tpm=tuple(g for g in gcra if g.tokens),
         keys=(*(g.key for g in gcra), *(k for k, _ in slots)),
         spec=orjson.dumps(spec),
+        slot_keys=tuple(k for k, _ in slots),
     )
 
 
@@ -132,19 +135,24 @@ def headers_for(decision: Decision, plan: Plan, tats: Sequence[float], now: floa
     """The tightest requests and tokens limits, from each limit's TAT after this request."""
     best_r = best_t = None
     rem_r = rem_t = 0
+    reset_r = reset_t = 0.0
+    horizon = now + PERIOD_SECS
     for g, tat in zip(plan.gcra, tats, strict=False):
         # (+1e-6: TATs come back from Redis as whole microseconds)
-        remaining = int((now + PERIOD_SECS - max(tat, now)) / g.interval + 1e-6)
-        remaining = max(0, min(g.limit, remaining))
+        remaining = int((horizon - (tat if tat > now else now)) / g.interval + 1e-6)
+        if remaining > g.limit:
+            remaining = g.limit
+        elif remaining < 0:
+            remaining = 0
         if g.tokens:
             if best_t is None or remaining < rem_t:
                 best_t, rem_t, reset_t = g, remaining, tat - now
         elif best_r is None or remaining < rem_r:
             best_r, rem_r, reset_r = g, remaining, tat - now
     if best_r is not None:
-        decision.requests = Dimension(best_r.limit, rem_r, max(0.0, reset_r))
+        decision.requests = Dimension(best_r.limit, rem_r, reset_r if reset_r > 0.0 else 0.0)
     if best_t is not None:
-        decision.tokens = Dimension(best_t.limit, rem_t, max(0.0, reset_t))
+        decision.tokens = Dimension(best_t.limit, rem_t, reset_t if reset_t > 0.0 else 0.0)
 
 
 class MemoryLimiter:
@@ -167,7 +175,7 @@ class MemoryLimiter:
             tat = tats.get(g.key, now)
             if tat < now:
                 tat = now
-            new = tat + (min(tokens, g.limit) if g.tokens else 1) * g.interval
+            new = tat + ((tokens if tokens < g.limit else g.limit) if g.tokens else 1) * g.interval
             late = new - PERIOD_SECS - now
             if late > 1e-9 and late > wait:
                 wait, worst = late, g
@@ -188,7 +196,7 @@ class MemoryLimiter:
         if plan.slots:
             for key, _ in plan.slots:
                 inflight[key] = inflight.get(key, 0) + 1
-            decision.slots = tuple(k for k, _ in plan.slots)
+            decision.slots = plan.slot_keys
         headers_for(decision, plan, news, now)
         return decision
 

@@ -73,8 +73,9 @@ _PRETTY_HIDDEN: Final = frozenset(
      "upstream_ms", "first_token_ms", "stream_ms", "overhead_ms"}
 )  # fmt: skip
 
-#: The request being handled in this task (set by the middleware through :func:`request_scope`).
-_REQUEST_ID: Final[contextvars.ContextVar[str]] = contextvars.ContextVar(
+#: The request being handled in this task (the middleware sets and resets it directly, one
+#: call each; elsewhere :func:`request_scope`).
+REQUEST_ID: Final[contextvars.ContextVar[str]] = contextvars.ContextVar(
     "inference_request_id", default=NONE
 )
 
@@ -95,7 +96,7 @@ class InterceptHandler(logging.Handler):
 def _correlate(extra: dict[str, Any]) -> None:
     """request_id / trace_id / span_id for one record (see the module docstring)."""
     if "request_id" not in extra:
-        extra["request_id"] = _REQUEST_ID.get()
+        extra["request_id"] = REQUEST_ID.get()
     span_context = get_current_span().get_span_context()
     if span_context.is_valid:
         extra["trace_id"] = format(span_context.trace_id, "032x")
@@ -403,21 +404,11 @@ async def complete() -> None:
 @contextmanager
 def request_scope(request_id: str) -> Iterator[None]:
     """Within the block, lines logged through the global ``logger`` carry ``request_id``."""
-    token = enter_request(request_id)
+    token = REQUEST_ID.set(request_id)
     try:
         yield
     finally:
-        leave_request(token)
-
-
-def enter_request(request_id: str) -> contextvars.Token[str]:
-    """:func:`request_scope` for the middleware, without a generator per request."""
-    return _REQUEST_ID.set(request_id)
-
-
-def leave_request(token: contextvars.Token[str]) -> None:
-    """End what :func:`enter_request` started (in the same task)."""
-    _REQUEST_ID.reset(token)
+        REQUEST_ID.reset(token)
 
 
 def span_ids(span: Span | None) -> tuple[str, str] | None:
@@ -431,7 +422,8 @@ def span_ids(span: Span | None) -> tuple[str, str] | None:
 
 
 def _ms(secs: float | None) -> float | None:
-    return None if secs is None else round(secs * 1000, 3)
+    """Seconds as milliseconds to the µs (``round`` without digits: ~10× cheaper than with)."""
+    return None if secs is None else round(secs * 1_000_000) / 1000
 
 
 def access(ctx: RequestContext, method: str, path: str, status: int, duration_secs: float) -> None:

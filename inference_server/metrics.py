@@ -6,10 +6,13 @@ Design choices, and why:
   and calls :meth:`Metrics.request_finished` once; everything about the request (count, duration,
   overhead, TTFT, time per output token, tokens, A/B variant) is derived from that record here, so
   the request path has a single metrics call site and the numbers cannot disagree.
-* **Library calls only.** Values are written through prometheus-client's public API
-  (``labels()``, ``inc``, ``observe``, ``set``), never by reaching into its value objects or
-  swapping its value class (issue 11: those fast paths saved ~1 µs per request and broke on
-  any release).  ``labels()`` costs ~1.5 µs (tuple building, validation, a lock), so the label
+* **Public API only.** Values are never written by reaching into prometheus-client's value
+  objects or swapping its value class (issue 11: those fast paths broke on any release).  With
+  ``--workers N`` they go through the library's own metric classes (its multiprocess files).  A
+  single process keeps them in plain numbers (:mod:`inference_server.localmetrics`) exported
+  through the library's custom-collector interface: the library's classes lock and check on
+  every call, ~10 % of the gateway's CPU per request; a differential test holds both
+  expositions equal.  ``labels()`` costs ~1.5 µs (tuple building, validation, a lock), so the label
   children a request needs are resolved once per distinct label combination and kept in a small
   "bundle" (one dict lookup per request).  Series that only some requests need (TTFT, tokens)
   are created on first use, so a JSON-only deployment does not export empty stream histograms.
@@ -262,7 +265,9 @@ class _Bundle:
 class Metrics:
     """The gateway's metrics; one per app (i.e. per worker process)."""
 
-    def __init__(self, settings: MetricsSettings) -> None:
+    def __init__(self, settings: MetricsSettings, *, library_values: bool = False) -> None:
+        """``library_values``: record through prometheus-client's own metric classes even in a
+        single process (what multiprocess mode always does; the differential test compares)."""
         self.enabled = settings.enabled
         self._max_listed = settings.max_label_values
         self._errors = 0
@@ -274,8 +279,16 @@ class Metrics:
             # prometheus-client names the directory of every value it creates from this
             # variable (and picks multiprocess values at its import from it: see the docstring).
             os.environ[MULTIPROC_ENV] = self.multiprocess_dir
-        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        from prometheus_client import CollectorRegistry
 
+        if self.multiprocess_dir or library_values:
+            from prometheus_client import Counter, Gauge, Histogram
+        else:  # one process: plain numbers, exported by a custom collector (localmetrics.py)
+            from inference_server.localmetrics import LocalCounter as Counter  # type: ignore[assignment]
+            from inference_server.localmetrics import LocalGauge as Gauge  # type: ignore[assignment]
+            from inference_server.localmetrics import LocalHistogram as Histogram  # type: ignore[assignment]
+        #: The metric classes this process records with (other modules' metrics use them too).
+        self.classes: tuple[Any, Any, Any] = (Counter, Gauge, Histogram)
         registry: CollectorRegistry | None = None  # multiprocess: rendering reads the files
         if not self.multiprocess_dir:
             registry = CollectorRegistry(auto_describe=True)
@@ -297,6 +310,8 @@ class Metrics:
         self._bundles: dict[tuple[str, ...], _Bundle] = {}
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self._variants: dict[tuple[str, ...], tuple[Any, Any, Any, Any]] = {}
+        #: The in-flight gauge's child per endpoint (request_started's one lookup).
+        self._in_flight: dict[str, Any] = {}
         #: Known names per label kind: name → label value (see :meth:`know`).
         self._configured: dict[str, dict[str, str]] = {kind: {} for kind in _NAME_KINDS}
         self._names: dict[str, dict[str, str]] = {kind: {} for kind in _NAME_KINDS}
@@ -539,6 +554,7 @@ class Metrics:
             for value in values:
                 table[value] = value[:_MAX_LABEL_CHARS]
             self._merge(kind)
+        self._in_flight.clear()  # an endpoint's label may have changed from "other"
 
     def listed_models(self, names: Iterable[str], provider: str | None = None) -> None:
         """The model names the shorthand's provider lists now (replacing the previous list):
@@ -610,7 +626,12 @@ class Metrics:
         if not self.enabled:
             return
         try:
-            self._child(self.in_flight, (self._label("endpoint", endpoint),)).inc()
+            gauge = self._in_flight.get(endpoint)
+            if gauge is None:
+                gauge = self._child(self.in_flight, (self._label("endpoint", endpoint),))
+                if len(self._in_flight) < _MAX_BUNDLES:  # endpoints: the app's route patterns
+                    self._in_flight[endpoint] = gauge
+            gauge.inc()
         except Exception:  # noqa: BLE001 (never fail a request over metrics)
             self._failed("request_started")
 

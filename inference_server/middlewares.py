@@ -29,7 +29,7 @@ from inference_server.errors import (
     from_http_status,
 )
 from inference_server.keys import CTX, IN_FLIGHT, METRICS, SETTINGS, TELEMETRY
-from inference_server.telemetry import NO_SPAN
+from inference_server.telemetry import Telemetry
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -55,34 +55,20 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
     rid = _request_id(request)
     ctx = RequestContext(request_id=rid)
     resource = request.match_info.route.resource
-    ctx.endpoint = resource.canonical if resource is not None else "unmatched"
+    endpoint = ctx.endpoint = resource.canonical if resource is not None else "unmatched"
     request[CTX] = ctx
     app = request.app
     telemetry = app[TELEMETRY]
     metrics = app[METRICS]
-    metrics.request_started(ctx.endpoint)
-    method, path = request.method, request.path
+    metrics.request_started(endpoint)
     status = 500
-    scope_token = logs.enter_request(rid)
+    scope_token = logs.REQUEST_ID.set(rid)
     try:
-        with (
-            telemetry.server_span(
-                f"{method} {ctx.endpoint}",
-                request.headers,
-                {"http.request.method": method, "url.path": path},
-            )
-            if telemetry.enabled
-            else NO_SPAN as span
-        ):
-            ids = logs.span_ids(span)
-            if ids is not None:
-                ctx.set_trace(*ids)
-                if not span.is_recording():  # type: ignore[union-attr]
-                    # Unsampled: no attempt spans; upstreams still get the trace (flag 00).
-                    telemetry.inject(ctx.trace_headers, span)
+        if telemetry.enabled:
+            response = await _traced(request, handler, ctx, telemetry)
+        else:  # no span objects at all (tracing off: the production default)
             response = await handler(request)
-            status = response.status
-            telemetry.finish_request(span, ctx, ctx.status or status)
+        status = response.status
         if not response.prepared:
             response.headers["x-request-id"] = rid
             if ctx.attempts:
@@ -100,9 +86,30 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         metrics.request_finished(ctx, duration)
         log_settings = app[SETTINGS].logging
         if log_settings.access_log:
-            logs.access(ctx, method, path, ctx.status, duration)
+            logs.access(ctx, request.method, request.path, ctx.status, duration)
         logs.slow_request(ctx, duration, log_settings.slow_request_secs)
-        logs.leave_request(scope_token)
+        logs.REQUEST_ID.reset(scope_token)
+
+
+async def _traced(
+    request: web.Request, handler: Handler, ctx: RequestContext, telemetry: Telemetry
+) -> web.StreamResponse:
+    """The handler inside the request's server span (tracing on)."""
+    method = request.method
+    with telemetry.server_span(
+        f"{method} {ctx.endpoint}",
+        request.headers,
+        {"http.request.method": method, "url.path": request.path},
+    ) as span:
+        ids = logs.span_ids(span)
+        if ids is not None:
+            ctx.set_trace(*ids)
+            if not span.is_recording():  # type: ignore[union-attr]
+                # Unsampled: no attempt spans; upstreams still get the trace (flag 00).
+                telemetry.inject(ctx.trace_headers, span)
+        response = await handler(request)
+        telemetry.finish_request(span, ctx, ctx.status or response.status)
+    return response
 
 
 def error_response(err: GatewayError, error_format: str) -> web.Response:

@@ -85,8 +85,7 @@ class TenantMetrics:
         self.names: dict[str, str] = {ANONYMOUS: ANONYMOUS}
         self.children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.by_key: dict[str, KeyChildren] = {}
-        from prometheus_client import Counter, Gauge, Histogram
-
+        Counter, Gauge, Histogram = metrics.classes
         r = metrics.registry
         self.admissions = Counter(
             "inference_admissions",
@@ -387,13 +386,14 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
         t.metrics.admission(name, "admitted")
         return Admission(t, key, model)
     reserved = _reserve(body, t.settings.default_max_tokens)
-    member = f"{os.getpid()}:{next(_members)}"
+    member = ""  # Redis: this request's slot member (unique across processes)
     if t.redis_limiter is None:
         left = None
         if budget is not None and key is not None:
             left = budget.tokens // t.share - t.ledger.spent_now(key.id, budget.period)
         decision = t.limiter.admit(plan, reserved, left)
     else:
+        member = f"{os.getpid()}:{next(_members)}"
         decision = await _admit_redis(t, t.redis_limiter, plan, reserved, key, member)
     request[DECISION] = decision
     if not decision.ok:

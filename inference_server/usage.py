@@ -52,16 +52,24 @@ class Ledger:
         self.spent: dict[str, int] = {}
         #: (UTC day number, "YYYY-MM-DD"): strftime once a day, not per request.
         self._day: tuple[int, str] = (-1, "")
+        #: Spend keys of today's periods per (key id, period): formatted once a day.
+        self._spent_keys: dict[tuple[str, str], str] = {}
 
     def today(self) -> str:
         number = int(time.time() // 86400)
         if number != self._day[0]:
             self._day = (number, today())
+            self._spent_keys = {}
         return self._day[1]
 
     def spent_key(self, key_id: str, period: str) -> str:
         day = self.today()
-        return f"{PREFIX}spent:{key_id}:{day if period == 'day' else day[:7]}"
+        skey = self._spent_keys.get((key_id, period))
+        if skey is None:
+            skey = f"{PREFIX}spent:{key_id}:{day if period == 'day' else day[:7]}"
+            if len(self._spent_keys) < MAX_PENDING:  # key ids: configured or admin-made
+                self._spent_keys[(key_id, period)] = skey
+        return skey
 
     def record(
         self,
@@ -72,9 +80,12 @@ class Ledger:
         budget_period: str | None,
     ) -> int:
         """Add one request's usage; returns its total tokens."""
-        prompt = _int(usage.get("prompt_tokens")) if usage else 0
-        completion = _int(usage.get("completion_tokens")) if usage else 0
-        name = (model or ANONYMOUS)[:MAX_MODEL_CHARS]
+        if usage:
+            prompt = _int(usage.get("prompt_tokens"))
+            completion = _int(usage.get("completion_tokens"))
+        else:
+            prompt = completion = 0
+        name = model[:MAX_MODEL_CHARS] if model else ANONYMOUS
         row = (key_id, name, self.today())
         counts = self.pending.get(row)
         if counts is None:
