@@ -43,6 +43,7 @@ from inference_server.limits import (
     fmt_duration,
 )
 from inference_server.metrics import Metrics
+from inference_server.redis_link import RedisLink
 from inference_server.settings import Settings
 from inference_server.state import REDIS, REDIS_HEALTH
 from inference_server.streaming import estimate_prompt_tokens
@@ -548,6 +549,8 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     store = KeyStore(t.keys, redis)
     store.on_names = metrics.know
     share = settings.server.workers if redis is None else 1
+    # The admission's own connection (redis_link.py): None with no Redis or a URL it declines.
+    link = RedisLink.from_url(settings.state.redis_url, settings.state.timeout_secs)
 
     def failed(what: str, exc: BaseException) -> None:
         health.failed(what, exc)
@@ -556,7 +559,7 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
         settings=t,
         keys=store,
         limiter=MemoryLimiter(),
-        redis_limiter=RedisLimiter(redis) if redis is not None else None,
+        redis_limiter=RedisLimiter(redis, link) if redis is not None else None,
         ledger=Ledger(redis),
         metrics=metrics,
         share=share,
@@ -595,6 +598,8 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     if tenancy.redis_limiter is not None:
         with contextlib.suppress(*STATE_ERRORS):
             await tenancy.redis_limiter.flush()
+    if link is not None:
+        await link.close()
     await tenancy.ledger.close()
     metrics.publish()
 
