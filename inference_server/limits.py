@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -149,6 +149,17 @@ def headers_for(decision: Decision, plan: Plan, tats: Sequence[float], now: floa
         decision.requests = Dimension(best_r.limit, rem_r, max(0.0, reset_r))
     if best_t is not None:
         decision.tokens = Dimension(best_t.limit, rem_t, max(0.0, reset_t))
+
+
+def peek(plan: Plan, tats: Mapping[str, float], now: float) -> Decision | None:
+    """The ``x-ratelimit-*`` values of ``plan`` at ``now``, admitting nothing: for a keyed
+    response without an admission of its own (``/v1/models``, an error before or instead of
+    one, a budget refusal).  None when the plan has no rpm or tpm limit."""
+    if not plan.gcra:
+        return None
+    decision = Decision()
+    headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
+    return decision
 
 
 class MemoryLimiter:
@@ -324,6 +335,10 @@ class RedisLimiter:
         self.pending_slots: dict[str, list[str]] = {}
         #: A flush is on its way to Redis (its settlements are not applied yet).
         self.flushing = False
+        #: The last TAT this process saw per GCRA key, on this process's monotonic clock: what
+        #: :func:`peek` reports on responses without an admission (no Redis call for them).
+        #: Keys come from plans (configuration and keys), so it stays bounded.
+        self.known: dict[str, float] = {}
 
     async def admit(
         self, plan: Plan, tokens: int, budget: tuple[str, int] | None, member: str
@@ -344,6 +359,10 @@ class RedisLimiter:
             return Decision(ok=False, reason="budget")
         now = int(reply[2]) / _US
         tats = [int(x) / _US for x in reply[4:]]
+        offset = time.monotonic() - now  # Redis's clock → this process's
+        known = self.known
+        for g, tat in zip(plan.gcra, tats, strict=False):
+            known[g.key] = tat + offset
         if status == 0:
             decision = Decision(slots=tuple(k for k, _ in plan.slots))
         elif status == 1:
@@ -358,6 +377,9 @@ class RedisLimiter:
         """Queue a settlement (sent by :meth:`flush`)."""
         if delta_tokens:
             for g in plan.tpm:
+                tat = self.known.get(g.key)
+                if tat is not None:
+                    self.known[g.key] = tat + delta_tokens * g.interval
                 entry = self.pending_tokens.get(g.key)
                 if entry is None:
                     self.pending_tokens[g.key] = [g.interval, float(delta_tokens)]
