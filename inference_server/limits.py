@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import orjson
 from redis.asyncio import Redis
 
-from inference_server.redis_link import RedisLink, Script
+from inference_server.redis_link import RedisLink, Script, pack
 from inference_server.tenancy_config import Limit
 
 PERIOD_SECS = 60.0
@@ -71,6 +71,9 @@ class Plan:
     #: (n_gcra, n_slots, then interval_us, limit, is_tokens per gcra key, then max per slot key).
     keys: tuple[str, ...] = ()
     argv: tuple[int, ...] = (0, 0)
+    #: ``keys`` and ``argv`` packed for the wire once (redis_link.pack), not per admission.
+    packed_keys: bytes = b""
+    packed_argv: bytes = pack((0, 0))
 
     def __bool__(self) -> bool:
         return bool(self.gcra or self.slots)
@@ -91,12 +94,15 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
     for g in gcra:
         spec += [round(g.interval * _US), g.limit, int(g.tokens)]
     spec += [n for _, n in slots]
+    keys = (*(g.key for g in gcra), *(k for k, _ in slots))
     return Plan(
         gcra=tuple(gcra),
         slots=tuple(slots),
         tpm=tuple(g for g in gcra if g.tokens),
-        keys=(*(g.key for g in gcra), *(k for k, _ in slots)),
+        keys=keys,
         argv=tuple(spec),
+        packed_keys=pack(keys),
+        packed_argv=pack(spec),
     )
 
 
@@ -343,16 +349,25 @@ class RedisLimiter:
     async def admit(
         self, plan: Plan, tokens: int, budget: tuple[str, int] | None, member: str
     ) -> Decision:
-        keys = plan.keys
-        args: tuple[int | str, ...]
-        if budget is None:
-            args = (tokens, member, -1, *plan.argv)
-        else:
-            keys, args = (*keys, budget[0]), (tokens, member, budget[1], *plan.argv)
         link = self.link
         if link is not None:
-            reply = await link.evalsha(self.admit_script, keys, args)
+            # The plan's keys and static arguments were packed when it was compiled.
+            n = len(plan.keys)
+            if budget is None:
+                head, count = pack((n,)), n + 4 + len(plan.argv)
+                dynamic = pack((tokens, member, -1))
+            else:
+                head, count = pack((n + 1,)), n + 5 + len(plan.argv)
+                dynamic = pack((budget[0], tokens, member, budget[1]))
+            body = b"".join((head, plan.packed_keys, dynamic, plan.packed_argv))
+            reply = await link.run(self.admit_script, count, body)
         else:
+            keys = plan.keys
+            args: tuple[int | str, ...]
+            if budget is None:
+                args = (tokens, member, -1, *plan.argv)
+            else:
+                keys, args = (*keys, budget[0]), (tokens, member, budget[1], *plan.argv)
             reply = await self._admit(keys=keys, args=args)
         status = int(reply[0])
         if status == 3:

@@ -29,6 +29,7 @@ import asyncio
 import hashlib
 import ssl
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -91,14 +92,26 @@ def parse_url(url: str) -> Target | None:
         return None
 
 
+def pack(items: Iterable[str | int | bytes]) -> bytes:
+    """``items`` as RESP bulk strings, without the array header: the parts of a command that
+    never change can be packed once (:meth:`RedisLink.run`)."""
+    out = []
+    for item in items:
+        data = item if isinstance(item, bytes) else str(item).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 class Script:
     """A Lua script called by its SHA-1 (``EVALSHA``), loaded again after ``NOSCRIPT``."""
 
-    __slots__ = ("sha", "source")
+    __slots__ = ("eval_head", "evalsha_head", "sha", "source")
 
     def __init__(self, source: str) -> None:
         self.source = source
         self.sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        self.evalsha_head = pack(("EVALSHA", self.sha))
+        self.eval_head = pack(("EVAL", source))
 
 
 class _Protocol(asyncio.Protocol):
@@ -157,23 +170,34 @@ class RedisLink:
         return cls(target, timeout) if target is not None else None
 
     async def evalsha(self, script: Script, keys: tuple[str, ...], args: tuple[Any, ...]) -> Any:
-        """Run ``script`` (``EVALSHA``; after ``NOSCRIPT``, ``EVAL`` loads it again)."""
-        reply = await self.call("EVALSHA", script.sha, len(keys), *keys, *args)
+        """Run ``script`` on ``keys`` and ``args``."""
+        return await self.run(script, 1 + len(keys) + len(args), pack((len(keys), *keys, *args)))
+
+    async def run(self, script: Script, count: int, body: bytes) -> Any:
+        """Run ``script`` with ``body``: its ``count`` arguments (numkeys, keys, args) as
+        :func:`pack` makes them.  ``EVALSHA``; after ``NOSCRIPT`` (a restarted or flushed
+        Redis), ``EVAL`` loads it again.  An error reply raises ``ResponseError``."""
+        header = b"*%d\r\n" % (count + 2)
+        reply = await self.send(header + script.evalsha_head + body)
         if isinstance(reply, hiredis.ReplyError):
             if str(reply).startswith("NOSCRIPT"):
-                reply = await self.call("EVAL", script.source, len(keys), *keys, *args)
+                reply = await self.send(header + script.eval_head + body)
                 if not isinstance(reply, hiredis.ReplyError):
                     return reply
             raise ResponseError(str(reply))
         return reply
 
     async def call(self, *args: Any) -> Any:
-        """Send one command and wait (at most ``timeout``) for its reply (errors returned as
-        ``hiredis.ReplyError``, not raised: :meth:`evalsha` decides)."""
+        """Send one command and wait (at most ``timeout``) for its reply (an error reply is
+        returned as ``hiredis.ReplyError``, not raised)."""
+        return await self.send(hiredis.pack_command(args))
+
+    async def send(self, command: bytes) -> Any:
+        """Send one packed command and wait (at most ``timeout``) for its reply."""
         proto = self._proto
         if proto is None or proto.lost:
             proto = await self._connect()
-        return await self._wait(proto, _send(proto, args))
+        return await self._wait(proto, _send(proto, command))
 
     async def _wait(self, proto: _Protocol, waiter: asyncio.Future[Any]) -> Any:
         timer = asyncio.get_running_loop().call_later(self.timeout, _expire, waiter)
@@ -225,7 +249,7 @@ class RedisLink:
                 )
             if t.db:
                 hello.append(("SELECT", t.db))
-            waiters = [_send(proto, command) for command in hello]
+            waiters = [_send(proto, hiredis.pack_command(command)) for command in hello]
             for command, waiter in zip(hello, waiters, strict=True):
                 reply = await self._wait(proto, waiter)
                 if isinstance(reply, hiredis.ReplyError):
@@ -248,13 +272,13 @@ class RedisLink:
             proto.close()
 
 
-def _send(proto: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
+def _send(proto: _Protocol, command: bytes) -> asyncio.Future[Any]:
     """Write one command; the returned future gets its reply (in the connection's order)."""
     if proto.lost or proto.transport is None:
         raise RedisConnectionError("Connection to Redis lost")
     waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
     proto.waiters.append(waiter)
-    proto.transport.write(hiredis.pack_command(args))
+    proto.transport.write(command)
     return waiter
 
 

@@ -6,7 +6,9 @@ import asyncio
 import contextlib
 import ssl
 from collections.abc import AsyncIterator
+from typing import Any, cast
 
+import hiredis
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import AuthenticationError, RedisError, ResponseError
@@ -194,3 +196,31 @@ async def test_slots_full_purges_dead_holders_and_rolls_back(
         assert await client.zrange(global_key, 0, -1) == [b"a"]  # "b" rolled back
     finally:
         await client.aclose()
+
+
+async def test_packed_admission_is_the_same_command_as_hiredis_packs() -> None:
+    """What RedisLimiter.admit sends (the plan's pre-packed parts plus the request's own) is
+    byte for byte the command ``hiredis.pack_command`` makes of the whole argument list."""
+    sent: list[bytes] = []
+
+    class Capture:
+        async def run(self, script: Script, count: int, body: bytes) -> list[int]:
+            sent.append(b"*%d\r\n" % (count + 2) + script.evalsha_head + body)
+            return [0, 0, 1_000_000, 0] + [1_000_000] * len(plan.gcra)
+
+    plan = compile_plan(
+        [Scope("global", Limit(rpm=10, tpm=1000, max_parallel=3)), Scope("key:k", Limit(rpm=5))]
+    )
+    limiter = RedisLimiter(Redis(), cast(RedisLink, Capture()))
+    sha = limiter.admit_script.sha
+    await limiter.admit(plan, 100, None, "123:4")
+    await limiter.admit(plan, 100, ("isv:spent:k:2026-11", 10**15), "123:5")
+    keys, spent = plan.keys, "isv:spent:k:2026-11"
+    assert sent == [
+        packed("EVALSHA", sha, len(keys), *keys, 100, "123:4", -1, *plan.argv),
+        packed("EVALSHA", sha, len(keys) + 1, *keys, spent, 100, "123:5", 10**15, *plan.argv),
+    ]
+
+
+def packed(*args: Any) -> bytes:
+    return bytes(hiredis.pack_command(args))
