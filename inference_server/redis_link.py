@@ -193,10 +193,19 @@ class RedisLink:
         return await self.send(hiredis.pack_command(args))
 
     async def send(self, command: bytes) -> Any:
-        """Send one packed command and wait (at most ``timeout``) for its reply."""
-        proto = self._proto
-        if proto is None or proto.lost:
-            proto = await self._connect()
+        """Send one packed command and wait (at most ``timeout``) for its reply.
+
+        A connection found gone (closed by Redis or a proxy while idle) is replaced and the
+        command sent once more: at worst a script whose reply was lost runs twice (for an
+        admission, a conservative double count, never an extra admission).  A fresh
+        connection that fails, and a timeout, are not retried."""
+        reused = self._proto
+        if reused is not None and not reused.lost:
+            try:
+                return await self._wait(reused, _send(reused, command))
+            except RedisConnectionError:
+                pass
+        proto = await self._connect()
         return await self._wait(proto, _send(proto, command))
 
     async def _wait(self, proto: _Protocol, waiter: asyncio.Future[Any]) -> Any:
@@ -239,6 +248,7 @@ class RedisLink:
                     ssl=t.tls,
                     server_hostname=t.host if t.tls is not None else None,
                 )
+        waiters: list[asyncio.Future[Any]] = []
         try:
             # The hello commands are written before the link is handed to any caller, so
             # nothing can run on the connection before it is authenticated and on its db.
@@ -256,6 +266,8 @@ class RedisLink:
                     error = AuthenticationError if command[0] == "AUTH" else ResponseError
                     raise error(str(reply))
         except BaseException:
+            for waiter in waiters:
+                waiter.cancel()  # nobody will read them (no "exception never retrieved")
             proto.close()
             raise
         if self._closed:  # closed while connecting

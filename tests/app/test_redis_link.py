@@ -224,3 +224,38 @@ async def test_packed_admission_is_the_same_command_as_hiredis_packs() -> None:
 
 def packed(*args: Any) -> bytes:
     return bytes(hiredis.pack_command(args))
+
+
+async def test_a_connection_closed_while_idle_is_replaced_transparently() -> None:
+    """The connection was closed (by Redis or a proxy) and the link finds out only when it
+    sends: the command goes once more on a new connection and is answered, not failed (with
+    state.on_error deny it would have been a 503)."""
+    writers: list[asyncio.StreamWriter] = []
+
+    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        first = len(writers) == 1
+        answered = 0
+        while await reader.read(1 << 16):
+            if first and answered:  # the first connection dies at its second command
+                break
+            writer.write(b"+PONG\r\n")
+            answered += 1
+        writer.close()
+
+    server = await asyncio.start_server(accept, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = RedisLink.from_url(f"redis://127.0.0.1:{port}/0", timeout=2.0)
+    assert link is not None
+    try:
+        assert await link.call("PING") == b"PONG"
+        assert await link.call("PING") == b"PONG"
+        assert len(writers) == 2
+    finally:
+        await link.close()
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await server.wait_closed()
