@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 import hiredis
@@ -117,30 +117,32 @@ async def test_password_and_db(redis_server: RedisServer) -> None:
         await bad.close()
 
 
-async def test_a_silent_server_times_out_and_the_link_reconnects() -> None:
-    """Redis accepts but never answers: the call fails within the timeout; the next call
-    opens a new connection (the old one is not trusted again)."""
+@contextlib.asynccontextmanager
+async def scripted_server(
+    answer: Callable[[int, bytes], bytes | None], timeout: float
+) -> AsyncIterator[tuple[RedisLink, list[asyncio.StreamWriter]]]:
+    """A stand-in for Redis on a free port: each read of a command is answered with
+    ``answer(connection number, data)``, or the connection is closed when that is None.
+    Yields a link to it and its connections (one writer each)."""
     writers: list[asyncio.StreamWriter] = []
 
     async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writers.append(writer)
+        number = len(writers)
         with contextlib.suppress(ConnectionError):
-            while await reader.read(1 << 16):  # read, never answer
-                pass
+            while data := await reader.read(1 << 16):
+                reply = answer(number, data)
+                if reply is None:
+                    break
+                writer.write(reply)
         writer.close()
 
     server = await asyncio.start_server(accept, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    link = RedisLink.from_url(f"redis://127.0.0.1:{port}/0", timeout=0.1)
+    link = RedisLink.from_url(f"redis://127.0.0.1:{port}/0", timeout=timeout)
     assert link is not None
     try:
-        for expected in (1, 2):
-            loop = asyncio.get_running_loop()
-            started = loop.time()
-            with pytest.raises(TimeoutError):
-                await link.call("PING")
-            assert loop.time() - started < 1.0
-            assert len(writers) == expected
+        yield link, writers
     finally:
         await link.close()
         server.close()
@@ -149,6 +151,19 @@ async def test_a_silent_server_times_out_and_the_link_reconnects() -> None:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
         await server.wait_closed()
+
+
+async def test_a_silent_server_times_out_and_the_link_reconnects() -> None:
+    """Redis accepts but never answers: the call fails within the timeout; the next call
+    opens a new connection (the old one is not trusted again)."""
+    async with scripted_server(lambda n, data: b"", timeout=0.1) as (link, writers):
+        for expected in (1, 2):
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            with pytest.raises(TimeoutError):
+                await link.call("PING")
+            assert loop.time() - started < 1.0
+            assert len(writers) == expected
 
 
 async def test_link_and_client_enforce_one_exact_limit(
@@ -230,32 +245,16 @@ async def test_a_connection_closed_while_idle_is_replaced_transparently() -> Non
     """The connection was closed (by Redis or a proxy) and the link finds out only when it
     sends: the command goes once more on a new connection and is answered, not failed (with
     state.on_error deny it would have been a 503)."""
-    writers: list[asyncio.StreamWriter] = []
+    commands: list[int] = []
 
-    async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writers.append(writer)
-        first = len(writers) == 1
-        answered = 0
-        while await reader.read(1 << 16):
-            if first and answered:  # the first connection dies at its second command
-                break
-            writer.write(b"+PONG\r\n")
-            answered += 1
-        writer.close()
+    def answer(number: int, data: bytes) -> bytes | None:
+        commands.append(number)
+        if commands == [1, 1]:  # the first connection dies at its second command
+            return None
+        return b"+PONG\r\n"
 
-    server = await asyncio.start_server(accept, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    link = RedisLink.from_url(f"redis://127.0.0.1:{port}/0", timeout=2.0)
-    assert link is not None
-    try:
+    async with scripted_server(answer, timeout=2.0) as (link, writers):
         assert await link.call("PING") == b"PONG"
         assert await link.call("PING") == b"PONG"
         assert len(writers) == 2
-    finally:
-        await link.close()
-        server.close()
-        for writer in writers:
-            writer.close()
-            with contextlib.suppress(ConnectionError):
-                await writer.wait_closed()
-        await server.wait_closed()
+        assert commands == [1, 1, 2]
