@@ -15,7 +15,7 @@ clock, exact limits.  Concurrency slots are members of a sorted set scored by th
 a process that dies mid-request leaks a slot for at most ``SLOT_TTL_SECS`` (expired members
 are dropped when a set is full).  Settlements are queued and sent in one script call per
 ``SETTLE_EVERY_SECS`` (off the request path).  The scripts go over :mod:`redis_link`'s own
-connection: on the request path, the one Redis round trip costs ~8 µs of client CPU, not ~30.
+connection: the request path's one round trip costs ~10 µs of client CPU there, not ~30.
 """
 
 from __future__ import annotations
@@ -324,7 +324,7 @@ class RedisLimiter:
     """The same limits in Redis: one script call per admission; settlements batched.
 
     Scripts go over ``link`` (:class:`~inference_server.redis_link.RedisLink`: one pipelined
-    connection, a quarter of the client's per-call CPU) when the URL allows one, else through
+    connection, a third of the client's per-call CPU) when the URL allows one, else through
     the ``redis.asyncio`` client; both send ``EVALSHA`` and load the script again after
     ``NOSCRIPT`` (a restarted Redis).
     """

@@ -569,7 +569,9 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     store.on_names = metrics.know
     share = settings.server.workers if redis is None else 1
     # The admission's own connection (redis_link.py): None with no Redis or a URL it declines.
-    link = RedisLink.from_url(settings.state.redis_url, settings.state.timeout_secs)
+    link = None
+    if redis is not None:
+        link = RedisLink.from_url(settings.state.redis_url, settings.state.timeout_secs)
 
     def failed(what: str, exc: BaseException) -> None:
         health.failed(what, exc)
