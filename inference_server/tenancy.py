@@ -41,8 +41,10 @@ from inference_server.limits import (
     Scope,
     compile_plan,
     fmt_duration,
+    peek,
 )
 from inference_server.metrics import Metrics
+from inference_server.redis_link import RedisLink
 from inference_server.settings import Settings
 from inference_server.state import REDIS, REDIS_HEALTH
 from inference_server.streaming import estimate_prompt_tokens
@@ -516,14 +518,32 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
             if origin != "*":
                 headers["Vary"] = "Origin"
     decision = request.get(DECISION)
-    if decision is None:
-        return
+    if decision is None or (decision.requests is None and decision.tokens is None):
+        decision = current_limits(request, t)  # issue 12: every keyed response has them
+        if decision is None:
+            return
     headers = response.headers
     for suffix, dim in (("requests", decision.requests), ("tokens", decision.tokens)):
         if dim is not None:
             headers[f"x-ratelimit-limit-{suffix}"] = str(dim.limit)
             headers[f"x-ratelimit-remaining-{suffix}"] = str(dim.remaining)
             headers[f"x-ratelimit-reset-{suffix}"] = fmt_duration(dim.reset_secs)
+
+
+def current_limits(request: web.Request, t: Tenancy) -> Decision | None:
+    """The limits of a response that had no admission (``/v1/models``, a 400 before the model
+    was known, a 403, a budget refusal, Redis unreachable): read from this process's view of
+    the state, never a Redis call.  None for a request without a valid key when auth is on."""
+    if not t.settings.active:
+        return None
+    key = request.get(KEY)
+    if key is None and t.settings.auth_enabled:
+        return None
+    ctx = request.get(CTX)
+    plan = t.plan(key, (ctx.model if ctx is not None else None) or "")
+    if t.redis_limiter is None:
+        return peek(plan, t.limiter.tats, t.limiter.clock())
+    return peek(plan, t.redis_limiter.known, time.monotonic())
 
 
 def install(app: web.Application, settings: Settings) -> None:
@@ -548,6 +568,10 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     store = KeyStore(t.keys, redis)
     store.on_names = metrics.know
     share = settings.server.workers if redis is None else 1
+    # The admission's own connection (redis_link.py): None with no Redis or a URL it declines.
+    link = None
+    if redis is not None:
+        link = RedisLink.from_url(settings.state.redis_url, settings.state.timeout_secs)
 
     def failed(what: str, exc: BaseException) -> None:
         health.failed(what, exc)
@@ -556,7 +580,7 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
         settings=t,
         keys=store,
         limiter=MemoryLimiter(),
-        redis_limiter=RedisLimiter(redis) if redis is not None else None,
+        redis_limiter=RedisLimiter(redis, link) if redis is not None else None,
         ledger=Ledger(redis),
         metrics=metrics,
         share=share,
@@ -595,6 +619,8 @@ async def tenancy_ctx(app: web.Application) -> AsyncIterator[None]:
     if tenancy.redis_limiter is not None:
         with contextlib.suppress(*STATE_ERRORS):
             await tenancy.redis_limiter.flush()
+    if link is not None:
+        await link.close()
     await tenancy.ledger.close()
     metrics.publish()
 

@@ -302,6 +302,75 @@ async def test_budget_blocks_at_the_limit(gateway_for) -> None:
     assert "Retry-After" not in resp.headers
 
 
+# --- rate-limit headers on every /v1/* response of a keyed request ------------------------
+
+LIMIT_HEADERS = tuple(
+    f"x-ratelimit-{what}-{dim}"
+    for dim in ("requests", "tokens")
+    for what in ("limit", "remaining", "reset")
+)
+
+
+def limit_headers(resp: Any) -> dict[str, str]:
+    missing = [h for h in LIMIT_HEADERS if h not in resp.headers]
+    assert not missing, (resp.method, resp.url.path, resp.status, missing)
+    return {h: resp.headers[h] for h in LIMIT_HEADERS}
+
+
+async def test_rate_limit_headers_on_every_endpoint(gateway_for) -> None:
+    """Embeddings, completions, responses count against the limits and say so; the models
+    list, a stored-response lookup and a 400 report the limits without being counted."""
+    client = await gateway_for(**keyed(rpm=100, tpm=100_000))
+    cases: list[tuple[str, str, Any, int]] = [
+        ("POST", "/v1/embeddings", {"input": "hi"}, 200),
+        ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 5}, 200),
+        ("POST", "/v1/responses", {"input": "hi", "max_output_tokens": 5}, 200),
+        ("GET", "/v1/models", None, 200),
+        ("GET", "/v1/responses/resp_0123456789abcdef", None, 404),
+        ("DELETE", "/v1/responses/resp_0123456789abcdef", None, 404),
+        ("POST", "/v1/embeddings", {"input": 5}, 400),
+        ("POST", "/v1/chat/completions", {"messages": "not a list"}, 400),
+    ]
+    remaining = []
+    for method, path, body, status in cases:
+        resp = await client.request(method, path, json=body, headers=auth())
+        assert resp.status == status, (method, path, await resp.text())
+        got = limit_headers(resp)
+        assert got["x-ratelimit-limit-requests"] == "100"
+        assert got["x-ratelimit-limit-tokens"] == "100000"
+        assert got["x-ratelimit-reset-requests"].endswith("s")
+        remaining.append(int(got["x-ratelimit-remaining-requests"]))
+    assert remaining == [99, 98, 97, 97, 97, 97, 97, 97]
+    # ...and a request without a valid key is told nothing about the key's limits
+    resp = await client.get("/v1/models")
+    assert resp.status == 401
+    assert not any(h.lower().startswith("x-ratelimit") for h in resp.headers)
+
+
+async def test_rate_limit_headers_on_refusals(gateway_for) -> None:
+    """403 (model not allowed), 429 budget and 429 rate limit all carry the headers."""
+    client = await gateway_for(
+        **keyed(
+            rpm=3,
+            tpm=100_000,
+            models=["gpt-oss-20b"],
+            budget={"tokens": 30, "period": "day"},
+        )
+    )
+    resp = await chat(client, model="not-allowed")
+    assert resp.status == 403
+    assert limit_headers(resp)["x-ratelimit-remaining-requests"] == "3"
+    assert (await chat(client)).status == 200  # 19 tokens
+    assert (await chat(client)).status == 200  # 38: over the budget now
+    resp = await chat(client)
+    assert resp.status == 429
+    assert (await resp.json())["error"]["code"] == "BUDGET_EXCEEDED"
+    got = limit_headers(resp)
+    assert got["x-ratelimit-remaining-requests"] == "1"
+    # 38 tokens used (settled to the real usage), refilling at 100 000 a minute since
+    assert 100_000 - 38 <= int(got["x-ratelimit-remaining-tokens"]) < 100_000 - 19
+
+
 # --- admin API and usage ---------------------------------------------------------------------
 
 
@@ -437,7 +506,8 @@ async def test_redis_down_then_back(
     resp = await chat(client)
     if on_error == "allow":
         assert resp.status == 200
-        assert "x-ratelimit-limit-requests" not in resp.headers
+        # unchecked: the headers say what this process last saw (one request admitted)
+        assert resp.headers["x-ratelimit-remaining-requests"] == "1"
     else:
         assert resp.status == 503
         assert (await resp.json())["error"]["code"] == "SERVICE_UNAVAILABLE"
@@ -544,3 +614,33 @@ async def test_server_span_names_the_key(gateway_for) -> None:
     assert server[0].attributes is not None
     assert server[0].attributes["inference.key"] == "team"
     assert KEY not in str([dict(s.attributes or {}) for s in memory.get_finished_spans()])
+
+
+async def test_redis_rate_limit_headers_without_an_admission(
+    redis_server: RedisServer, make_settings, make_gateway, fake_upstream
+) -> None:
+    """With Redis, responses that admit nothing report the limits from what this process last
+    saw (no Redis call for them), and so does an admission made while Redis is away."""
+    settings = make_settings(
+        {
+            "inference": {"base_url": fake_upstream.base_url},
+            **keyed(rpm=10, tpm=10_000, models=["gpt-oss-20b"]),
+            **redis_state(redis_server),
+        }
+    )
+    client = await make_gateway(settings)
+    assert (await chat(client)).status == 200
+    assert (await chat(client)).status == 200
+    for resp in (
+        await client.get("/v1/models", headers=auth()),
+        await chat(client, model="not-allowed"),
+        await client.post("/v1/embeddings", json={"input": 5}, headers=auth()),
+    ):
+        assert resp.status in (200, 400, 403)
+        got = limit_headers(resp)
+        assert got["x-ratelimit-limit-requests"] == "10"
+        assert got["x-ratelimit-remaining-requests"] == "8"
+    redis_server.stop()
+    resp = await chat(client)  # on_error allow: admitted unchecked, still told its limits
+    assert resp.status == 200
+    assert limit_headers(resp)["x-ratelimit-remaining-requests"] == "8"

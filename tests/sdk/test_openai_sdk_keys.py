@@ -80,3 +80,34 @@ async def test_sdk_budget_is_not_retried(gateway_for) -> None:
     assert spent.value.code == "BUDGET_EXCEEDED"
     assert spent.value.response.headers["x-should-retry"] == "false"
     await sdk.close()
+
+
+async def test_sdk_reads_rate_limit_headers_on_every_endpoint(gateway) -> None:
+    """Embeddings, completions, responses and the models list each carry the six headers;
+    so do the 403 and 429 errors the SDK raises."""
+    sdk = openai.AsyncOpenAI(base_url=str(gateway.make_url("/v1")), api_key=KEY, max_retries=0)
+    calls = (
+        sdk.embeddings.with_raw_response.create(model="gpt-oss-20b", input="hi"),
+        sdk.models.with_raw_response.list(),
+        sdk.completions.with_raw_response.create(model="gpt-oss-20b", prompt="hi", max_tokens=5),
+    )
+    seen = []
+    for call in calls:
+        raw = await call
+        assert raw.headers["x-ratelimit-limit-requests"] == "2"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
+        seen.append(raw.headers["x-ratelimit-remaining-requests"])
+    assert seen == ["1", "1", "0"]
+    errors: list[openai.APIStatusError] = []
+    with pytest.raises(openai.RateLimitError) as limited:
+        await sdk.responses.create(model="gpt-oss-20b", input="hi")
+    errors.append(limited.value)
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        await sdk.embeddings.create(model="llama-2-7b", input="hi")
+    errors.append(denied.value)
+    for error in errors:
+        assert error.response.headers["x-ratelimit-remaining-requests"] == "0"
+        assert error.response.headers["x-ratelimit-limit-tokens"] == "10000"
+        assert int(error.response.headers["x-ratelimit-remaining-tokens"]) <= 10000
+    await sdk.close()
