@@ -42,6 +42,11 @@ class RequestContext:
     #: (tenancy.access_middleware); None when auth is off.  The response cache partitions by it
     #: (``cache.scope: key``).
     key_name: str | None = None
+    #: The authenticated API key (tenancy.access_middleware; a ``tenancy_config.KeySpec``).
+    api_key: Any = None
+    #: The admission's rate-limit decision (tenancy.admit; a ``limits.Decision``), for the
+    #: response's ``x-ratelimit-*`` headers.
+    rate: Any = None
     #: What the response cache did: "hit", "miss", "bypass", or None when the cache is off
     #: (cache.py; read by the access line, metrics and the server span).
     cache: str | None = None

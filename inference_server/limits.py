@@ -77,8 +77,11 @@ class Plan:
     #: The slot keys alone (what an admitted request holds).
     slot_keys: tuple[str, ...] = ()
 
+    #: No limit at all (no GCRA state, no concurrency slot): a plain field, read per request.
+    empty: bool = True
+
     def __bool__(self) -> bool:
-        return bool(self.gcra or self.slots)
+        return not self.empty
 
 
 def compile_plan(scopes: Sequence[Scope]) -> Plan:
@@ -106,6 +109,7 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
         packed_keys=pack(keys),
         packed_argv=pack(spec),
         slot_keys=tuple(k for k, _ in slots),
+        empty=not gcra and not slots,
     )
 
 

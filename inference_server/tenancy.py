@@ -22,10 +22,11 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from loguru import logger
+from multidict import istr
 from redis.exceptions import RedisError
 
 from inference_server.auth import KeyStore, check_model
@@ -169,6 +170,16 @@ class TenantMetrics:
             return
         self._child(self.admissions, (self.label(key), outcome)).inc()
 
+    def admitted(self, key: str | None, decision: Decision | None) -> KeyChildren | None:
+        """An admission that passed; the key's children (one lookup for the admission's
+        records and, at settlement, its tokens)."""
+        children = self.for_key(key)
+        if children is not None:
+            children.admitted.inc()
+            if decision is not None:
+                children.last = decision
+        return children
+
     def decision(self, key: str | None, decision: Decision) -> None:
         children = self.for_key(key)
         if children is not None:
@@ -283,16 +294,12 @@ class Tenancy:
 #: Plans kept at most (then the cache starts over): far above keys × limited models.
 MAX_PLANS = 100_000
 TENANCY = web.AppKey("tenancy", Tenancy)
-#: The authenticated key of a request (absent: auth off, or not a /v1/* path).
-KEY = web.RequestKey("api_key", KeySpec)
-#: The admission decision of a request, for its response headers.
-DECISION = web.RequestKey("rate_decision", Decision)
 
 
 class Admission:
     """One admitted request's reservation; :meth:`settle` once, when the response ended."""
 
-    __slots__ = ("key", "member", "model", "plan", "reserved", "slots", "tenancy")
+    __slots__ = ("children", "key", "member", "model", "plan", "reserved", "slots", "tenancy")
 
     def __init__(
         self,
@@ -303,6 +310,7 @@ class Admission:
         reserved: int = 0,
         slots: tuple[str, ...] = (),
         member: str = "",
+        children: KeyChildren | None = None,
     ) -> None:
         self.tenancy = tenancy
         self.key = key
@@ -311,6 +319,8 @@ class Admission:
         self.reserved = reserved
         self.slots = slots
         self.member = member
+        #: The key's metric children, looked up once at admission.
+        self.children = children
 
     def settle(self, ctx: RequestContext) -> None:
         """Settle the token reservation to the real usage, free concurrency slots, record usage.
@@ -321,21 +331,24 @@ class Admission:
         t = self.tenancy
         if t is None:
             return
-        usage = ctx.usage if isinstance(ctx.usage, dict) else None
+        usage = ctx.usage if type(ctx.usage) is dict else None
+        key = self.key
+        budget = key.budget if key is not None else None
+        total = t.ledger.record(
+            key.id if key is not None else ANONYMOUS,
+            self.model,
+            usage,
+            ctx.usage_estimated,
+            budget.period if budget is not None else None,
+        )
         if usage is not None:
-            total = _tokens(usage)
             delta = total - self.reserved
+            if self.children is not None:
+                self.children.tokens(usage)
         elif ctx.status is None or ctx.status >= 400:
             delta = -self.reserved
         else:
             delta = 0
-        key = self.key
-        key_id = key.id if key is not None else ANONYMOUS
-        budget = key.budget if key is not None else None
-        t.ledger.record(
-            key_id, self.model, usage, ctx.usage_estimated, budget.period if budget else None
-        )
-        t.metrics.tokens(key.name if key else None, usage)
         plan = self.plan
         if plan is None:
             return
@@ -351,15 +364,6 @@ NO_ADMISSION = Admission()
 _members = itertools.count()
 
 
-def _tokens(usage: dict[str, Any]) -> int:
-    total = 0
-    for name in ("prompt_tokens", "completion_tokens"):
-        n = usage.get(name)
-        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-            total += n
-    return total
-
-
 def _reserve(body: dict[str, Any], default_max_tokens: int) -> int:
     """The token estimate reserved at admission: prompt estimate + the completion's bound."""
     out = body.get("max_completion_tokens") or body.get("max_tokens")
@@ -373,7 +377,7 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
     t = request.app.get(TENANCY)
     if t is None or not t.settings.active:  # off, or CORS only
         return NO_ADMISSION
-    key = request.get(KEY)
+    key: KeySpec | None = ctx.api_key
     model = ctx.model or ""
     name = key.name if key is not None else None
     if key is not None:
@@ -384,9 +388,8 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
             raise
     plan = t.plan(key, model)
     budget = key.budget if key is not None else None
-    if not plan and budget is None:
-        t.metrics.admission(name, "admitted")
-        return Admission(t, key, model)
+    if plan.empty and budget is None:
+        return Admission(t, key, model, children=t.metrics.admitted(name, None))
     reserved = _reserve(body, t.settings.default_max_tokens)
     member = ""  # Redis: this request's slot member (unique across processes)
     if t.redis_limiter is None:
@@ -397,7 +400,7 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
     else:
         member = f"{os.getpid()}:{next(_members)}"
         decision = await _admit_redis(t, t.redis_limiter, plan, reserved, key, member)
-    request[DECISION] = decision
+    ctx.rate = decision
     if not decision.ok:
         t.metrics.admission(name, decision.reason)
         t.metrics.decision(name, decision)
@@ -412,9 +415,13 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
         )
         err.client_retry = True
         raise err
-    t.metrics.admission(name, "unchecked" if decision.unchecked else "admitted")
-    t.metrics.decision(name, decision)
-    return Admission(t, key, model, plan, reserved, decision.slots, member)
+    if decision.unchecked:
+        t.metrics.admission(name, "unchecked")
+        t.metrics.decision(name, decision)
+        children = t.metrics.for_key(name)
+    else:
+        children = t.metrics.admitted(name, decision)
+    return Admission(t, key, model, plan, reserved, decision.slots, member, children)
 
 
 async def _admit_redis(
@@ -465,10 +472,8 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         except Exception:
             t.metrics.admission(None, "invalid_key")
             raise
-        request[KEY] = key
-        ctx = request.get(CTX)
-        if ctx is not None:
-            ctx.key_name = key.name
+        ctx = request[CTX]  # request_context (outermost) made it
+        ctx.api_key, ctx.key_name = key, key.name
     return await handler(request)
 
 
@@ -517,29 +522,55 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
             headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             if origin != "*":
                 headers["Vary"] = "Origin"
-    decision = request.get(DECISION)
+    ctx = request.get(CTX)  # None only for a protocol error no middleware saw
+    decision = ctx.rate if ctx is not None else None
     if decision is None or (decision.requests is None and decision.tokens is None):
-        decision = current_limits(request, t)  # issue 12: every keyed response has them
+        decision = current_limits(ctx, t)  # issue 12: every keyed response has them
         if decision is None:
             return
-    headers = response.headers
-    for suffix, dim in (("requests", decision.requests), ("tokens", decision.tokens)):
-        if dim is not None:
-            headers[f"x-ratelimit-limit-{suffix}"] = str(dim.limit)
-            headers[f"x-ratelimit-remaining-{suffix}"] = str(dim.remaining)
-            headers[f"x-ratelimit-reset-{suffix}"] = fmt_duration(dim.reset_secs)
+    response.headers.extend(rate_limit_headers(decision))
 
 
-def current_limits(request: web.Request, t: Tenancy) -> Decision | None:
+#: OpenAI's rate-limit header names, made case-insensitive strings once (not per response).
+_REQUESTS_HEADERS: Final = tuple(
+    istr(f"x-ratelimit-{what}-requests") for what in ("limit", "remaining", "reset")
+)
+_TOKENS_HEADERS: Final = tuple(
+    istr(f"x-ratelimit-{what}-tokens") for what in ("limit", "remaining", "reset")
+)
+
+
+def rate_limit_headers(decision: Decision) -> list[tuple[istr, str]]:
+    """The ``x-ratelimit-*`` headers of a decision (the tightest requests and tokens limits)."""
+    out: list[tuple[istr, str]] = []
+    dim = decision.requests
+    if dim is not None:
+        limit, remaining, reset = _REQUESTS_HEADERS
+        out += (
+            (limit, str(dim.limit)),
+            (remaining, str(dim.remaining)),
+            (reset, fmt_duration(dim.reset_secs)),
+        )
+    dim = decision.tokens
+    if dim is not None:
+        limit, remaining, reset = _TOKENS_HEADERS
+        out += (
+            (limit, str(dim.limit)),
+            (remaining, str(dim.remaining)),
+            (reset, fmt_duration(dim.reset_secs)),
+        )
+    return out
+
+
+def current_limits(ctx: RequestContext | None, t: Tenancy) -> Decision | None:
     """The limits of a response that had no admission (``/v1/models``, a 400 before the model
     was known, a 403, a budget refusal, Redis unreachable): read from this process's view of
     the state, never a Redis call.  None for a request without a valid key when auth is on."""
     if not t.settings.active:
         return None
-    key = request.get(KEY)
+    key = ctx.api_key if ctx is not None else None
     if key is None and t.settings.auth_enabled:
         return None
-    ctx = request.get(CTX)
     plan = t.plan(key, (ctx.model if ctx is not None else None) or "")
     if t.redis_limiter is None:
         return peek(plan, t.limiter.tats, t.limiter.clock())
