@@ -43,7 +43,8 @@ upstreams:
 	bash scripts/install-triton.sh
 
 # Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway; a
-# redis-server per test run (on a free port) holds shared state.
+# redis-server per test run (on a free port) holds shared state; nginx balances gateway replicas
+# in the replica tests (tests/process/test_replicas.py).
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
 	  && command -v redis-server >/dev/null \
