@@ -23,7 +23,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -143,8 +142,13 @@ def request_reload(app: web.Application) -> None:
 
 
 async def _reload_logged(app: web.Application) -> None:
-    with contextlib.suppress(GatewayError):  # already logged by reload()
+    try:
         await reload(app)
+    except GatewayError as exc:  # invalid settings: each problem is logged by reload()
+        if not isinstance(exc, InvalidSettings):
+            logger.warning("reload refused: {}", exc.message)
+    except Exception:  # noqa: BLE001 (a bug must not pass silently; the old runtime stays)
+        logger.exception("reload failed; the running settings are kept")
 
 
 def setup_routes(app: web.Application) -> None:

@@ -267,3 +267,25 @@ def _until(condition: Any, timeout: float) -> None:
     while not condition():
         assert time.monotonic() < deadline, "condition not met in time"
         time.sleep(0.01)
+
+
+def test_sighup_with_an_invalid_file_keeps_serving_the_old_settings(tmp_path: Path) -> None:
+    cfg = {
+        "inference": {"provider": "mock"},
+        "logging": {"level": "info", "access_log": False},
+        "server": {"drain_delay_secs": 0},
+    }
+    port = free_port()
+    with replica(tmp_path, port, cfg, "--workers", "2") as proc:
+        (tmp_path / "settings.yaml").write_text(json.dumps({"default": {**cfg, "bogus": 1}}))
+        proc.send_signal(signal.SIGHUP)
+        # The supervisor and both workers each validate and refuse it, naming the problem.
+        lines = wait_for_lines(
+            tmp_path / "server.log", lambda line: "reload rejected" in line, 3, timeout=15
+        )
+        assert all("bogus" in line for line in lines)
+        for _ in range(6):
+            status, _, body = request(port, "GET", "/health/ready", None)
+            assert status == 200
+            assert json.loads(body)["generation"] == 0
+            assert request(port)[0] == 200
