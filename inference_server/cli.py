@@ -73,7 +73,7 @@ def _serve(
 
     from inference_server import logs
     from inference_server.app import create_app
-    from inference_server.reload import request_reload
+    from inference_server.reload import RELOADER, request_reload
     from inference_server.server import BindError, serve
 
     # SIGHUP reloads once the loop's handler is installed (server.serve); until then it must
@@ -110,6 +110,7 @@ def _serve(
     code = 0
     try:
         app = create_app(settings, loader)
+        app[RELOADER].supervisor_pid = parent_pid  # POST /admin/reload reloads every worker
         try:
             loop.run_until_complete(
                 serve(

@@ -23,7 +23,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
+import os
+import signal
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -32,7 +35,12 @@ from aiohttp import web
 from loguru import logger
 
 from inference_server.cache import CACHE, ResponseCache, make_cache
-from inference_server.errors import GatewayError, InvalidSettings, ServiceUnavailable
+from inference_server.errors import (
+    GatewayError,
+    InternalError,
+    InvalidSettings,
+    ServiceUnavailable,
+)
 from inference_server.health import HealthMonitor
 from inference_server.keys import (
     BACKGROUND,
@@ -64,6 +72,11 @@ class Reloader:
         self.retiring: set[asyncio.Task[None]] = set()
         #: The start-up runtime: its objects are closed by their own cleanup contexts.
         self.first: Runtime | None = None
+        #: With --workers: the supervisor's pid (``POST /admin/reload`` asks it to reload
+        #: every worker, this one included, instead of reloading this worker alone).
+        self.supervisor_pid: int | None = None
+        #: ``POST /admin/reload`` requests waiting for the SIGHUP the supervisor sends back.
+        self.waiters: list[asyncio.Future[dict[str, Any]]] = []
 
 
 RELOADER = web.AppKey("reloader", Reloader)
@@ -124,12 +137,37 @@ async def ready(request: web.Request) -> web.Response:
 # --- reload -----------------------------------------------------------------------------------
 
 
+#: How long ``POST /admin/reload`` under a supervisor waits for its worker's reload.
+SUPERVISED_RELOAD_SECS = 30.0
+
+
 async def admin_reload(request: web.Request) -> web.Response:
-    """POST /admin/reload — re-read and apply the settings; 422 (nothing changed) if invalid."""
+    """POST /admin/reload — re-read and apply the settings; 422 (nothing changed) if invalid.
+
+    Under ``--workers`` the request reaches one worker, but every worker must reload: it sends
+    SIGHUP to the supervisor (which validates and forwards it to every worker, this one too,
+    exactly as for ``kill -HUP``) and answers with this worker's outcome of that reload.
+    """
     from inference_server.handlers import require_admin
 
     require_admin(request)
-    report = await reload(request.app)
+    app = request.app
+    reloader = app[RELOADER]
+    pid = reloader.supervisor_pid
+    if pid is None:
+        report = await reload(app)
+    else:
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        reloader.waiters.append(waiter)
+        try:
+            os.kill(pid, signal.SIGHUP)
+            async with asyncio.timeout(SUPERVISED_RELOAD_SECS):
+                report = await waiter
+        except (OSError, TimeoutError) as exc:
+            raise ServiceUnavailable(f"The supervisor did not run the reload: {exc}") from exc
+        finally:
+            with contextlib.suppress(ValueError):
+                reloader.waiters.remove(waiter)
     return web.Response(body=orjson.dumps(report), content_type="application/json")
 
 
@@ -142,13 +180,25 @@ def request_reload(app: web.Application) -> None:
 
 
 async def _reload_logged(app: web.Application) -> None:
+    reloader = app[RELOADER]
+    waiters, reloader.waiters = reloader.waiters, []  # POSTs that asked for this SIGHUP
     try:
-        await reload(app)
+        report = await reload(app)
     except GatewayError as exc:  # invalid settings: each problem is logged by reload()
         if not isinstance(exc, InvalidSettings):
             logger.warning("reload refused: {}", exc.message)
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(exc)
     except Exception:  # noqa: BLE001 (a bug must not pass silently; the old runtime stays)
         logger.exception("reload failed; the running settings are kept")
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_exception(InternalError("The reload failed; the settings are kept"))
+    else:
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(report)
 
 
 def setup_routes(app: web.Application) -> None:

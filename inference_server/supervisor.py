@@ -91,6 +91,8 @@ class Worker:
     ready_conn: Connection
     started: float
     ready_at: float | None = None
+    #: The supervisor's reload count when this worker was forked (its settings' version).
+    version: int = 0
 
     @property
     def pid(self) -> int:
@@ -120,6 +122,8 @@ class Supervisor:
         self.worker_main = worker_main
         self.loader = loader
         self.hangup = False
+        #: SIGHUPs handled: a worker forked before the latest one reloads once it is ready.
+        self.version = 0
         self.ctx = multiprocessing.get_context("fork")
         self.log = ParentLog(settings.logging.format, settings.logging.level)
         self.workers: list[Worker] = []
@@ -156,7 +160,7 @@ class Supervisor:
         proc = self.ctx.Process(target=self._child, args=(writer,), daemon=False)
         proc.start()
         writer.close()
-        self.workers.append(Worker(proc, reader, time.monotonic()))
+        self.workers.append(Worker(proc, reader, time.monotonic(), version=self.version))
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         if signum == signal.SIGHUP:
@@ -178,10 +182,16 @@ class Supervisor:
                     self.log("ERROR", f"reload rejected, settings kept: {problem}")
             else:
                 self.settings = dataclasses.replace(fresh, server=self.settings.server)
+        self.version += 1
         self.log("INFO", f"SIGHUP: reloading {len(self.workers)} workers", event="reload")
         for worker in self.workers:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(worker.pid, signal.SIGHUP)
+            if worker.ready_at is not None:  # a starting one ignores SIGHUP: see _mark_ready
+                self._hangup(worker)
+
+    def _hangup(self, worker: Worker) -> None:
+        worker.version = self.version
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGHUP)
 
     def _reap(self, worker: Worker) -> None:
         """A worker died: clean its metrics, log it, and schedule (or refuse) a replacement."""
@@ -229,6 +239,8 @@ class Supervisor:
         worker.ready_conn.close()
         worker.ready_at = time.monotonic()
         self.log("INFO", f"worker {worker.pid} is serving", event="worker_ready", pid=worker.pid)
+        if worker.version < self.version:  # forked before a SIGHUP it could not handle yet
+            self._hangup(worker)
 
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT or a fatal start-up failure; the exit code."""

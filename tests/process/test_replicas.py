@@ -289,3 +289,35 @@ def test_sighup_with_an_invalid_file_keeps_serving_the_old_settings(tmp_path: Pa
             assert status == 200
             assert json.loads(body)["generation"] == 0
             assert request(port)[0] == 200
+
+
+def test_admin_reload_under_workers_reloads_every_worker_once(tmp_path: Path) -> None:
+    token = "admin-reload-token-123"
+    cfg = {
+        "inference": {"provider": "mock"},
+        "logging": {"level": "info", "access_log": False},
+        "server": {"drain_delay_secs": 0, "admin_token": token},
+    }
+    port = free_port()
+    with replica(tmp_path, port, cfg, "--workers", "2"):
+        new = {**cfg, "inference": {"provider": "mock", "options": {"models": ["m2"]}}}
+        (tmp_path / "settings.yaml").write_text(json.dumps({"default": new}))
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.request("POST", "/admin/reload", headers={"Authorization": f"Bearer {token}"})
+        resp = conn.getresponse()
+        report = json.loads(resp.read())
+        conn.close()
+        assert resp.status == 200, report
+        assert report["generation"] == 1
+        assert report["new_providers"] == ["local"]
+        # The supervisor forwarded it: each worker reloaded once (not the one asked twice).
+        lines = wait_for_lines(
+            tmp_path / "server.log", lambda line: "settings reloaded (generation" in line, 2, 15
+        )
+        assert all("generation 1" in line for line in lines)
+        for _ in range(10):  # new connections: both workers answer over the run
+            status, _, body = request(port, "GET", "/health/ready", None)
+            assert status == 200
+            assert json.loads(body)["generation"] == 1
+        text = (tmp_path / "server.log").read_text()
+        assert text.count("settings reloaded (generation") == 2
