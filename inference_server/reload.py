@@ -137,6 +137,8 @@ async def ready(request: web.Request) -> web.Response:
 # --- reload -----------------------------------------------------------------------------------
 
 
+#: At most this many problems are quoted in the 422 (all of them are logged).
+MAX_PROBLEMS_SHOWN = 20
 #: How long ``POST /admin/reload`` under a supervisor waits for its worker's reload.
 SUPERVISED_RELOAD_SECS = 30.0
 
@@ -223,8 +225,12 @@ async def reload(app: web.Application) -> dict[str, Any]:
         except ConfigError as exc:
             for problem in exc.problems:
                 logger.error("reload rejected, settings kept: {}", problem)
+            shown = exc.problems[:MAX_PROBLEMS_SHOWN]
+            more = len(exc.problems) - len(shown)
             raise InvalidSettings(
-                "Settings are invalid; the running ones are kept: " + "; ".join(exc.problems)
+                "Settings are invalid; the running ones are kept: "
+                + "; ".join(shown)
+                + (f"; and {more} more (see the log)" if more > 0 else "")
             ) from exc
         old = ref.current
         new, fresh = _build(app, old, settings)
@@ -274,16 +280,22 @@ def _build(app: web.Application, old: Runtime, settings: Settings) -> tuple[Runt
     session = app[HTTP_SESSION]
     providers: dict[str, Provider] = {}
     fresh: list[str] = []
-    try:
-        for name, config in settings.providers.items():
-            previous = old.router.providers.get(name)
-            if previous is not None and previous.config == config:
-                providers[name] = previous
-            else:
-                providers[name] = settings.plugins[config.plugin].plugin.factory(session, config)
-                fresh.append(name)
-    except Exception as exc:
-        raise InvalidSettings(f"Settings are invalid; the running ones are kept: {exc}") from exc
+    for name, config in settings.providers.items():
+        previous = old.router.providers.get(name)
+        if previous is not None and previous.config == config:
+            providers[name] = previous
+            continue
+        try:
+            providers[name] = settings.plugins[config.plugin].plugin.factory(session, config)
+        except Exception as exc:
+            # What start-up would die of: the reload is refused; the ones built are dropped.
+            logger.error("reload rejected, settings kept: provider {}: {}", name, exc)
+            for built in fresh:
+                _close_later(app[RELOADER], providers[built])
+            raise InvalidSettings(
+                f"Settings are invalid; the running ones are kept: provider {name}: {exc}"
+            ) from exc
+        fresh.append(name)
     metrics = app[METRICS]
     router = Router(settings, providers, on_breaker=metrics.breaker_transition)
     from inference_server.app import known_names  # (app imports this module)
@@ -360,6 +372,20 @@ def _after_swap(app: web.Application, new: Runtime) -> None:
         background = app[BACKGROUND]
         background.add(task)
         task.add_done_callback(background.discard)
+
+
+def _close_later(reloader: Reloader, provider: Provider) -> None:
+    """Close a provider no request has seen (a refused reload built it)."""
+
+    async def close() -> None:
+        try:
+            await provider.aclose()
+        except Exception:  # noqa: BLE001 (logged; nothing else depends on it)
+            logger.exception("reload: closing provider {} failed", provider.config.name)
+
+    task = asyncio.create_task(close())
+    reloader.retiring.add(task)
+    task.add_done_callback(reloader.retiring.discard)
 
 
 def _retire(app: web.Application, old: Runtime, new: Runtime) -> None:

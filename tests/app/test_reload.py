@@ -10,12 +10,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
+from inference_server_mock import MockProvider
 
 from inference_server.app import create_app
 from inference_server.keys import RUNTIME
+from inference_server.providers.base import Provider, ProviderConfig, ProviderPlugin
 from inference_server.reload import RELOADER
 from inference_server.settings import load_settings
 from tests.conftest import SettingsFactory
@@ -319,3 +322,29 @@ async def test_concurrent_reloads_run_one_at_a_time(
     generations = sorted([(await r.json())["generation"] for r in answers])
     assert generations == [1, 2, 3]
     assert (await chat(client, "x")).status == 200
+
+
+def exploding(session: aiohttp.ClientSession, config: ProviderConfig) -> Provider:
+    """A plugin factory that fails for one base URL (what start-up would die of)."""
+    if "explode" in config.base_url:
+        raise RuntimeError("cannot build this provider")
+    return MockProvider(session, config)
+
+
+async def test_a_provider_that_cannot_be_built_rejects_the_reload(
+    make_settings: SettingsFactory, tmp_path: Path, aiohttp_client: Any
+) -> None:
+    plugins = {"boom": ProviderPlugin(name="boom", factory=exploding, default_base_url="x://y")}
+    cfg = config({"a": {"plugin": "boom"}}, {"chat": {"provider": "a"}})
+    settings = make_settings(cfg, plugins=plugins)
+    loader = lambda: load_settings(tmp_path / "settings.yaml", plugins=plugins)  # noqa: E731
+    client: Client = await aiohttp_client(create_app(settings, loader))
+    cfg["providers"]["b"] = {"plugin": "boom", "base_url": "x://explode"}
+    make_settings(cfg, plugins=plugins)
+    resp = await client.post("/admin/reload", headers=ADMIN)
+    assert resp.status == 422
+    err = (await resp.json())["error"]
+    assert err["code"] == "INVALID_SETTINGS"
+    assert "provider b: cannot build this provider" in err["message"]
+    assert (await (await client.get("/health/ready")).json())["generation"] == 0
+    assert (await chat(client)).status == 200
