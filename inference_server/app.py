@@ -94,13 +94,7 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     known_names(settings, router, metrics)
     for dep in router.deployments:
         metrics.breaker_state(dep.id, dep.breaker.state)
-    health = HealthMonitor(
-        providers,
-        router,
-        max_age_secs=settings.health_probe_max_age_secs,
-        probe_timeout_secs=settings.health_probe_timeout_secs,
-        intervals=settings.health_checks,
-    )
+    health = make_health(settings, providers, router)
     app[ROUTER] = router
     app[HEALTH] = health
     health.start()
@@ -116,6 +110,19 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(*background, return_exceptions=True)
     await health.aclose()
     await router.aclose()
+
+
+def make_health(
+    settings: Settings, providers: dict[str, Provider], router: Router
+) -> HealthMonitor:
+    """The health monitor of ``providers`` (start-up, and every reload's new runtime)."""
+    return HealthMonitor(
+        providers,
+        router,
+        max_age_secs=settings.health_probe_max_age_secs,
+        probe_timeout_secs=settings.health_probe_timeout_secs,
+        intervals=settings.health_checks,
+    )
 
 
 #: How often the shorthand's provider is asked for its models (metric labels, see above).

@@ -41,7 +41,6 @@ from inference_server.errors import (
     InvalidSettings,
     ServiceUnavailable,
 )
-from inference_server.health import HealthMonitor
 from inference_server.keys import (
     BACKGROUND,
     HEALTH,
@@ -298,16 +297,10 @@ def _build(app: web.Application, old: Runtime, settings: Settings) -> tuple[Runt
         fresh.append(name)
     metrics = app[METRICS]
     router = Router(settings, providers, on_breaker=metrics.breaker_transition)
-    from inference_server.app import known_names  # (app imports this module)
+    from inference_server.app import known_names, make_health  # (app imports this module)
 
     known_names(settings, router, metrics)
-    health = HealthMonitor(
-        providers,
-        router,
-        max_age_secs=settings.health_probe_max_age_secs,
-        probe_timeout_secs=settings.health_probe_timeout_secs,
-        intervals=settings.health_checks,
-    )
+    health = make_health(settings, providers, router)
     cache: ResponseCache | None = old.cache
     if (
         settings.cache != old.settings.cache

@@ -10,10 +10,8 @@ from __future__ import annotations
 import contextlib
 import http.client
 import json
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +22,7 @@ from typing import Any
 import pytest
 
 from tests.support.nginx import nginx
-from tests.support.procs import free_port, running_process, wait_for_lines
+from tests.support.procs import free_port, gateway_process, wait_for_lines
 from tests.support.redis_server import RedisServer
 
 CHAT = json.dumps(
@@ -50,22 +48,7 @@ def replica(
 ) -> Iterator[subprocess.Popen[bytes]]:
     """One gateway process on ``port``, serving ``d/settings.yaml``; ready once
     ``/health/ready`` answers 200."""
-    d.mkdir(parents=True, exist_ok=True)
-    settings = d / "settings.yaml"
-    settings.write_text(json.dumps({"default": cfg}))
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("INFERENCE_", "OTEL_", "PROMETHEUS_")) and k != "RUN_ENV"
-    }
-    cmd = [sys.executable, "-m", "inference_server", "--config", str(settings)]
-    with running_process(
-        [*cmd, "--host", "127.0.0.1", "--port", str(port), *args],
-        env=env,
-        ready_url=f"http://127.0.0.1:{port}/health/ready",
-        timeout=30,
-        log_path=d / "server.log",
-    ) as proc:
+    with gateway_process(d, cfg, *args, port=port, ready_path="/health/ready") as (proc, _):
         yield proc
 
 
