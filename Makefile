@@ -43,13 +43,15 @@ upstreams:
 	bash scripts/install-triton.sh
 
 # Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway; a
-# redis-server per test run (on a free port) holds shared state.
+# redis-server per test run (on a free port) holds shared state; nginx balances gateway replicas
+# in the replica tests (tests/process/test_replicas.py).
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
-	  && command -v redis-server >/dev/null || { \
+	  && command -v redis-server >/dev/null \
+	  && { command -v nginx >/dev/null || test -x /usr/sbin/nginx; } || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus redis-server; }
+	    prometheus redis-server nginx; }
 
 # Lint first (seconds), then every tier, on the locked versions.
 test: install lint upstreams system-deps

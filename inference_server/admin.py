@@ -22,8 +22,9 @@ from aiohttp import web
 from inference_server.auth import MAX_VIRTUAL_KEYS, digest
 from inference_server.errors import InvalidRequest, NotFound, ServiceUnavailable
 from inference_server.handlers import require_admin
+from inference_server.keys import CTX
 from inference_server.server import read_body
-from inference_server.tenancy import STATE_ERRORS, TENANCY, Tenancy
+from inference_server.tenancy import STATE_ERRORS, Tenancy
 from inference_server.tenancy_config import (
     KEY_NAME,
     Budget,
@@ -45,7 +46,7 @@ def _json(obj: object, status: int = 200) -> web.Response:
 
 def _tenancy(request: web.Request) -> Tenancy:
     require_admin(request)
-    t = request.app.get(TENANCY)
+    t = request[CTX].runtime.tenancy  # the current one after a reload (issue 16)
     if t is None:
         raise NotFound(
             "Keys and usage are off: set auth.enabled: true (or limits) to use /admin/keys"

@@ -8,14 +8,14 @@ built on them); then middlewares (outermost first) and routes.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 import orjson
 from aiohttp import web
 from loguru import logger
 
-from inference_server import logs, tenancy
+from inference_server import logs, reload, tenancy
 from inference_server.cache import cache_ctx
 from inference_server.endpoints.store import response_store_ctx
 from inference_server.handlers import setup_routes
@@ -27,9 +27,11 @@ from inference_server.keys import (
     IN_FLIGHT,
     METRICS,
     ROUTER,
+    RUNTIME,
     SETTINGS,
     TELEMETRY,
     InFlight,
+    RuntimeRef,
 )
 from inference_server.metrics import Metrics
 from inference_server.middlewares import error_envelope, request_context
@@ -89,24 +91,18 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
         providers[name] = plugin.factory(session, config)
     metrics = app[METRICS]
     router = Router(settings, providers, on_breaker=metrics.breaker_transition)
-    _known_names(settings, router, metrics)
+    known_names(settings, router, metrics)
     for dep in router.deployments:
         metrics.breaker_state(dep.id, dep.breaker.state)
-    health = HealthMonitor(
-        providers,
-        router,
-        max_age_secs=settings.health_probe_max_age_secs,
-        probe_timeout_secs=settings.health_probe_timeout_secs,
-        intervals=settings.health_checks,
-    )
+    health = make_health(settings, providers, router)
     app[ROUTER] = router
     app[HEALTH] = health
     health.start()
     if not settings.routes and not settings.allowed_models:
         # The shorthand serves whatever name its provider has: the names it lists (bounded)
         # become metric labels, read now and kept current; any other name counts as "other".
-        await _list_models(router, metrics, settings.health_probe_timeout_secs)
-        app[BACKGROUND].add(asyncio.create_task(_keep_listing_models(router, metrics)))
+        await list_models(router, metrics, settings.health_probe_timeout_secs)
+        app[BACKGROUND].add(asyncio.create_task(_keep_listing_models(app, metrics)))
     yield
     background = app[BACKGROUND]
     for task in background:
@@ -116,11 +112,24 @@ async def _providers_ctx(app: web.Application) -> AsyncIterator[None]:
     await router.aclose()
 
 
+def make_health(
+    settings: Settings, providers: dict[str, Provider], router: Router
+) -> HealthMonitor:
+    """The health monitor of ``providers`` (start-up, and every reload's new runtime)."""
+    return HealthMonitor(
+        providers,
+        router,
+        max_age_secs=settings.health_probe_max_age_secs,
+        probe_timeout_secs=settings.health_probe_timeout_secs,
+        intervals=settings.health_checks,
+    )
+
+
 #: How often the shorthand's provider is asked for its models (metric labels, see above).
 LISTED_MODELS_REFRESH_SECS = 60.0
 
 
-def _known_names(settings: Settings, router: Router, metrics: Metrics) -> None:
+def known_names(settings: Settings, router: Router, metrics: Metrics) -> None:
     """Tell metrics every name the configuration declares: only these (and the models the
     shorthand's provider lists) become label values; the rest count as "other"."""
     experiments = settings.experiments.values()
@@ -148,7 +157,7 @@ def _known_names(settings: Settings, router: Router, metrics: Metrics) -> None:
     )
 
 
-async def _list_models(router: Router, metrics: Metrics, limit_secs: float) -> None:
+async def list_models(router: Router, metrics: Metrics, limit_secs: float) -> None:
     """One read of the provider's model list into metrics (a failure keeps the last list)."""
     try:
         async with asyncio.timeout(limit_secs):
@@ -162,10 +171,11 @@ async def _list_models(router: Router, metrics: Metrics, limit_secs: float) -> N
         logger.debug("metrics: could not list the provider's models: {}", exc)
 
 
-async def _keep_listing_models(router: Router, metrics: Metrics) -> None:
+async def _keep_listing_models(app: web.Application, metrics: Metrics) -> None:
     while True:
         await asyncio.sleep(LISTED_MODELS_REFRESH_SECS)
-        await _list_models(router, metrics, LISTED_MODELS_REFRESH_SECS / 2)
+        router = app[RUNTIME].current.router  # the current one after a reload (issue 16)
+        await list_models(router, metrics, LISTED_MODELS_REFRESH_SECS / 2)
 
 
 async def _telemetry_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -186,8 +196,9 @@ async def _cut_at_deadline(app: web.Application) -> None:
     await cut_at_deadline(app, app[SETTINGS].server.shutdown_timeout_secs)
 
 
-def create_app(settings: Settings) -> web.Application:
-    """Assemble the gateway for already-validated ``settings``."""
+def create_app(settings: Settings, loader: Callable[[], Settings] | None = None) -> web.Application:
+    """Assemble the gateway for already-validated ``settings``; ``loader`` re-reads them for a
+    hot reload (SIGHUP, ``POST /admin/reload``; None: reloads are refused)."""
     app = web.Application(
         # error_envelope also tracks every handler task for the shutdown deadline (its 503).
         middlewares=[request_context, error_envelope],
@@ -196,6 +207,7 @@ def create_app(settings: Settings) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = Metrics(settings.metrics)
     app[IN_FLIGHT] = InFlight()
+    app[RUNTIME] = RuntimeRef()  # issue 16: the reloadable snapshot (reload.runtime_ctx)
     background: set[asyncio.Task[None]] = set()
     app[BACKGROUND] = background
     app.on_shutdown.append(_cut_at_deadline)
@@ -206,6 +218,7 @@ def create_app(settings: Settings) -> web.Application:
     app.cleanup_ctx.append(response_store_ctx)  # the Responses API's store (issue 14)
     app.cleanup_ctx.append(_providers_ctx)
     tenancy.install(app, settings)  # issue 12: keys, limits, usage, CORS (off: nothing added)
+    reload.install(app, loader)  # issue 16: the runtime snapshot, hot reload (after the above)
     setup_routes(app)
     app[METRICS].know(
         endpoints=["unmatched", *(r.canonical for r in app.router.resources())],

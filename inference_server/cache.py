@@ -61,6 +61,7 @@ if TYPE_CHECKING:
     from redis.asyncio import Redis
 
     from inference_server.metrics import Metrics
+    from inference_server.settings import Settings
 
 #: Request fields that do not change the answer (transport and attribution).
 EXCLUDED = frozenset({"stream", "stream_options", "user"})
@@ -709,21 +710,25 @@ def wanted(settings: CacheSettings) -> bool:
     return settings.enabled or any(m.enabled for m in settings.models.values())
 
 
+def make_cache(app: web.Application, settings: Settings) -> ResponseCache | None:
+    """The cache ``settings`` ask for, or None (start-up, and a hot reload that changed it)."""
+    cfg = settings.cache
+    if not wanted(cfg):
+        return None
+    metrics = app[METRICS]
+    store: MemoryStore | RedisStore
+    redis = app[REDIS]
+    if cfg.backend == "redis" and redis is not None:
+        store = RedisStore(redis, app[REDIS_HEALTH], cfg, metrics)
+    else:
+        store = MemoryStore(cfg, metrics)
+    logger.info("response cache on ({} backend, scope {})", cfg.backend, cfg.scope)
+    return ResponseCache(cfg, metrics, store, settings.routing.max_time_secs)
+
+
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
     """cleanup_ctx (after state_ctx, whose Redis client the redis backend borrows)."""
-    settings = app[SETTINGS]
-    cfg = settings.cache
-    cache: ResponseCache | None = None
-    if wanted(cfg):
-        metrics = app[METRICS]
-        store: MemoryStore | RedisStore
-        redis = app[REDIS]
-        if cfg.backend == "redis" and redis is not None:
-            store = RedisStore(redis, app[REDIS_HEALTH], cfg, metrics)
-        else:
-            store = MemoryStore(cfg, metrics)
-        cache = ResponseCache(cfg, metrics, store, settings.routing.max_time_secs)
-        logger.info("response cache on ({} backend, scope {})", cfg.backend, cfg.scope)
+    cache = make_cache(app, app[SETTINGS])
     app[CACHE] = cache
     yield
     if cache is not None:

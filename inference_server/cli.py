@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import gc
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -61,6 +62,7 @@ def _serve(
     reuse_port: bool,
     on_ready: Callable[[], None] | None = None,
     parent_pid: int | None = None,
+    loader: Callable[[], Settings] | None = None,
 ) -> int:
     """Run one worker until SIGTERM/SIGINT; its exit code (3: it could not bind).
 
@@ -71,7 +73,12 @@ def _serve(
 
     from inference_server import logs
     from inference_server.app import create_app
+    from inference_server.reload import RELOADER, request_reload
     from inference_server.server import BindError, serve
+
+    # SIGHUP reloads once the loop's handler is installed (server.serve); until then it must
+    # not kill the process (its default action).
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
     logs.setup_logging(settings.logging)
     from loguru import logger
@@ -102,7 +109,8 @@ def _serve(
     asyncio.set_event_loop(loop)
     code = 0
     try:
-        app = create_app(settings)
+        app = create_app(settings, loader)
+        app[RELOADER].supervisor_pid = parent_pid  # POST /admin/reload reloads every worker
         try:
             loop.run_until_complete(
                 serve(
@@ -112,6 +120,7 @@ def _serve(
                     on_ready=on_ready,
                     banner=banner,
                     parent_pid=parent_pid,
+                    on_hangup=lambda: request_reload(app),
                 )
             )
         except BindError as exc:
@@ -137,15 +146,23 @@ def _finish_loop(loop: asyncio.AbstractEventLoop) -> None:
     loop.run_until_complete(loop.shutdown_asyncgens())
 
 
-def _worker(settings: Settings, on_ready: Callable[[], None]) -> int:
+def _worker(
+    settings: Settings, on_ready: Callable[[], None], loader: Callable[[], Settings] | None = None
+) -> int:
     """A supervised worker (forked: its parent is the supervisor, which it watches)."""
-    return _serve(settings, True, on_ready, parent_pid=os.getppid())
+    return _serve(settings, True, on_ready, parent_pid=os.getppid(), loader=loader)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    overrides = _overrides(args)
+
+    def loader() -> Settings:
+        """The same sources and validation as start-up: what a hot reload re-reads."""
+        return load_settings(args.config, overrides=overrides)
+
     try:
-        settings = load_settings(args.config, overrides=_overrides(args))
+        settings = loader()
     except ConfigError as exc:
         print(
             f"configuration error(s) in env '{os.environ.get('RUN_ENV', 'development')}':",
@@ -181,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     cleanup_metrics = metrics.prepare_multiprocess(settings.metrics, settings.server.workers)
     try:
         if settings.server.workers > 1:
-            return Supervisor(settings, _worker).run()
-        return _serve(settings, reuse_port=False)
+            return Supervisor(settings, _worker, loader).run()
+        return _serve(settings, reuse_port=False, loader=loader)
     finally:
         cleanup_metrics()

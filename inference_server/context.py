@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from loguru import logger
 
@@ -16,6 +16,8 @@ from inference_server.scrub import header_value
 
 if TYPE_CHECKING:
     from loguru import Logger
+
+    from inference_server.keys import Runtime
 
 #: "None" in log fields and ids (the same marker logs.py writes).
 NONE = "-"
@@ -26,6 +28,10 @@ class RequestContext:
     """Everything the pipeline, the access log, metrics and traces know about one request."""
 
     request_id: str
+    #: The runtime snapshot (settings, router, health, cache, tenancy) this request took at
+    #: admission (middlewares.request_context): a hot reload never changes it under a request
+    #: in flight (issue 16).  Unset only in unit tests that build a context by hand.
+    runtime: Runtime = field(default=cast("Runtime", None), repr=False)
     #: perf_counter() at arrival (middleware).
     started: float = field(default_factory=time.perf_counter)
     #: Low-cardinality route label for metrics: the matched resource, e.g. "/v1/chat/completions".

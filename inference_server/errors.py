@@ -90,6 +90,14 @@ class InvalidRequest(GatewayError):
     default_code = "INVALID_REQUEST"
 
 
+class InvalidSettings(GatewayError):
+    """A hot reload's settings failed validation; the running settings are kept (422, issue 16)."""
+
+    status = 422
+    type = "invalid_request_error"
+    default_code = "INVALID_SETTINGS"
+
+
 class NotFound(GatewayError):
     """No such route or resource (404)."""
 

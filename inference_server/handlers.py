@@ -13,7 +13,7 @@ from inference_server.endpoints.completions import completions
 from inference_server.endpoints.embeddings import embeddings
 from inference_server.endpoints.responses import delete_response, get_response, responses
 from inference_server.errors import Forbidden, Unauthorized
-from inference_server.keys import HEALTH, METRICS, ROUTER, SETTINGS
+from inference_server.keys import CTX, METRICS, SETTINGS
 from inference_server.pipeline import chat_completions
 from inference_server.server import expect_continue
 
@@ -31,8 +31,9 @@ async def root(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     """GET /health — healthy, degraded (a deployment is out) or unhealthy (503: a route has none)."""
-    settings = request.app[SETTINGS]
-    status, details = await request.app[HEALTH].report()
+    runtime = request[CTX].runtime
+    settings = runtime.settings
+    status, details = await runtime.health.report()
     for name, info in details["providers"].items():
         info["plugin"] = settings.providers[name].plugin
     # Probe details quote upstream error text: a secret echoed there never reaches the client.
@@ -48,17 +49,17 @@ async def health(request: web.Request) -> web.Response:
 
 async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models."""
-    return _json({"object": "list", "data": await request.app[ROUTER].list_models()})
+    return _json({"object": "list", "data": await request[CTX].runtime.router.list_models()})
 
 
 async def get_model(request: web.Request) -> web.Response:
     """GET /v1/models/{model_id} (ids may contain '/', e.g. 'meta/llama-3')."""
-    return _json(await request.app[ROUTER].get_model(request.match_info["model_id"]))
+    return _json(await request[CTX].runtime.router.get_model(request.match_info["model_id"]))
 
 
 def require_admin(request: web.Request) -> None:
     """Admin endpoints need ``Authorization: Bearer <server.admin_token>``; off when unset."""
-    token = request.app[SETTINGS].admin_token
+    token = request[CTX].runtime.settings.admin_token  # the current one after a reload
     if not token:
         raise Forbidden("Admin endpoints are disabled: set server.admin_token to enable them")
     given = request.headers.get("Authorization", "")
@@ -78,7 +79,7 @@ def _digest(text: str) -> bytes:
 async def admin_experiments(request: web.Request) -> web.Response:
     """GET /admin/experiments — per-variant and shadow counters of this worker process."""
     require_admin(request)
-    router = request.app[ROUTER]
+    router = request[CTX].runtime.router
     return _json(
         {
             "object": "list",
@@ -111,3 +112,6 @@ def setup_routes(app: web.Application) -> None:
     from inference_server.admin import setup_admin_routes  # (admin imports require_admin)
 
     setup_admin_routes(app)  # issue 12: /admin/keys, /admin/usage
+    from inference_server.reload import setup_routes as setup_lifecycle_routes
+
+    setup_lifecycle_routes(app)  # issue 16: /health/live, /health/ready, /admin/reload

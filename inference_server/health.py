@@ -138,6 +138,14 @@ class HealthMonitor:
         }
         return status, {"providers": providers, "routes": routes}
 
+    def adopt(self, old: HealthMonitor) -> None:
+        """Hot reload (issue 16): a provider the reload kept (the same object) keeps what the
+        monitor it replaces knew of it, so /health does not forget a provider that is down."""
+        for name, provider in self.providers.items():
+            state = old._states.get(name)
+            if state is not None and old.providers.get(name) is provider:
+                self._states[name] = state
+
     async def aclose(self) -> None:
         """Cancel probes and loops still running at shutdown."""
         tasks = [*self._probes.values(), *self._loops]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from aiohttp import web
@@ -15,6 +15,10 @@ from inference_server.metrics import Metrics
 from inference_server.routing import Router
 from inference_server.settings import Settings
 from inference_server.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from inference_server.cache import ResponseCache
+    from inference_server.tenancy import Tenancy
 
 SETTINGS = web.AppKey("settings", Settings)
 HTTP_SESSION = web.AppKey("http_session", aiohttp.ClientSession)
@@ -37,3 +41,41 @@ class InFlight:
 
 #: Every request's handler task (middlewares.error_envelope), cut at the shutdown deadline.
 IN_FLIGHT = web.AppKey("in_flight", InFlight)
+
+
+# --- issue 16: the reloadable runtime and the process's lifecycle (reload.py) ----------------
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """Everything a hot reload replaces, as one immutable snapshot.
+
+    A request takes the current snapshot once, at admission (``middlewares.request_context``
+    puts it in ``RequestContext.runtime``), and uses only that for its whole life: a reload
+    swaps :attr:`RuntimeRef.current` and never changes a snapshot, so a request (or a stream)
+    in flight finishes on the providers, routes, limits and cache it started with.
+    """
+
+    settings: Settings
+    router: Router
+    health: HealthMonitor
+    cache: ResponseCache | None
+    tenancy: Tenancy | None
+    #: 0 at start-up, +1 per successful reload.
+    generation: int = 0
+
+
+@dataclass(slots=True)
+class RuntimeRef:
+    """The one mutable reference to the current :class:`Runtime` (set by ``reload.runtime_ctx``
+    once start-up built every provider; no request is served before) and the lifecycle flags
+    ``/health/ready`` reports."""
+
+    current: Runtime = field(init=False)
+    #: True once start-up is complete (``current`` is set).
+    started: bool = False
+    #: True from SIGTERM on: readiness fails so load balancers stop sending first.
+    draining: bool = False
+
+
+RUNTIME = web.AppKey("runtime", RuntimeRef)

@@ -91,7 +91,10 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
         lim = scope.limit
         for dim, limit in (("rpm", lim.rpm), ("tpm", lim.tpm)):
             if limit is not None:
-                key = f"{PREFIX}rl:{scope.name}:{dim}"
+                # The limit is part of the key (issue 16): a GCRA state is a time debt measured
+                # in the old limit's intervals, so a limit changed by a hot reload starts over
+                # instead of inheriting up to a minute of the old one's debt.
+                key = f"{PREFIX}rl:{scope.name}:{dim}:{limit}"
                 gcra.append(Gcra(key, PERIOD_SECS / limit, limit, dim == "tpm"))
         if lim.max_parallel is not None:
             slots.append((f"{PREFIX}par:{scope.name}", lim.max_parallel))

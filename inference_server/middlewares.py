@@ -28,7 +28,7 @@ from inference_server.errors import (
     error_body,
     from_http_status,
 )
-from inference_server.keys import CTX, IN_FLIGHT, METRICS, SETTINGS, TELEMETRY
+from inference_server.keys import CTX, IN_FLIGHT, METRICS, RUNTIME, SETTINGS, TELEMETRY
 from inference_server.telemetry import Telemetry
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,11 +53,12 @@ def _request_id(request: web.Request) -> str:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Create the request's context, time it, trace it, count it and write its access line."""
     rid = _request_id(request)
-    ctx = RequestContext(request_id=rid)
+    app = request.app
+    # issue 16: the runtime snapshot is taken once, here; a reload swaps the reference only.
+    ctx = RequestContext(request_id=rid, runtime=app[RUNTIME].current)
     resource = request.match_info.route.resource
     endpoint = ctx.endpoint = resource.canonical if resource is not None else "unmatched"
     request[CTX] = ctx
-    app = request.app
     telemetry = app[TELEMETRY]
     metrics = app[METRICS]
     metrics.request_started(endpoint)
@@ -181,9 +182,10 @@ async def error_envelope(request: web.Request, handler: Handler) -> web.StreamRe
         if task is not None:
             state.tasks.discard(task)
     # Before anything reads it (access log, metrics, spans, the body): no configured secret in
-    # any field of the error, and a code that is a plain token.
-    request.app[SETTINGS].scrubber.scrub_error(err)
+    # any field of the error, and a code that is a plain token (the secrets of the request's
+    # runtime: a reload may have added some).
     ctx = request.get(CTX)
+    (ctx.runtime.settings if ctx is not None else request.app[SETTINGS]).scrubber.scrub_error(err)
     if ctx is not None:
         ctx.error_code = err.code
         ctx.status = err.http_status

@@ -24,7 +24,7 @@ from aiohttp import web
 from loguru import logger
 
 from inference_server.body import read_json
-from inference_server.cache import CACHE, Lookup
+from inference_server.cache import Lookup
 from inference_server.context import RequestContext
 from inference_server.errors import (
     GatewayError,
@@ -35,15 +35,7 @@ from inference_server.errors import (
     ProviderConnectionFailed,
     ProviderTimeout,
 )
-from inference_server.keys import (
-    BACKGROUND,
-    CTX,
-    HEALTH,
-    METRICS,
-    ROUTER,
-    SETTINGS,
-    TELEMETRY,
-)
+from inference_server.keys import BACKGROUND, CTX, METRICS, SETTINGS, TELEMETRY
 from inference_server.providers.base import (
     CallContext,
     ChatChunk,
@@ -51,7 +43,14 @@ from inference_server.providers.base import (
     operation_not_supported,
 )
 from inference_server.providers.base import Operation as ProviderOperation
-from inference_server.routing import SHORTHAND_ROUTE, Candidate, Experiment, Lease, Route
+from inference_server.routing import (
+    SHORTHAND_ROUTE,
+    Candidate,
+    Experiment,
+    Lease,
+    Route,
+    Router,
+)
 from inference_server.schemas import validate_chat
 from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
 from inference_server.telemetry import NO_SPAN
@@ -62,7 +61,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
     app = request.app
     ctx = request[CTX]
-    settings = app[SETTINGS]
+    runtime = ctx.runtime  # issue 16: the snapshot this request took at admission
+    settings = runtime.settings
 
     # 1. admit — authentication (tenancy.access_middleware); limits: step 1b below.
     # 2. validate
@@ -81,7 +81,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     #     (tenancy.access_middleware); now the model is known: its model list, budget, limits.
     #     A cache hit still counts toward the key's limits.
     admission = await admit(request, ctx, body)
-    cache = app[CACHE]
+    cache = runtime.cache
     cached: Lookup | None = None
     try:
         # 4. cache (cache.py): a hit answers here, JSON or SSE replay; a miss leads or waits.
@@ -111,8 +111,8 @@ def route_request(
 ) -> tuple[Route, Experiment | None]:
     """Step 4 of every endpoint: allowed list, experiment → variant, route (aliases followed)."""
     app = request.app
-    router = app[ROUTER]
-    settings = app[SETTINGS]
+    router = ctx.runtime.router
+    settings = ctx.runtime.settings
     with app[TELEMETRY].span("inference.route", {"gen_ai.request.model": model}) as span:
         router.check_allowed(model)
         route_name = model
@@ -178,7 +178,7 @@ async def walk(
     if declared is not None and op.capability not in declared:
         raise operation_not_supported_by_model(model, op.capability)
     ctx.queue_secs = time.perf_counter() - ctx.started
-    plan = app[ROUTER].plan(route, model, ctx, app[METRICS])
+    plan = ctx.runtime.router.plan(route, model, ctx, app[METRICS])
     unsupported: GatewayError | None = None
     capability = op.capability
     async for lease in plan:
@@ -233,14 +233,14 @@ def assign_variant(
     request: web.Request, ctx: RequestContext, experiment: Experiment, body: dict[str, Any]
 ) -> str:
     """Pick the variant (sticky), apply its parameter overrides, maybe start shadow traffic."""
-    router = request.app[ROUTER]
+    router = ctx.runtime.router
     variant, how = experiment.assign(request, body, router.rng)
     ctx.set_variant(experiment.name, variant.name)
     ctx.log.debug("experiment {}: variant {} ({})", experiment.name, variant.name, how)
     body.update(variant.params)  # a variant's parameters are the experiment: they win
     shadow = experiment.spec.shadow
     if shadow is not None and router.rng.random() < shadow.fraction:
-        start_shadow(request.app, experiment, body, ctx.request_id)
+        start_shadow(request.app, router, experiment, body, ctx.request_id)
     return variant.model
 
 
@@ -289,7 +289,7 @@ async def attempt(
     chunk and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
     bug as ``InternalError``), so the plan can account for it."""
     app = request.app
-    health = app[HEALTH]
+    health = ctx.runtime.health
     telemetry = app[TELEMETRY]
     dep = cand.deployment
     name = dep.config.name
@@ -328,7 +328,7 @@ async def attempt(
                 telemetry.record_response(span, result)
             outcome = "ok"
         except GatewayError as exc:
-            app[SETTINGS].scrubber.scrub_error(exc)  # whatever the plugin: no secret goes on
+            ctx.runtime.settings.scrubber.scrub_error(exc)  # whatever the plugin: no secret goes on
             outcome = exc.code
             telemetry.record_error(span, exc.code, exc.message)
             if isinstance(exc, ProviderConnectionFailed):
@@ -424,23 +424,31 @@ async def stream(
 
 
 def start_shadow(
-    app: web.Application, experiment: Experiment, body: dict[str, Any], request_id: str
+    app: web.Application,
+    router: Router,
+    experiment: Experiment,
+    body: dict[str, Any],
+    request_id: str,
 ) -> None:
     """Mirror the request to the experiment's shadow model in the background (never awaited)."""
     tasks = app[BACKGROUND]
-    task = asyncio.create_task(run_shadow(app, experiment, dict(body), request_id))
+    task = asyncio.create_task(run_shadow(app, router, experiment, dict(body), request_id))
     tasks.add(task)
     task.add_done_callback(tasks.discard)
 
 
 async def run_shadow(
-    app: web.Application, experiment: Experiment, body: dict[str, Any], request_id: str
+    app: web.Application,
+    router: Router,
+    experiment: Experiment,
+    body: dict[str, Any],
+    request_id: str,
 ) -> None:
-    """One non-streaming call to the shadow model; its outcome goes beside the variants'."""
+    """One non-streaming call to the shadow model (on the router of the request's runtime
+    snapshot); its outcome goes beside the variants'."""
     spec = experiment.spec.shadow
     if spec is None:
         return
-    router = app[ROUTER]
     body.pop("stream", None)
     body.pop("stream_options", None)
     started = time.perf_counter()

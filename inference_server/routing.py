@@ -1016,3 +1016,63 @@ class Router:
     async def aclose(self) -> None:
         for provider in self.providers.values():
             await provider.aclose()
+
+    # --- hot reload (issue 16) -------------------------------------------------------------
+
+    def adopt(self, old: Router) -> list[str]:
+        """Carry the runtime state of ``old`` (the router a reload replaces) into this one, for
+        what did not change; the ids of the deployments whose state was carried.
+
+        A deployment keeps its breaker, 429 pause and latency average when it has the same id,
+        the *same provider object* (a reload reuses a provider only when its settings are
+        equal) and the same upstream model, weight, parameters and timeouts, and the breaker
+        settings are unchanged; a breaker shared by several deployments is carried only when
+        all of them are unchanged.  A reused provider keeps its active-check verdict, the
+        shorthand keeps its per-model deployments, an unchanged experiment its counters, and
+        unchanged retry-budget settings the budget's window.  Anything else starts fresh: its
+        configuration changed, so what was learned about it may not hold.
+        """
+        for name, provider in self.providers.items():
+            flag = old.provider_health.get(name)
+            if flag is not None and old.providers.get(name) is provider:
+                self.provider_health[name] = flag
+        previous = {dep.id: dep for dep in old.deployments}
+        same_breakers = old.settings.routing.breaker == self.settings.routing.breaker
+        unchanged: dict[str, bool] = {}
+        for dep in self.deployments:
+            prev = previous.get(dep.id)
+            unchanged[dep.id] = unchanged.get(dep.id, True) and (
+                prev is not None
+                and prev.provider is dep.provider
+                and prev.upstream_model == dep.upstream_model
+                and prev.weight == dep.weight
+                and dict(prev.params) == dict(dep.params)
+                and prev.timeouts == dep.timeouts
+            )
+        carried: list[str] = []
+        for dep in self.deployments:
+            dep.health = self.provider_health.get(dep.config.name, dep.health)
+            if not unchanged[dep.id]:
+                continue
+            prev = previous[dep.id]
+            if same_breakers:
+                dep.breaker = self._breakers[dep.id] = prev.breaker
+            dep.paused_until, dep.pause_error = prev.paused_until, prev.pause_error
+            dep.pause_asked, dep.ewma_secs = prev.pause_asked, prev.ewma_secs
+            if dep.id not in carried:
+                carried.append(dep.id)
+        shorthand, old_shorthand = self.shorthand, old.shorthand
+        if (
+            shorthand is not None
+            and old_shorthand is not None
+            and same_breakers
+            and unchanged.get(shorthand.deployments[0].id, False)
+        ):
+            self._model_deployments = OrderedDict(old._model_deployments)
+        for model, experiment in self.experiments.items():
+            was = old.experiments.get(model)
+            if was is not None and was.spec == experiment.spec:
+                self.experiments[model] = was
+        if old.settings.routing.retry_budget == self.settings.routing.retry_budget:
+            self.retry_budget = old.retry_budget
+        return carried

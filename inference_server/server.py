@@ -25,6 +25,7 @@ what the client sent.  This module adds those through public API only:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import os
 import resource
@@ -47,7 +48,7 @@ from inference_server.errors import (
     RequestTooLarge,
     error_body,
 )
-from inference_server.keys import IN_FLIGHT, SETTINGS
+from inference_server.keys import IN_FLIGHT, RUNTIME, SETTINGS
 from inference_server.middlewares import error_response, new_request_id
 from inference_server.settings import ServerSettings
 
@@ -522,6 +523,20 @@ class Listener:
             self.factory.close()
 
 
+async def drain(app: web.Application, delay_secs: float, stop: asyncio.Event) -> None:
+    """Readiness drops first (issue 16): ``/health/ready`` answers 503 while the listener
+    still serves for ``delay_secs``, so a load balancer polling it stops sending new requests
+    before connections are refused."""
+    app[RUNTIME].draining = True
+    if delay_secs <= 0:
+        return
+    logger.info("draining: /health/ready fails for {:g} s before the listener closes", delay_secs)
+    stop.clear()  # a second SIGTERM/SIGINT ends the wait early
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(delay_secs):
+            await stop.wait()
+
+
 #: How often a supervised worker checks that its supervisor is still alive.
 PARENT_CHECK_SECS = 1.0
 
@@ -534,12 +549,14 @@ async def serve(
     on_ready: Callable[[], None] | None = None,
     banner: Callable[[int], None] | None = None,
     parent_pid: int | None = None,
+    on_hangup: Callable[[], None] | None = None,
 ) -> None:
     """Run one worker until SIGTERM/SIGINT; BindError before anything started if it cannot bind.
 
     With ``parent_pid`` (a supervised worker) it also stops, gracefully, when that process is
     gone (its parent pid changes), so a supervisor killed with SIGKILL leaves no orphan holding
-    the port.
+    the port.  ``on_hangup`` is called on SIGHUP (the hot reload).  On a stop, ``/health/ready``
+    fails for ``server.drain_delay_secs`` while the listener still serves, then it closes.
     """
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -547,6 +564,8 @@ async def serve(
     await listener.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if on_hangup is not None:
+        loop.add_signal_handler(signal.SIGHUP, on_hangup)
     watch: asyncio.TimerHandle | None = None
 
     def check_parent() -> None:
@@ -565,6 +584,7 @@ async def serve(
         on_ready()
     try:
         await stop.wait()
+        await drain(app, server.drain_delay_secs, stop)
         logger.info(
             "shutting down: in-flight requests get up to {} s", server.shutdown_timeout_secs
         )

@@ -46,6 +46,15 @@ CORE_SCHEMA: dict[str, Any] = {
         "max_body_bytes": S((int,), 10 * 1024 * 1024, gte=1024),
         "error_format": S((str,), "openai", choices=("openai", "legacy")),
         "shutdown_timeout_secs": S(_NUM, 30, gte=0, lte=3600),
+        # issue 16: /health/ready fails this long before the listener closes on SIGTERM.
+        "drain_delay_secs": S(
+            _NUM,
+            1,
+            gte=0,
+            lte=300,
+            description="on SIGTERM: /health/ready answers 503 this long before the listener "
+            "closes (load balancers stop sending first)",
+        ),
         "header_timeout_secs": S(
             _NUM, 10, gte=0.01, lte=3600, description="request line + headers must arrive in this"
         ),
@@ -297,6 +306,7 @@ class ServerSettings:
     max_connections: int | None = None
     worker_restart_backoff_secs: float = 1.0
     worker_max_boot_failures: int = 5
+    drain_delay_secs: float = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -842,6 +852,7 @@ def load_settings(
             max_connections=srv["max_connections"],
             worker_restart_backoff_secs=float(srv["worker_restart_backoff_secs"]),
             worker_max_boot_failures=srv["worker_max_boot_failures"],
+            drain_delay_secs=float(srv["drain_delay_secs"]),
         ),
         default_model=inf["default_model"],
         allowed_models=tuple(str(m) for m in inf["allowed_models"]),

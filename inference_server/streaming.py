@@ -26,7 +26,6 @@ from inference_server.errors import (
     ServiceUnavailable,
     error_body,
 )
-from inference_server.keys import SETTINGS
 from inference_server.providers.base import ChatChunk
 
 if TYPE_CHECKING:
@@ -181,7 +180,7 @@ async def relay(
             ctx.error_code = "CLIENT_DISCONNECTED"
         raise
     except GatewayError as exc:
-        request.app[SETTINGS].scrubber.scrub_error(exc)
+        ctx.runtime.settings.scrubber.scrub_error(exc)  # the request's runtime (issue 16)
         ctx.error_code = exc.code
         ctx.log.warning("stream failed after it started: {} ({})", exc.message, exc.code)
         await _write_error(response, exc, error_format)

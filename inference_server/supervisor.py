@@ -6,7 +6,9 @@ listens, or soon after, is a start-up failure: the replacement waits
 ``server.worker_restart_backoff_secs``, doubling per consecutive failure (at most 30 s), and
 after ``server.worker_max_boot_failures`` in a row the server stops with exit code 1 and says
 why.  A worker that cannot start at all (exit code 3: busy port, bad address) stops the server at
-once.  SIGTERM/SIGINT go to every worker; the parent waits for them (at most the shutdown
+once.  SIGHUP (hot reload, issue 16) re-reads and validates the settings in the parent (so a
+worker started later gets them; invalid ones are logged and kept out) and goes to every
+worker, each of which reloads itself.  SIGTERM/SIGINT go to every worker; the parent waits for them (at most the shutdown
 timeout plus a grace, then SIGKILL) and exits 0 when they stopped cleanly.  A worker whose
 supervisor is gone (killed with SIGKILL) notices within a second and stops by itself
 (``server.serve(parent_pid=...)``), so no orphan keeps the port.
@@ -19,6 +21,7 @@ configured format, to stdout.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import multiprocessing
 import os
@@ -46,8 +49,10 @@ MAX_BACKOFF_SECS = 30.0
 #: After forwarding SIGTERM, how much longer than ``shutdown_timeout_secs`` workers may take.
 STOP_GRACE_SECS = 5.0
 
-#: Runs one worker in the child: (settings, on_ready) → exit code.
-WorkerMain = Callable[[Settings, Callable[[], None]], int]
+#: Re-reads the settings (a hot reload): the same sources and validation as start-up.
+Loader = Callable[[], Settings]
+#: Runs one worker in the child: (settings, on_ready, loader) → exit code.
+WorkerMain = Callable[[Settings, Callable[[], None], Loader | None], int]
 
 
 class ParentLog:
@@ -86,6 +91,8 @@ class Worker:
     ready_conn: Connection
     started: float
     ready_at: float | None = None
+    #: The supervisor's reload count when this worker was forked (its settings' version).
+    version: int = 0
 
     @property
     def pid(self) -> int:
@@ -108,9 +115,15 @@ def describe_exit(code: int | None) -> str:
 class Supervisor:
     """The parent's loop: start, watch, restart, stop."""
 
-    def __init__(self, settings: Settings, worker_main: WorkerMain) -> None:
+    def __init__(
+        self, settings: Settings, worker_main: WorkerMain, loader: Loader | None = None
+    ) -> None:
         self.settings = settings
         self.worker_main = worker_main
+        self.loader = loader
+        self.hangup = False
+        #: SIGHUPs handled: a worker forked before the latest one reloads once it is ready.
+        self.version = 0
         self.ctx = multiprocessing.get_context("fork")
         self.log = ParentLog(settings.logging.format, settings.logging.level)
         self.workers: list[Worker] = []
@@ -129,6 +142,7 @@ class Supervisor:
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the worker's loop handles it
         self._wake_r.close()
         self._wake_w.close()
 
@@ -137,7 +151,7 @@ class Supervisor:
                 conn.send_bytes(b"ready")
                 conn.close()
 
-        sys.exit(self.worker_main(self.settings, ready))
+        sys.exit(self.worker_main(self.settings, ready, self.loader))
 
     # --- the parent side -------------------------------------------------------------------
 
@@ -146,11 +160,38 @@ class Supervisor:
         proc = self.ctx.Process(target=self._child, args=(writer,), daemon=False)
         proc.start()
         writer.close()
-        self.workers.append(Worker(proc, reader, time.monotonic()))
+        self.workers.append(Worker(proc, reader, time.monotonic(), version=self.version))
 
     def _on_signal(self, signum: int, _frame: object) -> None:
-        if self.stop_signal is None:
+        if signum == signal.SIGHUP:
+            self.hangup = True
+        elif self.stop_signal is None:
             self.stop_signal = signum
+
+    def _reload(self) -> None:
+        """SIGHUP: validate the settings here (workers started from now on get them; the
+        listening socket and the worker count stay as started), then every worker reloads."""
+        self.hangup = False
+        if self.loader is not None:
+            from inference_server.settings import ConfigError
+
+            try:
+                fresh = self.loader()
+            except ConfigError as exc:
+                for problem in exc.problems:
+                    self.log("ERROR", f"reload rejected, settings kept: {problem}")
+            else:
+                self.settings = dataclasses.replace(fresh, server=self.settings.server)
+        self.version += 1
+        self.log("INFO", f"SIGHUP: reloading {len(self.workers)} workers", event="reload")
+        for worker in self.workers:
+            if worker.ready_at is not None:  # a starting one ignores SIGHUP: see _mark_ready
+                self._hangup(worker)
+
+    def _hangup(self, worker: Worker) -> None:
+        worker.version = self.version
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(worker.pid, signal.SIGHUP)
 
     def _reap(self, worker: Worker) -> None:
         """A worker died: clean its metrics, log it, and schedule (or refuse) a replacement."""
@@ -198,13 +239,16 @@ class Supervisor:
         worker.ready_conn.close()
         worker.ready_at = time.monotonic()
         self.log("INFO", f"worker {worker.pid} is serving", event="worker_ready", pid=worker.pid)
+        if worker.version < self.version:  # forked before a SIGHUP it could not handle yet
+            self._hangup(worker)
 
     def run(self) -> int:
         """Supervise until SIGTERM/SIGINT or a fatal start-up failure; the exit code."""
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        previous = {sig: signal.getsignal(sig) for sig in handled}
         old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for sig in handled:
+            signal.signal(sig, self._on_signal)
         try:
             return self._run()
         finally:
@@ -220,6 +264,8 @@ class Supervisor:
         for _ in range(count):
             self._spawn()
         while self.stop_signal is None and self.fatal is None:
+            if self.hangup:
+                self._reload()
             now = time.monotonic()
             due = [t for t in self.pending if t <= now]
             for t in due:
@@ -255,7 +301,13 @@ class Supervisor:
         for worker in self.workers:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(worker.pid, signum)
-        deadline = time.monotonic() + self.settings.server.shutdown_timeout_secs + STOP_GRACE_SECS
+        server = self.settings.server
+        deadline = (
+            time.monotonic()
+            + server.drain_delay_secs
+            + server.shutdown_timeout_secs
+            + STOP_GRACE_SECS
+        )
         clean = True
         for worker in list(self.workers):
             worker.proc.join(max(0.0, deadline - time.monotonic()))

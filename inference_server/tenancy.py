@@ -374,7 +374,7 @@ def _reserve(body: dict[str, Any], default_max_tokens: int) -> int:
 
 async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any]) -> Admission:
     """The admit step: model permission, budget, rate limits (raises 403 / 429 / 503)."""
-    t = request.app.get(TENANCY)
+    t = ctx.runtime.tenancy  # the request's runtime snapshot (issue 16: reloadable)
     if t is None or not t.settings.active:  # off, or CORS only
         return NO_ADMISSION
     key: KeySpec | None = ctx.api_key
@@ -463,7 +463,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     """CORS preflight and authentication for /v1/* (installed only when configured)."""
     if not _is_api(request.path):
         return await handler(request)
-    t = request.app[TENANCY]
+    t = request[CTX].runtime.tenancy or request.app[TENANCY]  # issue 16: reloadable
     if request.method == "OPTIONS" and t.settings.cors_origins:
         return preflight(request, t.settings.cors_origins)
     if t.settings.auth_enabled:
@@ -513,7 +513,8 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
     """Rate-limit and CORS headers on every /v1/* response (errors and streams too)."""
     if not _is_api(request.path):
         return
-    t = request.app[TENANCY]
+    ctx = request.get(CTX)  # None only for a protocol error no middleware saw
+    t = (ctx.runtime.tenancy if ctx is not None else None) or request.app[TENANCY]
     if t.settings.cors_origins:
         origin = _allowed_origin(request.headers.get("Origin"), t.settings.cors_origins)
         if origin is not None:

@@ -15,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from inference_server.context import RequestContext
-from inference_server.keys import CTX, SETTINGS
+from inference_server.keys import CTX
 from inference_server.pipeline import Operation, Respond, route_request, walk
 from inference_server.tenancy import admit
 
@@ -31,7 +31,7 @@ async def serve(
     """Steps 1b and 3–7 for a validated ``body``: route, admit (limits, budget, the key's
     models), walk the plan with ``op``, respond, record and settle."""
     ctx: RequestContext = request[CTX]
-    model = body.get("model") or request.app[SETTINGS].default_model
+    model = body.get("model") or ctx.runtime.settings.default_model
     body["model"] = model
     ctx.model = model
     ctx.stream = stream

@@ -16,11 +16,11 @@ from inference_server.supervisor import EXIT_CANNOT_START, Supervisor, describe_
 from tests.conftest import SettingsFactory
 
 
-def dies_at_start(_settings: Settings, _ready: Callable[[], None]) -> int:
+def dies_at_start(_settings: Settings, _ready: Callable[[], None], _loader: object) -> int:
     return 1
 
 
-def cannot_start(_settings: Settings, _ready: Callable[[], None]) -> int:
+def cannot_start(_settings: Settings, _ready: Callable[[], None], _loader: object) -> int:
     return EXIT_CANNOT_START
 
 

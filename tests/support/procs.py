@@ -209,15 +209,19 @@ def gateway_process(
     env: Mapping[str, str] | None = None,
     sections: Mapping[str, Any] | None = None,
     prefix: tuple[str, ...] = (),
+    port: int | None = None,
+    ready_path: str = "/",
 ) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
-    """``python -m inference_server`` on a free port with ``config`` as its settings.yaml
-    ``default`` section (plus ``sections``), ready once ``GET /`` answers 200.
+    """``python -m inference_server`` on ``port`` (default: a free one) with ``config`` as its
+    settings.yaml ``default`` section (plus ``sections``), ready once ``GET ready_path`` answers
+    200.
 
     The process gets our environment without INFERENCE_*, OTEL_*, PROMETHEUS_* and RUN_ENV (a
     developer's shell must not change what a test runs), plus ``env``.  ``prefix`` wraps the
     command (e.g. ``sh -c 'ulimit -n 128 && exec "$0" "$@"'``).
     """
-    port = free_port()
+    port = port or free_port()
+    tmp_path.mkdir(parents=True, exist_ok=True)
     settings = tmp_path / "settings.yaml"
     settings.write_text(json.dumps({"default": config, **(sections or {})}))
     base_env = {
@@ -229,7 +233,7 @@ def gateway_process(
     with running_process(
         [*cmd, "--host", "127.0.0.1", "--port", str(port), *args],
         env={**base_env, **(env or {})},
-        ready_url=f"http://127.0.0.1:{port}/",
+        ready_url=f"http://127.0.0.1:{port}{ready_path}",
         timeout=30,
         log_path=tmp_path / "server.log",
     ) as proc:
