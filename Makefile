@@ -55,13 +55,15 @@ upstreams:
 	bash scripts/install-triton.sh
 
 # Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway; a
-# redis-server per test run (on a free port) holds shared state.
+# redis-server per test run (on a free port) holds shared state; nginx checks (nginx -t) and runs
+# the compose stack's load balancer in front of gateway containers.
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
-	  && command -v redis-server >/dev/null || { \
+	  && command -v redis-server >/dev/null && { command -v nginx || test -x /usr/sbin/nginx; } \
+	  >/dev/null || { \
 	  $(SUDO) apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends \
-	    prometheus redis-server; }
+	    prometheus redis-server nginx; }
 
 # Lint first (seconds), then every tier, on the locked versions.
 # The container tier (tests/container): podman, runc and debootstrap from Debian, the local base
