@@ -1,0 +1,178 @@
+"""The compose stack's heart for real: two gateway containers behind nginx, sharing Redis.
+
+deploy/compose/ cannot come up here (nginx, Redis and the rest cannot be pulled), so its parts
+run as the nearest equivalent: the two replicas are containers of the image built from the
+Dockerfile, with the compose stack's settings.yaml mounted and its environment; nginx (Debian's,
+with deploy/compose/nginx.conf) and Redis (``redis_server``) run as processes on the host. The
+containers use the host's network so they reach that Redis on loopback; they bind 127.0.0.1.
+
+What it shows: an answer one replica cached is a hit on the other (and through nginx), and one
+rate limit holds across both replicas (with each replica counting alone, all of the requests
+would pass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.support.podman import REPO, Container, Podman
+from tests.support.procs import free_port, log_tail
+from tests.support.redis_server import RedisServer
+
+pytestmark = pytest.mark.container
+
+COMPOSE = REPO / "deploy" / "compose"
+RPM = 10
+
+
+def post(base: str, content: str) -> tuple[int, dict[str, str], dict[str, Any]]:
+    req = urllib.request.Request(
+        f"{base}/v1/chat/completions",
+        data=json.dumps({"messages": [{"role": "user", "content": content}]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return resp.status, dict(resp.headers), json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+
+
+def compose_environment() -> dict[str, str]:
+    """gateway-1's environment in docker-compose.yml (the same settings path as the stack)."""
+    services = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
+    return {k: str(v) for k, v in services["gateway-1"]["environment"].items()}
+
+
+@contextlib.contextmanager
+def nginx(tmp_path: Path, upstreams: list[int]) -> Iterator[str]:
+    """Debian's nginx with deploy/compose/nginx.conf, the replicas' names → their local ports."""
+    binary = shutil.which("nginx") or "/usr/sbin/nginx"
+    if not Path(binary).exists():
+        pytest.fail("nginx is not installed: `make system-deps` installs it")
+    port = free_port()
+    conf = (COMPOSE / "nginx.conf").read_text()
+    for i, up in enumerate(upstreams, start=1):
+        conf = conf.replace(f"gateway-{i}:8080", f"127.0.0.1:{up}")
+    conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
+    (tmp_path / "default.conf").write_text(conf)
+    (tmp_path / "nginx.conf").write_text(
+        "daemon off;\npid nginx.pid;\nerror_log nginx-error.log;\nworker_processes 1;\n"
+        "events {}\nhttp {\n  access_log off;\n"
+        "  client_body_temp_path tmp-body;\n  proxy_temp_path tmp-proxy;\n"
+        "  include default.conf;\n}\n"
+    )
+    proc = subprocess.Popen(
+        [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while True:
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp,
+            ):
+                if resp.status == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(
+                    f"nginx did not start:\n{log_tail(tmp_path / 'nginx-error.log')}"
+                )
+            time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGQUIT)  # graceful
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
+def replicas(
+    podman: Podman, gateway_image: str, redis_server: RedisServer
+) -> Iterator[list[tuple[Container, str]]]:
+    env = compose_environment()
+    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}  # no Collector here
+    env["INFERENCE_STATE__REDIS_URL"] = redis_server.url
+    env["INFERENCE_LIMITS__GLOBAL__RPM"] = str(RPM)
+    env["INFERENCE_SERVER_HOST"] = "127.0.0.1"
+    started: list[tuple[Container, str]] = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            args = ["--network", "host", "-e", f"INFERENCE_SERVER_PORT={port}"]
+            for key, value in env.items():
+                args += ["-e", f"{key}={value}"]
+            args += ["-v", f"{COMPOSE / 'settings.yaml'}:/etc/inference-server/settings.yaml:ro"]
+            container = podman.start(gateway_image, *args)
+            started.append((container, f"http://127.0.0.1:{port}"))
+        for container, base in started:
+            container.wait_http(f"{base}/")
+        yield started
+    finally:
+        for container, _ in started:
+            container.remove()
+
+
+def test_replicas_share_cache_and_rate_limit_through_nginx(
+    replicas: list[tuple[Container, str]], tmp_path: Path
+) -> None:
+    (one, base1), (two, base2) = replicas
+    started = time.monotonic()
+    ok = 0
+
+    # An answer cached by replica 1 is a hit on replica 2.
+    status, headers, first = post(base1, "which replica answers?")
+    assert status == 200, first
+    assert headers.get("x-inference-cache") != "hit"
+    status, headers, second = post(base2, "which replica answers?")
+    assert status == 200, second
+    assert headers.get("x-inference-cache") == "hit", one.logs()[-2000:] + two.logs()[-2000:]
+    assert second["choices"] == first["choices"]
+    ok += 2
+
+    with nginx(tmp_path, [int(base1.rsplit(":", 1)[1]), int(base2.rsplit(":", 1)[1])]) as lb:
+        # Through nginx, round robin over both replicas: a fresh prompt misses once, then hits.
+        hits = []
+        for _ in range(3):
+            status, headers, _ = post(lb, "through nginx")
+            assert status == 200
+            hits.append(headers.get("x-inference-cache") == "hit")
+        assert hits == [False, True, True]
+        ok += 3
+
+        # One rate limit for both replicas (Redis): RPM requests a minute in all. Counting alone,
+        # each replica would pass every one of these (about half each, under RPM).
+        limited = 0
+        for i in range(2 * RPM - 4):
+            status, _, body = post(lb, f"rate limit probe {i}")
+            if status == 200:
+                ok += 1
+            else:
+                assert status == 429, body
+                assert body["error"]["code"] == "RATE_LIMITED"
+                limited += 1
+    elapsed = time.monotonic() - started
+    refilled = int(elapsed / (60 / RPM))  # GCRA: one more request every 60/RPM s
+    assert RPM <= ok <= RPM + refilled, (ok, limited, elapsed)
+    assert limited >= RPM - 4 - refilled
