@@ -127,8 +127,10 @@ def test_image_healthcheck_probes_liveness(served: tuple[Container, str]) -> Non
         assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_sigterm_stops_promptly(podman: Podman, gateway_image: str) -> None:
-    container, base = run_published(podman, gateway_image, *MOCK)
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_stops_promptly(podman: Podman, gateway_image: str, workers: int) -> None:
+    """PID 1 is the server (or, with --workers, its supervisor): SIGTERM stops it cleanly."""
+    container, base = run_published(podman, gateway_image, *MOCK, "--", "--workers", str(workers))
     try:
         assert chat(base, {"messages": [{"role": "user", "content": "hi"}]})[0] == 200
         started = time.monotonic()
@@ -138,6 +140,8 @@ def test_sigterm_stops_promptly(podman: Podman, gateway_image: str) -> None:
         assert state["ExitCode"] == 0, container.logs()[-3000:]
         assert took < 5, f"SIGTERM took {took:.1f} s (killed after the stop timeout?)"
         assert "shutting down" in container.logs()
+        if workers > 1:
+            assert "all workers stopped" in container.logs()
     finally:
         container.remove()
 
