@@ -6,9 +6,10 @@ Dockerfile, with the compose stack's settings.yaml mounted and its environment; 
 with deploy/compose/nginx.conf) and Redis (``redis_server``) run as processes on the host. The
 containers use the host's network so they reach that Redis on loopback; they bind 127.0.0.1.
 
-What it shows: an answer one replica cached is a hit on the other (and through nginx), and one
-rate limit holds across both replicas (with each replica counting alone, all of the requests
-would pass).
+What it shows: an answer one replica cached is a hit on the other (and through nginx), one rate
+limit holds across both replicas (with each replica counting alone, all of the requests would
+pass), and a rolling restart (SIGTERM to one container, start it, then the other) under a client's
+load through nginx loses no request.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +50,12 @@ def post(base: str, content: str) -> tuple[int, dict[str, str], dict[str, Any]]:
         with urllib.request.urlopen(req, timeout=10) as resp:
             return resp.status, dict(resp.headers), json.loads(resp.read())
     except urllib.error.HTTPError as exc:
-        return exc.code, dict(exc.headers), json.loads(exc.read() or b"{}")
+        raw = exc.read()
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:  # not the gateway's answer (e.g. nginx's own 502 page)
+            body = {"not_json": raw[:200].decode(errors="replace")}
+        return exc.code, dict(exc.headers), body
 
 
 def compose_environment() -> dict[str, str]:
@@ -107,15 +114,16 @@ def nginx(tmp_path: Path, upstreams: list[int]) -> Iterator[str]:
             proc.wait(timeout=10)
 
 
-@pytest.fixture
-def replicas(
-    podman: Podman, gateway_image: str, redis_server: RedisServer
+@contextlib.contextmanager
+def launch(
+    podman: Podman, image: str, redis: RedisServer, extra: dict[str, str]
 ) -> Iterator[list[tuple[Container, str]]]:
+    """Two gateway containers with the compose stack's settings and environment (+ ``extra``)."""
     env = compose_environment()
     env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}  # no Collector here
-    env["INFERENCE_STATE__REDIS_URL"] = redis_server.url
-    env["INFERENCE_LIMITS__GLOBAL__RPM"] = str(RPM)
+    env["INFERENCE_STATE__REDIS_URL"] = redis.url
     env["INFERENCE_SERVER_HOST"] = "127.0.0.1"
+    env.update(extra)
     started: list[tuple[Container, str]] = []
     try:
         for _ in range(2):
@@ -124,7 +132,7 @@ def replicas(
             for key, value in env.items():
                 args += ["-e", f"{key}={value}"]
             args += ["-v", f"{COMPOSE / 'settings.yaml'}:/etc/inference-server/settings.yaml:ro"]
-            container = podman.start(gateway_image, *args)
+            container = podman.start(image, *args)
             started.append((container, f"http://127.0.0.1:{port}"))
         for container, base in started:
             container.wait_http(f"{base}/")
@@ -132,6 +140,20 @@ def replicas(
     finally:
         for container, _ in started:
             container.remove()
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+@pytest.fixture
+def replicas(
+    podman: Podman, gateway_image: str, redis_server: RedisServer
+) -> Iterator[list[tuple[Container, str]]]:
+    with launch(
+        podman, gateway_image, redis_server, {"INFERENCE_LIMITS__GLOBAL__RPM": str(RPM)}
+    ) as started:
+        yield started
 
 
 def test_replicas_share_cache_and_rate_limit_through_nginx(
@@ -151,7 +173,7 @@ def test_replicas_share_cache_and_rate_limit_through_nginx(
     assert second["choices"] == first["choices"]
     ok += 2
 
-    with nginx(tmp_path, [int(base1.rsplit(":", 1)[1]), int(base2.rsplit(":", 1)[1])]) as lb:
+    with nginx(tmp_path, [port_of(base1), port_of(base2)]) as lb:
         # Through nginx, round robin over both replicas: a fresh prompt misses once, then hits.
         hits = []
         for _ in range(3):
@@ -176,3 +198,49 @@ def test_replicas_share_cache_and_rate_limit_through_nginx(
     refilled = int(elapsed / (60 / RPM))  # GCRA: one more request every 60/RPM s
     assert RPM <= ok <= RPM + refilled, (ok, limited, elapsed)
     assert limited >= RPM - 4 - refilled
+
+
+def test_rolling_restart_through_nginx_loses_no_request(
+    podman: Podman, gateway_image: str, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """`podman stop` (SIGTERM) one replica, start it again, then the other, while a client sends
+    requests through nginx: every request succeeds (nginx moves to the other replica when one
+    refuses connections; the stopping one finishes what it accepted). With nginx.conf's former
+    `max_fails=1 fail_timeout=5s` the restarted replica was still benched when the other
+    stopped, and every request in that window was nginx's 502."""
+    with (
+        launch(podman, gateway_image, redis_server, {}) as started,
+        nginx(tmp_path, [port_of(base) for _, base in started]) as lb,
+    ):
+        results: list[int] = []
+        errors: list[str] = []
+        stop = threading.Event()
+
+        def client() -> None:
+            i = 0
+            while not stop.is_set():
+                try:
+                    status, _, body = post(lb, f"rolling {i}")
+                except OSError as exc:  # refused or reset: a lost request too
+                    status, body = 0, {"exception": repr(exc)}
+                results.append(status)
+                if status != 200:
+                    errors.append(f"{time.monotonic():.2f} {status} {body}")
+                i += 1
+
+        worker = threading.Thread(target=client, daemon=True)
+        worker.start()
+        try:
+            for container, base in started:
+                time.sleep(0.5)  # load on both replicas before each restart
+                podman.run("stop", "-t", "10", container.name, timeout=30)
+                assert container.inspect()["State"]["ExitCode"] == 0, container.logs()[-2000:]
+                podman.run("start", container.name)
+                container.wait_http(f"{base}/")
+            time.sleep(0.5)
+        finally:
+            stop.set()
+            worker.join(timeout=30)
+        assert len(results) > 20
+        failed = [s for s in results if s != 200]
+        assert not failed, f"{len(failed)} of {len(results)} failed:\n" + "\n".join(errors[:10])
