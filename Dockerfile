@@ -66,13 +66,16 @@ COPY --from=build /opt/inference-server /opt/inference-server
 # (mount it; never bake secrets into an image). INFERENCE_* variables override both.
 COPY settings.yaml /etc/inference-server/settings.yaml
 # RUN_ENV=production: bind 0.0.0.0, JSON log lines on stdout (settings.yaml's production section).
+# PYTHONSAFEPATH: `python -m` does not put the working directory on sys.path, which is also not
+# writable by the server's user (a read-only root filesystem leaves only /tmp writable).
 ENV RUN_ENV=production \
     INFERENCE_SERVER_PORT=8080 \
     PATH=/opt/inference-server/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONSAFEPATH=1 \
     PYTHONUNBUFFERED=1
 USER 10001:10001
-WORKDIR /tmp
+WORKDIR /opt/inference-server
 EXPOSE 8080
 # Liveness: the process serves. Python's urllib (the image has no curl); the port follows
 # INFERENCE_SERVER_PORT. (Docker runs it by itself; podman needs --format docker at build time.)

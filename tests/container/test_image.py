@@ -108,6 +108,9 @@ def test_image_runs_as_non_root(served: tuple[Container, str]) -> None:
     container, _ = served
     assert container.exec("id", "-u").strip() == "10001"
     assert container.inspect()["Config"]["User"] == "10001:10001"
+    # Nothing the server's user can write is on its import path.
+    probe = "import os, sys; print(all(not os.access(p or '.', os.W_OK) for p in sys.path))"
+    assert container.exec("python", "-c", probe).strip() == "True"
     # PID 1 is the server itself (it handles SIGTERM; see test_sigterm_stops_promptly).
     cmdline = container.exec("cat", "/proc/1/cmdline").replace("\0", " ")
     assert "-m inference_server" in cmdline
