@@ -6,14 +6,16 @@ Dockerfile, with the compose stack's settings.yaml mounted and its environment; 
 with deploy/compose/nginx.conf) and Redis (``redis_server``) run as processes on the host. The
 containers use the host's network so they reach that Redis on loopback; they bind 127.0.0.1.
 
-What it shows: an answer one replica cached is a hit on the other (and through nginx), one rate
-limit holds across both replicas (with each replica counting alone, all of the requests would
+What it shows: an answer one replica cached is a hit on the other (and through nginx), both
+replicas export traces with the stack's ``OTEL_*`` settings (to a receiver standing in for the
+Collector), one rate limit holds across both replicas (with each replica counting alone, all of the requests would
 pass), and a rolling restart (SIGTERM to one container, start it, then the other) under a client's
 load through nginx loses no request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import shutil
@@ -30,6 +32,7 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.observability.otlp_receiver import HttpReceiver
 from tests.support.podman import REPO, Container, Podman
 from tests.support.procs import free_port, log_tail
 from tests.support.redis_server import RedisServer
@@ -58,10 +61,10 @@ def post(base: str, content: str) -> tuple[int, dict[str, str], dict[str, Any]]:
         return exc.code, dict(exc.headers), body
 
 
-def compose_environment() -> dict[str, str]:
-    """gateway-1's environment in docker-compose.yml (the same settings path as the stack)."""
+def compose_environment(service: str) -> dict[str, str]:
+    """A gateway's environment in docker-compose.yml (the same settings path as the stack)."""
     services = yaml.safe_load((COMPOSE / "docker-compose.yml").read_text())["services"]
-    return {k: str(v) for k, v in services["gateway-1"]["environment"].items()}
+    return {k: str(v) for k, v in services[service]["environment"].items()}
 
 
 @contextlib.contextmanager
@@ -116,17 +119,26 @@ def nginx(tmp_path: Path, upstreams: list[int]) -> Iterator[str]:
 
 @contextlib.contextmanager
 def launch(
-    podman: Podman, image: str, redis: RedisServer, extra: dict[str, str]
+    podman: Podman,
+    image: str,
+    redis: RedisServer,
+    extra: dict[str, str],
+    otlp_endpoint: str | None = None,
 ) -> Iterator[list[tuple[Container, str]]]:
-    """Two gateway containers with the compose stack's settings and environment (+ ``extra``)."""
-    env = compose_environment()
-    env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}  # no Collector here
-    env["INFERENCE_STATE__REDIS_URL"] = redis.url
-    env["INFERENCE_SERVER_HOST"] = "127.0.0.1"
-    env.update(extra)
+    """gateway-1 and gateway-2 as containers, with the compose stack's settings and environment
+    (+ ``extra``): Redis is ``redis``; traces go to ``otlp_endpoint`` (none when it is None)."""
     started: list[tuple[Container, str]] = []
     try:
-        for _ in range(2):
+        for service in ("gateway-1", "gateway-2"):
+            env = compose_environment(service)
+            if otlp_endpoint is None:
+                env = {k: v for k, v in env.items() if not k.startswith("OTEL_")}
+            else:
+                env["OTEL_EXPORTER_OTLP_ENDPOINT"] = otlp_endpoint
+                env["OTEL_BSP_SCHEDULE_DELAY"] = "200"  # export within 0.2 s, not 5 s
+            env["INFERENCE_STATE__REDIS_URL"] = redis.url
+            env["INFERENCE_SERVER_HOST"] = "127.0.0.1"
+            env.update(extra)
             port = free_port()
             args = ["--network", "host", "-e", f"INFERENCE_SERVER_PORT={port}"]
             for key, value in env.items():
@@ -147,18 +159,39 @@ def port_of(base: str) -> int:
 
 
 @pytest.fixture
+async def otlp(aiohttp_server: Any) -> HttpReceiver:
+    """An OTLP/HTTP receiver on loopback, standing in for the stack's Collector."""
+    receiver = HttpReceiver()
+    server = await aiohttp_server(receiver.app)
+    receiver.url = f"http://127.0.0.1:{server.port}/v1/traces"
+    return receiver
+
+
+@pytest.fixture
 def replicas(
-    podman: Podman, gateway_image: str, redis_server: RedisServer
+    podman: Podman, gateway_image: str, redis_server: RedisServer, otlp: HttpReceiver
 ) -> Iterator[list[tuple[Container, str]]]:
-    with launch(
-        podman, gateway_image, redis_server, {"INFERENCE_LIMITS__GLOBAL__RPM": str(RPM)}
-    ) as started:
+    extra = {"INFERENCE_LIMITS__GLOBAL__RPM": str(RPM)}
+    endpoint = otlp.url.removesuffix("/v1/traces")
+    with launch(podman, gateway_image, redis_server, extra, endpoint) as started:
         yield started
 
 
-def test_replicas_share_cache_and_rate_limit_through_nginx(
-    replicas: list[tuple[Container, str]], tmp_path: Path
+async def test_replicas_share_cache_rate_limit_and_trace_through_nginx(
+    replicas: list[tuple[Container, str]], otlp: HttpReceiver, tmp_path: Path
 ) -> None:
+    """The blocking part runs on a thread: this loop serves the OTLP receiver meanwhile."""
+    await asyncio.to_thread(cache_and_rate_limit, replicas, tmp_path)
+    # Both replicas export their spans with the compose stack's OTEL_* settings.
+    names = {"inference-server-1", "inference-server-2"}
+    spans = await otlp.wait_for(
+        lambda spans: names <= {s.resource.get("service.name") for s in spans}
+    )
+    servers = [s for s in spans if s.kind == "server"]
+    assert {s.resource.get("service.name") for s in servers} == names
+
+
+def cache_and_rate_limit(replicas: list[tuple[Container, str]], tmp_path: Path) -> None:
     (one, base1), (two, base2) = replicas
     started = time.monotonic()
     ok = 0
