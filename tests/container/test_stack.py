@@ -8,7 +8,7 @@ containers use the host's network so they reach that Redis on loopback; they bin
 
 What it shows: an answer one replica cached is a hit on the other (and through nginx), both
 replicas export traces with the stack's ``OTEL_*`` settings (to a receiver standing in for the
-Collector), one rate limit holds across both replicas (with each replica counting alone, all of the requests would
+Collector), Prometheus with the stack's configuration scrapes both, one rate limit holds across both replicas (with each replica counting alone, all of the requests would
 pass), and a rolling restart (SIGTERM to one container, start it, then the other) under a client's
 load through nginx loses no request.
 """
@@ -24,6 +24,7 @@ import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,7 +35,7 @@ import yaml
 
 from tests.observability.otlp_receiver import HttpReceiver
 from tests.support.podman import REPO, Container, Podman
-from tests.support.procs import free_port, log_tail
+from tests.support.procs import free_port, log_tail, running_process
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.container
@@ -177,11 +178,64 @@ def replicas(
         yield started
 
 
+def promql(port: int, query: str) -> list[dict[str, Any]]:
+    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        reply = json.loads(resp.read())
+    assert reply["status"] == "success", reply
+    result: list[dict[str, Any]] = reply["data"]["result"]
+    return result
+
+
+def prometheus_scrapes_both(replicas: list[tuple[Container, str]], folder: Path) -> None:
+    """Debian's Prometheus with deploy/compose/prometheus.yml (and the alert rules beside it, as
+    the stack mounts them), the replicas' names → their local ports: both are up and counted."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        pytest.fail("prometheus is not installed: `make system-deps` installs it")
+    folder.mkdir()
+    config = yaml.safe_load((COMPOSE / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"  # not 15 s: the test waits for two scrapes
+    job = config["scrape_configs"][0]
+    job["static_configs"][0]["targets"] = [base.removeprefix("http://") for _, base in replicas]
+    (folder / "prometheus.yml").write_text(yaml.safe_dump(config))
+    shutil.copy(REPO / "deploy" / "prometheus" / "alerts.yml", folder / "alerts.yml")
+    port = free_port()
+    with running_process(
+        [
+            binary,
+            f"--config.file={folder / 'prometheus.yml'}",
+            f"--storage.tsdb.path={folder / 'tsdb'}",
+            f"--web.listen-address=127.0.0.1:{port}",
+        ],
+        env=None,
+        ready_url=f"http://127.0.0.1:{port}/-/ready",
+        timeout=60,
+        log_path=folder / "prometheus.log",
+    ):
+        query = 'sum by (instance) (inference_requests_total{job="inference-server"})'
+        deadline = time.monotonic() + 30
+        while True:
+            up = promql(port, 'up{job="inference-server"} == 1')
+            counted = promql(port, query)
+            if len(up) == 2 and len(counted) == 2:
+                break
+            assert time.monotonic() < deadline, (up, counted)
+            time.sleep(0.5)
+        assert all(float(r["value"][1]) > 0 for r in counted)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/rules", timeout=10) as resp:
+            groups = json.loads(resp.read())["data"]["groups"]
+        rules = {r["name"]: r for g in groups for r in g["rules"]}
+        assert "InferenceServerDown" in rules  # alerts.yml, as the stack mounts it
+        assert promql(port, 'ALERTS{alertname="InferenceServerDown"}') == []
+
+
 async def test_replicas_share_cache_rate_limit_and_trace_through_nginx(
     replicas: list[tuple[Container, str]], otlp: HttpReceiver, tmp_path: Path
 ) -> None:
     """The blocking part runs on a thread: this loop serves the OTLP receiver meanwhile."""
     await asyncio.to_thread(cache_and_rate_limit, replicas, tmp_path)
+    await asyncio.to_thread(prometheus_scrapes_both, replicas, tmp_path / "prometheus")
     # Both replicas export their spans with the compose stack's OTEL_* settings.
     names = {"inference-server-1", "inference-server-2"}
     spans = await otlp.wait_for(
