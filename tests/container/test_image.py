@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.container.client import call
 from tests.support.podman import Container, Podman
 from tests.support.procs import free_port
 
@@ -27,25 +26,13 @@ MOCK = ("-e", "INFERENCE_INFERENCE_PROVIDER=mock")
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(url, headers=headers or {})
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    status, _, body = call(url, headers=headers)
+    return status, body
 
 
 def chat(base: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    req = urllib.request.Request(
-        f"{base}/v1/chat/completions",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        return exc.code, json.loads(exc.read() or b"{}")
+    status, _, reply = call(f"{base}/v1/chat/completions", body)
+    return status, reply
 
 
 def run_published(podman: Podman, image: str, *args: str) -> tuple[Container, str]:

@@ -19,12 +19,8 @@ import asyncio
 import contextlib
 import json
 import shutil
-import signal
-import subprocess
 import threading
 import time
-import urllib.error
-import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,9 +29,11 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.container.client import call
 from tests.observability.otlp_receiver import HttpReceiver
+from tests.observability.test_process import promql
 from tests.support.podman import REPO, Container, Podman
-from tests.support.procs import free_port, log_tail, running_process
+from tests.support.procs import free_port, running_process
 from tests.support.redis_server import RedisServer
 
 pytestmark = pytest.mark.container
@@ -45,21 +43,7 @@ RPM = 10
 
 
 def post(base: str, content: str) -> tuple[int, dict[str, str], dict[str, Any]]:
-    req = urllib.request.Request(
-        f"{base}/v1/chat/completions",
-        data=json.dumps({"messages": [{"role": "user", "content": content}]}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(req, timeout=10) as resp:
-            return resp.status, dict(resp.headers), json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raw = exc.read()
-        try:
-            body = json.loads(raw or b"{}")
-        except ValueError:  # not the gateway's answer (e.g. nginx's own 502 page)
-            body = {"not_json": raw[:200].decode(errors="replace")}
-        return exc.code, dict(exc.headers), body
+    return call(f"{base}/v1/chat/completions", {"messages": [{"role": "user", "content": content}]})
 
 
 def compose_environment(service: str) -> dict[str, str]:
@@ -81,41 +65,19 @@ def nginx(tmp_path: Path, upstreams: list[int]) -> Iterator[str]:
     conf = conf.replace("listen 8080;", f"listen 127.0.0.1:{port};")
     (tmp_path / "default.conf").write_text(conf)
     (tmp_path / "nginx.conf").write_text(
-        "daemon off;\npid nginx.pid;\nerror_log nginx-error.log;\nworker_processes 1;\n"
+        "daemon off;\npid nginx.pid;\nerror_log stderr;\nworker_processes 1;\n"
         "events {}\nhttp {\n  access_log off;\n"
         "  client_body_temp_path tmp-body;\n  proxy_temp_path tmp-proxy;\n"
         "  include default.conf;\n}\n"
     )
-    proc = subprocess.Popen(
+    with running_process(
         [binary, "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            with (
-                contextlib.suppress(OSError),
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp,
-            ):
-                if resp.status == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(
-                    f"nginx did not start:\n{log_tail(tmp_path / 'nginx-error.log')}"
-                )
-            time.sleep(0.1)
+        env=None,
+        ready_url=f"http://127.0.0.1:{port}/",  # the gateways' `/` through nginx
+        timeout=15,
+        log_path=tmp_path / "nginx.log",
+    ):
         yield f"http://127.0.0.1:{port}"
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGQUIT)  # graceful
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
 
 
 @contextlib.contextmanager
@@ -176,15 +138,6 @@ def replicas(
     endpoint = otlp.url.removesuffix("/v1/traces")
     with launch(podman, gateway_image, redis_server, extra, endpoint) as started:
         yield started
-
-
-def promql(port: int, query: str) -> list[dict[str, Any]]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        reply = json.loads(resp.read())
-    assert reply["status"] == "success", reply
-    result: list[dict[str, Any]] = reply["data"]["result"]
-    return result
 
 
 def prometheus_scrapes_both(replicas: list[tuple[Container, str]], folder: Path) -> None:
