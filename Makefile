@@ -15,7 +15,7 @@ PIP_LOCKED := PIP_CONSTRAINT=$(CURDIR)/$(LOCK)
 LATEST_VENV := .venv-latest
 LATEST_PY := $(LATEST_VENV)/bin/python
 
-.PHONY: install run test test-fast test-latest fuzz upstreams system-deps lint fmt lock check-config bench bench-instructions clean
+.PHONY: install run test test-fast test-latest fuzz upstreams system-deps lint fmt lock check-config bench bench-instructions clean wheels container-deps
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 $(STAMP):
@@ -37,6 +37,18 @@ run: install
 check-config: install
 	$(PY) -m inference_server --check-config
 
+# The image's dependencies as wheels (the lock's exact versions, plus setuptools to build the
+# project's own packages), so `docker build` installs them with no package index. Built by this
+# venv's Python: the image's Python must have the same minor version (3.11). async-timeout: redis
+# needs it below Python 3.11.3 (Debian bookworm's python3 is 3.11.2), which the lock, resolved
+# on a newer 3.11, does not list.
+wheels: install
+	@tmp=$$(mktemp) && $(PY) scripts/runtime_requirements.py pyproject.toml \
+	  $(addsuffix /pyproject.toml,$(PLUGINS)) > $$tmp && \
+	$(PY) -m pip wheel --disable-pip-version-check -q -w wheels -c $(LOCK) -r $$tmp \
+	  'setuptools>=68' 'async-timeout>=4.0.3'; rc=$$?; rm -f $$tmp; exit $$rc
+	@ls wheels/*.whl | wc -l | xargs printf 'wheels/: %s wheels\n'
+
 # Real upstream servers used by the test tiers (each in its own venv, built once, then cached).
 upstreams:
 	bash scripts/install-llama-server.sh
@@ -44,7 +56,7 @@ upstreams:
 
 # Debian packages the tests run for real: Prometheus (+ promtool) scrapes a live gateway; a
 # redis-server per test run (on a free port) holds shared state; nginx balances gateway replicas
-# in the replica tests (tests/process/test_replicas.py).
+# (tests/process/test_replicas.py, the container tier) and checks the compose config (nginx -t).
 system-deps:
 	@command -v prometheus >/dev/null && command -v promtool >/dev/null \
 	  && command -v redis-server >/dev/null \
@@ -54,7 +66,13 @@ system-deps:
 	    prometheus redis-server nginx; }
 
 # Lint first (seconds), then every tier, on the locked versions.
-test: install lint upstreams system-deps
+# The container tier (tests/container): podman, runc and debootstrap from Debian, the local base
+# image (made once, cached) and the locked wheels. Where podman cannot work the tier skips loudly.
+container-deps: wheels
+	@bash scripts/container-base.sh >/dev/null || \
+	  echo "WARNING: podman is not usable here: the container test tier will skip"
+
+test: install lint upstreams system-deps container-deps
 	$(PIP_LOCKED) $(PY) -m pytest
 
 test-fast: install
