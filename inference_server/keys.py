@@ -61,6 +61,10 @@ class Runtime:
     health: HealthMonitor
     cache: ResponseCache | None
     tenancy: Tenancy | None
+    #: Not reloaded (metrics and tracing need a restart) but carried in every snapshot, so the
+    #: request path reads them as attributes instead of looking them up in the app per use.
+    metrics: Metrics
+    telemetry: Telemetry
     #: 0 at start-up, +1 per successful reload.
     generation: int = 0
 

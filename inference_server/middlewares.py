@@ -28,7 +28,7 @@ from inference_server.errors import (
     error_body,
     from_http_status,
 )
-from inference_server.keys import CTX, IN_FLIGHT, METRICS, RUNTIME, SETTINGS, TELEMETRY
+from inference_server.keys import CTX, IN_FLIGHT, RUNTIME, SETTINGS
 from inference_server.telemetry import Telemetry
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -53,14 +53,14 @@ def _request_id(request: web.Request) -> str:
 async def request_context(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Create the request's context, time it, trace it, count it and write its access line."""
     rid = _request_id(request)
-    app = request.app
     # issue 16: the runtime snapshot is taken once, here; a reload swaps the reference only.
-    ctx = RequestContext(request_id=rid, runtime=app[RUNTIME].current)
+    runtime = request.app[RUNTIME].current
+    ctx = RequestContext(request_id=rid, runtime=runtime)
     resource = request.match_info.route.resource
     endpoint = ctx.endpoint = resource.canonical if resource is not None else "unmatched"
     request[CTX] = ctx
-    telemetry = app[TELEMETRY]
-    metrics = app[METRICS]
+    telemetry = runtime.telemetry
+    metrics = runtime.metrics
     metrics.request_started(endpoint)
     status = 500
     scope_token = logs.REQUEST_ID.set(rid)
@@ -85,7 +85,7 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         if ctx.status is None:
             ctx.status = status
         metrics.request_finished(ctx, duration)
-        log_settings = app[SETTINGS].logging
+        log_settings = runtime.settings.logging
         if log_settings.access_log:
             logs.access(ctx, request.method, request.path, ctx.status, duration)
         logs.slow_request(ctx, duration, log_settings.slow_request_secs)

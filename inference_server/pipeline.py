@@ -59,14 +59,13 @@ from inference_server.tenancy import admit
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions."""
-    app = request.app
     ctx = request[CTX]
     runtime = ctx.runtime  # issue 16: the snapshot this request took at admission
     settings = runtime.settings
 
     # 1. admit — authentication (tenancy.access_middleware); limits: step 1b below.
     # 2. validate
-    telemetry = app[TELEMETRY]
+    telemetry = runtime.telemetry
     with telemetry.span("inference.validate"):
         body = validate_chat(await read_json(request))
     model = body.get("model") or settings.default_model
@@ -110,10 +109,10 @@ def route_request(
     request: web.Request, ctx: RequestContext, model: str, body: dict[str, Any]
 ) -> tuple[Route, Experiment | None]:
     """Step 4 of every endpoint: allowed list, experiment → variant, route (aliases followed)."""
-    app = request.app
-    router = ctx.runtime.router
-    settings = ctx.runtime.settings
-    with app[TELEMETRY].span("inference.route", {"gen_ai.request.model": model}) as span:
+    runtime = ctx.runtime
+    router = runtime.router
+    settings = runtime.settings
+    with runtime.telemetry.span("inference.route", {"gen_ai.request.model": model}) as span:
         router.check_allowed(model)
         route_name = model
         experiment = router.experiments.get(model)
@@ -173,12 +172,11 @@ async def walk(
     never asked); when no deployment could even be asked, the client gets 400
     ``OPERATION_NOT_SUPPORTED`` instead of the plan's refusal.
     """
-    app = request.app
     declared = route.capabilities
     if declared is not None and op.capability not in declared:
         raise operation_not_supported_by_model(model, op.capability)
     ctx.queue_secs = time.perf_counter() - ctx.started
-    plan = ctx.runtime.router.plan(route, model, ctx, app[METRICS])
+    plan = ctx.runtime.router.plan(route, model, ctx, ctx.runtime.metrics)
     unsupported: GatewayError | None = None
     capability = op.capability
     async for lease in plan:
@@ -288,9 +286,9 @@ async def attempt(
     """One upstream attempt of ``op`` on one deployment: the response, or a stream's first
     chunk and the rest.  Timing, health, span; any exception leaves as a ``GatewayError`` (a plugin
     bug as ``InternalError``), so the plan can account for it."""
-    app = request.app
-    health = ctx.runtime.health
-    telemetry = app[TELEMETRY]
+    runtime = ctx.runtime
+    health = runtime.health
+    telemetry = runtime.telemetry
     dep = cand.deployment
     name = dep.config.name
     ctx.attempts += 1
@@ -303,7 +301,7 @@ async def attempt(
         include_usage=ctx.include_usage,
     )
     sent = _body_for(cand, body)
-    metrics = app[METRICS]
+    metrics = runtime.metrics
     outcome = "CANCELLED"
     started = time.perf_counter()
     with (

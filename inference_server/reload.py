@@ -50,6 +50,7 @@ from inference_server.keys import (
     ROUTER,
     RUNTIME,
     SETTINGS,
+    TELEMETRY,
     Runtime,
 )
 from inference_server.providers.base import Provider
@@ -96,6 +97,8 @@ async def runtime_ctx(app: web.Application) -> AsyncIterator[None]:
         health=app[HEALTH],
         cache=app[CACHE],
         tenancy=app.get(TENANCY),
+        metrics=app[METRICS],
+        telemetry=app[TELEMETRY],
     )
     ref = app[RUNTIME]
     ref.current = first
@@ -316,6 +319,8 @@ def _build(app: web.Application, old: Runtime, settings: Settings) -> tuple[Runt
         health=health,
         cache=cache,
         tenancy=tenancy,
+        metrics=old.metrics,
+        telemetry=old.telemetry,
         generation=old.generation + 1,
     )
     return runtime, fresh
