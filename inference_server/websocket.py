@@ -531,11 +531,15 @@ async def _run(
         return
     except asyncio.CancelledError:
         # Cancelled by the client, a disconnect, a slow-reader close or the shutdown deadline.
-        # A stream already wrote its last frame (the relay); otherwise say why, if anyone hears.
-        ctx.status = ctx.status or 499
-        err = None if sink.done_sent else sink.interrupted()
-        if err is None:
+        # A stream that started wrote its own last frames (the relay); otherwise say why, if
+        # anyone still listens.
+        if sink.done_sent or ctx.first_token_secs is not None:
             ctx.error_code = ctx.error_code or "CLIENT_DISCONNECTED"
+            return
+        ctx.status = 499
+        err = sink.interrupted()
+        if err is None:
+            ctx.error_code = "CLIENT_DISCONNECTED"
             return
     except GatewayError as exc:
         err = exc
