@@ -29,9 +29,10 @@ Why it is built this way:
   buffered for it without bound and other sockets are not held up.
 * **Cancellation.**  A cancel frame, a disconnect, or the socket being closed cancels the
   request's task; the relay's ``finally`` closes the upstream stream.
-* **Shutdown.**  On SIGTERM open sockets stop taking requests (an error frame), their requests
-  in flight run on, and each socket closes with 1001 when its last request ends; at the
-  shutdown deadline (``server.cut_at_deadline``) what still runs gets an error frame, then 1001.
+* **Shutdown.**  On SIGTERM aiohttp stops reading every connection (``RequestHandler.close``
+  drops incoming data), so a socket can take no new request; idle sockets close with 1001 at
+  once, busy ones when their last request ends, and at the shutdown deadline
+  (``server.cut_at_deadline``) what still runs gets an error frame, then 1001.
 """
 
 from __future__ import annotations
