@@ -124,6 +124,8 @@ class Socket:
     jobs: dict[str, Job] = field(default_factory=dict)
     #: Responses lanes: one lock each, so a lane's requests run in order.
     lanes: dict[str, asyncio.Lock] = field(default_factory=dict)
+    #: Responses: the connection's most recent response (chained even with ``store: false``).
+    recent: dict[str, Any] = field(default_factory=dict)
     #: Set by the shutdown hook: no new requests; close with 1001 once idle.
     draining: bool = False
     #: Set once the socket is being closed (slow reader, drain, idle, shutdown).
@@ -353,7 +355,7 @@ async def serve_response(
                 body.pop("stream", None)  # implicit over a socket
                 body = validate_responses(body)
             body["stream"] = True
-            turn, op = await prepare(request, body)
+            turn, op = await prepare(request, body, sock.recent)
             job.response_id = turn.rid
             await serve(request, body, op, partial(turn.respond, sink=sink), stream=True)
     finally:

@@ -65,7 +65,7 @@ class Turn:
 
     def __init__(
         self, body: dict[str, Any], items: list[dict[str, Any]], missing: str | None,
-        store: ResponseStore,
+        store: ResponseStore, recent: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         self.body = body
         #: The whole conversation: the stored one it continues (if found here) + this input.
@@ -73,6 +73,8 @@ class Turn:
         #: A previous_response_id not stored here (a native upstream may know it).
         self.missing = missing
         self.store = store
+        #: A WebSocket's most recent response (websocket.py): chained even with store false.
+        self.recent = recent
         self.rid = new_id("resp")
         #: Whether the attempt that answered went to a native Responses API.
         self.native = False
@@ -141,12 +143,23 @@ class Turn:
     # --- respond ---------------------------------------------------------------------------
 
     async def remember(self, response: dict[str, Any]) -> None:
-        """Store a translated, finished response with its conversation (``store``, default on)."""
-        if self.native or not self.body.get("store", True) or response.get("status") == "failed":
+        """Store a translated, finished response with its conversation (``store``, default on);
+        on a WebSocket it is also the connection's most recent one (kept even unstored)."""
+        stored = self.body.get("store", True)
+        if (
+            self.native
+            or response.get("status") == "failed"
+            or not (stored or self.recent is not None)
+        ):
             return
         output = [item for item in response.get("output") or () if isinstance(item, dict)]
         items = [*self.items, *(_as_input(item) for item in output)]
-        await self.store.put(response["id"], {"response": response, "items": items})
+        record = {"response": response, "items": items}
+        if stored:
+            await self.store.put(response["id"], record)
+        if self.recent is not None:
+            self.recent.clear()  # one per connection: its memory is one conversation at most
+            self.recent[response["id"]] = record
 
     async def respond(
         self,
@@ -265,9 +278,13 @@ async def responses(request: web.Request) -> web.StreamResponse:
     return await serve(request, body, op, turn.respond, stream=bool(body.get("stream")))
 
 
-async def prepare(request: web.Request, body: dict[str, Any]) -> tuple[Turn, Operation]:
+async def prepare(
+    request: web.Request, body: dict[str, Any], recent: dict[str, Any] | None = None
+) -> tuple[Turn, Operation]:
     """A validated Responses body → its :class:`Turn` (the conversation it continues) and the
-    operation to walk; shared by ``POST /v1/responses`` and the WebSocket mode."""
+    operation to walk; shared by ``POST /v1/responses`` and the WebSocket mode (``recent``:
+    the connection's most recent response, which ``previous_response_id`` may name even when
+    it was not stored, as in OpenAI's WebSocket mode)."""
     app = request.app
     ctx = request[CTX]
     ctx.operation = "responses"
@@ -277,7 +294,9 @@ async def prepare(request: web.Request, body: dict[str, Any]) -> tuple[Turn, Ope
     previous = body.get("previous_response_id")
     missing = None
     if previous:
-        record = await store.get(previous)
+        record = recent.get(previous) if recent else None
+        if record is None:
+            record = await store.get(previous)
         if record is None:
             missing = previous
         else:
@@ -292,7 +311,7 @@ async def prepare(request: web.Request, body: dict[str, Any]) -> tuple[Turn, Ope
                     f"{limit}-byte request limit (server.max_body_bytes); start a new one",
                     param="previous_response_id",
                 )
-    turn = Turn(body, items, missing, store)
+    turn = Turn(body, items, missing, store, recent)
     return turn, Operation("responses", "responses", turn.call, turn.open)
 
 

@@ -178,3 +178,27 @@ async def test_native_upstream_over_the_socket(
     assert sent["previous_response_id"] == "resp_old"  # the upstream's own store
     assert sent["stream"] is True
     await sdk.close()
+
+
+async def test_store_false_chains_within_the_connection_only(mock_sdk: openai.AsyncOpenAI) -> None:
+    """OpenAI's WebSocket mode keeps the most recent response of a connection for chaining, even
+    with ``store: false``; nothing is stored, so no other connection can continue it."""
+    async with mock_sdk.responses.connect() as conn:
+        await conn.response.create(model="mock-model", input="My name is Ann", store=False)
+        first = (await one_response(conn))[-1].response
+        await conn.response.create(
+            model="mock-model", input="What is my name", previous_response_id=first.id, store=False
+        )
+        chained: Any = (await one_response(conn))[-1]
+        await conn.response.create(model="mock-model", input="What is my name", store=False)
+        alone: Any = (await one_response(conn))[-1]
+    assert chained.type == "response.completed"
+    assert chained.response.previous_response_id == first.id
+    assert chained.response.usage.input_tokens > alone.response.usage.input_tokens
+    async with mock_sdk.responses.connect() as conn:
+        await conn.response.create(model="mock-model", input="again", previous_response_id=first.id)
+        error: Any = await conn.recv()
+    assert error.type == "error"
+    assert error.error.code == "PREVIOUS_RESPONSE_NOT_FOUND"
+    with pytest.raises(openai.NotFoundError):
+        await mock_sdk.responses.retrieve(first.id)
