@@ -57,6 +57,7 @@ from inference_server.endpoints import serve
 from inference_server.endpoints.responses import prepare
 from inference_server.endpoints.schemas import validate_responses
 from inference_server.errors import (
+    Forbidden,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
@@ -88,6 +89,12 @@ class RequestCancelled(GatewayError):
     status = 499
     type = "invalid_request_error"
     default_code = "REQUEST_CANCELLED"
+
+
+class OriginNotAllowed(Forbidden):
+    """A browser page's upgrade from an origin not in ``server.cors.allow_origins``."""
+
+    default_code = "ORIGIN_NOT_ALLOWED"
 
 
 class TooManyInFlight(RateLimited):
@@ -571,6 +578,24 @@ async def responses_socket(request: web.Request) -> web.StreamResponse:
     return await run_socket(request, ResponsesProtocol())
 
 
+def check_origin(request: web.Request) -> None:
+    """A browser's upgrade (it always sends ``Origin``) only from ``server.cors.allow_origins``.
+
+    WebSockets are outside CORS: without this, any web page a user opens could drive a gateway
+    on their machine (with auth off) through their browser.  Clients that are not browsers send
+    no ``Origin`` and are not affected."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return
+    allowed = request.app[SETTINGS].tenancy.cors_origins
+    if "*" in allowed or (len(origin) <= 512 and origin in allowed):
+        return
+    raise OriginNotAllowed(
+        f"WebSocket connections from origin '{printable(origin[:100])}' are not allowed "
+        "(server.cors.allow_origins)",
+    )
+
+
 def _subprotocols(request: web.Request) -> tuple[str, ...]:
     """The subprotocol to echo: a browser that offers any must get one of them back.  Another
     offered name first (the key is not echoed when avoidable), else the key's own."""
@@ -594,6 +619,7 @@ async def run_socket(request: web.Request, protocol: Protocol) -> web.StreamResp
         raise MethodNotAllowed(
             f"GET {protocol.endpoint} is a WebSocket upgrade; use POST for a plain HTTP request",
         )
+    check_origin(request)
     await ws.prepare(request)
     sock = Socket(request, ws, settings, request.transport)
     sockets = request.app[SOCKETS]

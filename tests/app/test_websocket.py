@@ -18,6 +18,7 @@ import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.typing import Origin
 
 from inference_server.providers import (
     CallContext,
@@ -344,3 +345,22 @@ async def test_usage_chunk_and_metrics_per_request(make_ws_gateway, make_setting
     usage_chunks = [f for f in frames if "chunk" in f and not f["chunk"]["choices"]]
     assert len(usage_chunks) == 1
     assert usage_chunks[0]["chunk"]["usage"] == frames[-1]["usage"]
+
+
+async def test_a_browser_page_needs_an_allowed_origin(make_ws_gateway) -> None:
+    """WebSockets are not covered by CORS: without this check any web page could drive a local
+    gateway (with auth off) through the user's browser."""
+    url = await make_ws_gateway()
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url, origin=Origin("https://evil.example"))
+    assert refused.value.response.status_code == 403
+    assert b"ORIGIN_NOT_ALLOWED" in refused.value.response.body
+    async with connect(url) as ws:  # no Origin: not a browser
+        await ws.send(orjson.dumps({"id": "a", "body": body("plain:a")}).decode())
+        assert (await until_terminal(ws, {"a"}))["a"][-1]["done"] is True
+    allowed = await make_ws_gateway(server={"cors": {"allow_origins": ["https://app.example"]}})
+    async with connect(allowed, origin=Origin("https://app.example")) as ws:
+        await ws.send(orjson.dumps({"id": "b", "body": body("plain:b")}).decode())
+        assert (await until_terminal(ws, {"b"}))["b"][-1]["done"] is True
+    with pytest.raises(InvalidStatus):
+        await connect(allowed, origin=Origin("https://evil.example"))
