@@ -65,7 +65,7 @@ from inference_server.errors import (
     ServiceUnavailable,
     error_body,
 )
-from inference_server.keys import CTX, METRICS, SETTINGS, TELEMETRY
+from inference_server.keys import BACKGROUND, CTX, METRICS, SETTINGS, TELEMETRY
 from inference_server.middlewares import new_request_id
 from inference_server.pipeline import CHAT, stream
 from inference_server.routing import Lease
@@ -162,9 +162,10 @@ class Socket:
         if self.closing:
             return
         self.closing = True
+        tasks = self.request.app[BACKGROUND]  # referenced until done; cancelled at cleanup
         task = asyncio.create_task(self.close(code, reason))
-        _BACKGROUND.add(task)
-        task.add_done_callback(_BACKGROUND.discard)
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def close(self, code: int, reason: str) -> None:
         """Send the close frame (it queues behind what the client has not read yet), give a
@@ -200,8 +201,6 @@ class Socket:
             await asyncio.wait(tasks, timeout=STOP_GRACE_SECS)
 
 
-#: Socket-closing tasks (kept referenced until done).
-_BACKGROUND: set[asyncio.Task[None]] = set()
 #: Every open socket of the app, for the shutdown hook.
 SOCKETS: web.AppKey[set[Socket]] = web.AppKey("websockets")
 
