@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import aiohttp
 import orjson
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
@@ -345,6 +346,22 @@ async def test_usage_chunk_and_metrics_per_request(make_ws_gateway, make_setting
     usage_chunks = [f for f in frames if "chunk" in f and not f["chunk"]["choices"]]
     assert len(usage_chunks) == 1
     assert usage_chunks[0]["chunk"]["usage"] == frames[-1]["usage"]
+    # Metered like its HTTP twin: one chat request on the endpoint, answered by its deployment;
+    # the upgrade itself is one more request, with status 101.
+    metrics_url = url.replace("ws://", "http://").replace("/v1/chat/completions", "/metrics")
+    async with aiohttp.ClientSession() as http, http.get(metrics_url) as resp:
+        text = await resp.text()
+    lines = [line for line in text.splitlines() if line.startswith("inference_requests_total{")]
+    requests = [
+        line
+        for line in lines
+        if 'endpoint="/v1/chat/completions"' in line
+        and 'deployment="s/m"' in line
+        and 'status_class="2xx"' in line
+    ]
+    assert len(requests) == 1, lines
+    assert any('status_class="1xx"' in line for line in lines), lines
+    assert requests[0].endswith(" 1.0")
 
 
 async def test_a_browser_page_needs_an_allowed_origin(make_ws_gateway) -> None:
