@@ -17,10 +17,14 @@ from typing import Any
 import aiohttp
 import orjson
 import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
+from inference_server.keys import TELEMETRY
 from inference_server.providers import (
     CallContext,
     ChatChunk,
@@ -381,3 +385,56 @@ async def test_a_browser_page_needs_an_allowed_origin(make_ws_gateway) -> None:
         assert (await until_terminal(ws, {"b"}))["b"][-1]["done"] is True
     with pytest.raises(InvalidStatus):
         await connect(allowed, origin=Origin("https://evil.example"))
+
+
+async def test_each_request_is_traced_under_the_upgrades_traceparent(
+    make_settings, make_gateway
+) -> None:
+    client = await make_gateway(
+        make_settings(
+            {
+                "providers": {"s": {"plugin": "scripted"}},
+                "models": {"m": {"provider": "s"}},
+                "telemetry": {"traces": {"exporter": "console"}},
+            },
+            plugins={"scripted": PLUGIN},
+        )
+    )
+    memory = InMemorySpanExporter()
+    provider = client.app[TELEMETRY].provider
+    assert provider is not None
+    provider.add_span_processor(SimpleSpanProcessor(memory))
+    url = str(client.make_url("/v1/chat/completions")).replace("http://", "ws://")
+    trace, parent = 0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331
+    headers = {"traceparent": f"00-{trace:032x}-{parent:016x}-01"}
+    async with connect(url, additional_headers=headers) as ws:
+        for rid in ("a", "b"):
+            await ws.send(orjson.dumps({"id": rid, "body": body(f"slow:2:{rid}")}).decode())
+        await until_terminal(ws, {"a", "b"})
+    await until(
+        lambda: (
+            len([s for s in memory.get_finished_spans() if s.name == "WS /v1/chat/completions"])
+            == 2
+        )
+    )
+    spans = memory.get_finished_spans()
+    servers = [s for s in spans if s.name == "WS /v1/chat/completions"]
+    for server in servers:
+        assert server.kind == SpanKind.SERVER
+        assert server.context.trace_id == trace
+        assert server.parent is not None
+        assert server.parent.span_id == parent
+        attempts = [
+            s for s in spans if s.kind == SpanKind.CLIENT and s.parent is not None
+            and s.parent.span_id == server.context.span_id
+        ]  # fmt: skip
+        assert len(attempts) == 1
+        assert attempts[0].attributes is not None
+        assert attempts[0].attributes["gen_ai.request.model"] == "m"
+
+
+async def test_websocket_off_means_no_upgrade(make_ws_gateway) -> None:
+    url = await make_ws_gateway({"enabled": False})
+    with pytest.raises(InvalidStatus) as refused:
+        await connect(url)
+    assert refused.value.response.status_code == 405
