@@ -973,7 +973,7 @@ def phase_websocket(cfg: Config, procs: Processes, stream: dict[str, Target], re
     if target is None or not alive(procs, stream, "gateway", res.notes):
         res.notes.append(f"{WS_ARM} skipped: no gateway arm on the streaming upstream")
         return
-    pairs = max(10, cfg.duration * 5)
+    pairs = max(30, cfg.duration * 10)  # each pair ~2 streams of the upstream's length
     for r in range(cfg.rounds):
         say(f"round {r + 1}/{cfg.rounds}: {WS_ARM}: {pairs} TTFT pairs (WebSocket, SSE)")
         try:

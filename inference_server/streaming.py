@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
@@ -145,7 +145,7 @@ class SSESink:
         request: web.Request,
         response: web.StreamResponse,
         error_format: str,
-        encode: Any = sse_event,
+        encode: Callable[[Any], bytes] = sse_event,
     ) -> None:
         self.request = request
         self.response = response
