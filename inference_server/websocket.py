@@ -303,9 +303,6 @@ def error_event(err: GatewayError, lane: str = "") -> dict[str, Any]:
 
 # --- the protocols ------------------------------------------------------------------------
 
-#: What serves one request's validated-to-be-a-dict body onto its sink.
-Serve = Callable[[web.Request, RequestContext, dict[str, Any], Any], Awaitable[None]]
-
 
 class Protocol:
     """What differs between the two endpoints: how frames are read and errors written."""

@@ -24,6 +24,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Origin
 
+from inference_server import logs
+from inference_server.context import RequestContext
 from inference_server.keys import TELEMETRY
 from inference_server.providers import (
     CallContext,
@@ -438,3 +440,12 @@ async def test_websocket_off_means_no_upgrade(make_ws_gateway) -> None:
     with pytest.raises(InvalidStatus) as refused:
         await connect(url)
     assert refused.value.response.status_code == 405
+
+
+def test_an_upgrade_is_never_a_slow_request() -> None:
+    """The upgrade's access line comes when the socket closes: its duration is the socket's."""
+    ctx = RequestContext(request_id="req_ws")
+    ctx.status = 101
+    assert not logs.slow_request(ctx, 60.0, 1.0)
+    ctx.status = 200
+    assert logs.slow_request(ctx, 60.0, 1.0)
