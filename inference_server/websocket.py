@@ -303,6 +303,9 @@ def error_event(err: GatewayError, lane: str = "") -> dict[str, Any]:
 
 # --- the protocols ------------------------------------------------------------------------
 
+#: One request's steps, given its clone of the upgrade request, its context and its body.
+Run = Callable[[web.Request, RequestContext, dict[str, Any]], Awaitable[None]]
+
 
 class Protocol:
     """What differs between the two endpoints: how frames are read and errors written."""
@@ -397,7 +400,9 @@ class ChatProtocol(Protocol):
         if rid in sock.jobs:
             raise InvalidRequest(f"Request id '{rid}' is already in flight", param="id")
         sink = ChatFrames(sock, rid)
-        return start(sock, rid, sink, partial(serve_chat, sink=sink), body, self.endpoint)
+        return start(
+            sock, rid, sink, lambda job: partial(serve_chat, sink=sink), body, self.endpoint
+        )
 
 
 class ResponsesProtocol(Protocol):
@@ -436,21 +441,29 @@ class ResponsesProtocol(Protocol):
         self.count += 1
         key = f"{self.count}"
         sink = ResponseFrames(sock, lane)
-        job = start(sock, key, sink, None, frame, self.endpoint, lane=lane)
-        return job
+        return start(
+            sock,
+            key,
+            sink,
+            lambda job: partial(serve_response, sink=sink, job=job),
+            frame,
+            self.endpoint,
+            lane=lane,
+        )
 
 
 def start(
     sock: Socket,
     key: str,
     sink: Frames,
-    run: Callable[[web.Request, RequestContext, dict[str, Any]], Awaitable[None]] | None,
+    runner: Callable[[Job], Run],
     body: dict[str, Any],
     endpoint: str,
     *,
     lane: str = "",
 ) -> Job:
-    """Check the socket's limits and start one request as its own task."""
+    """Check the socket's limits and start one request as its own task (``runner`` gives what
+    runs it, given its job)."""
     if sock.draining or sock.closing:
         raise _refused()
     if len(sock.jobs) >= sock.settings.max_in_flight:
@@ -459,10 +472,8 @@ def start(
             f"(websocket.max_in_flight); wait for one to finish",
             retry_after=1,
         )
-    job = Job(task=None, sink=sink, lane=lane)  # type: ignore[arg-type]
-    if run is None:
-        run = partial(serve_response, sink=sink, job=job)
-    job.task = asyncio.create_task(run_request(sock, sink, run, body, endpoint))
+    job = Job(task=None, sink=sink, lane=lane)  # type: ignore[arg-type]  # set just below
+    job.task = asyncio.create_task(run_request(sock, sink, runner(job), body, endpoint))
     sock.jobs[key] = job
     job.task.add_done_callback(lambda _: sock.finished(key, job))
     return job
@@ -475,7 +486,7 @@ def _refused() -> ServiceUnavailable:
 async def run_request(
     sock: Socket,
     sink: Frames,
-    run: Callable[[web.Request, RequestContext, dict[str, Any]], Awaitable[None]],
+    run: Run,
     body: dict[str, Any],
     endpoint: str,
 ) -> None:
@@ -527,7 +538,7 @@ async def _run(
     request: web.Request,
     ctx: RequestContext,
     sink: Frames,
-    run: Callable[[web.Request, RequestContext, dict[str, Any]], Awaitable[None]],
+    run: Run,
     body: dict[str, Any],
 ) -> None:
     """Run the request; any error before its stream becomes its error frame."""
