@@ -52,6 +52,7 @@ from loguru import logger
 
 from inference_server import logs
 from inference_server.body import OFFLOAD_BYTES, parse
+from inference_server.cache import CACHE
 from inference_server.context import RequestContext
 from inference_server.endpoints import serve
 from inference_server.endpoints.responses import prepare
@@ -341,6 +342,8 @@ async def serve_chat(
         body = validate_chat(body)
     body["stream"] = True
     ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+    if request.app[CACHE] is not None:
+        ctx.cache = "bypass"  # a hit is an HTTP replay; sockets do not use the cache (yet)
     await serve(request, body, CHAT, partial(_respond, sink=sink), stream=True)
 
 

@@ -48,6 +48,7 @@ class Scripted(ChatStub):
     started: dict[str, float] = {}  # noqa: RUF012 (a test's shared record)
     completed: set[str] = set()  # noqa: RUF012
     cancelled: set[str] = set()  # noqa: RUF012
+    calls: list[str] = []  # noqa: RUF012
 
     async def chat(self, request: ChatRequest, ctx: CallContext) -> ChatResponse:
         return completion(ctx.upstream_model)
@@ -56,6 +57,7 @@ class Scripted(ChatStub):
         script = str(request["messages"][-1]["content"]).split(":")
         tag = script[-1]
         Scripted.started[tag] = time.monotonic()
+        Scripted.calls.append(tag)
         finished = False
         try:
             if script[0] == "slow":
@@ -100,6 +102,7 @@ def _fresh_records() -> None:
     Scripted.started.clear()
     Scripted.completed.clear()
     Scripted.cancelled.clear()
+    Scripted.calls.clear()
 
 
 def body(script: str, **extra: Any) -> dict[str, Any]:
@@ -449,3 +452,13 @@ def test_an_upgrade_is_never_a_slow_request() -> None:
     assert not logs.slow_request(ctx, 60.0, 1.0)
     ctx.status = 200
     assert logs.slow_request(ctx, 60.0, 1.0)
+
+
+async def test_sockets_bypass_the_response_cache(make_ws_gateway) -> None:
+    """A hit is an HTTP replay: on a socket every request goes upstream (and says bypass)."""
+    url = await make_ws_gateway(cache={"enabled": True})
+    async with connect(url) as ws:
+        for rid in ("one", "two"):
+            await ws.send(orjson.dumps({"id": rid, "body": body("plain:same")}).decode())
+            assert (await until_terminal(ws, {rid}))[rid][-1]["done"] is True
+    assert Scripted.calls == ["same", "same"]
