@@ -240,7 +240,11 @@ CORE_SCHEMA: dict[str, Any] = {
             (int,), 32, gte=1, lte=10_000, description="requests running at once per socket"
         ),
         "heartbeat_secs": S(
-            _NUM, 30, gte=0, lte=3600, description="ping interval; no pong in half: closed (0 off)"
+            _NUM,
+            30,
+            gte=0,
+            lte=3600,
+            description="ping interval; silent 1.5 intervals: closed, 1011 (0 off)",
         ),
         "idle_timeout_secs": S(
             _NUM, 300, gte=0.1, lte=86400, description="close a socket with nothing in flight"

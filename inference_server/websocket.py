@@ -138,6 +138,8 @@ class Socket:
     draining: bool = False
     #: Set once the socket is being closed (slow reader, drain, idle, shutdown).
     closing: bool = False
+    #: loop.time() the client was last heard from (any frame, a pong): the heartbeat's clock.
+    heard: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
     async def send(self, data: bytes) -> None:
         """One text frame.  A client that does not read is closed (1008) instead of being
@@ -619,7 +621,7 @@ async def run_socket(request: web.Request, protocol: Protocol) -> web.StreamResp
     """Upgrade, then read frames until the socket ends; every request it started ends too."""
     settings = request.app[SETTINGS].websocket
     ws = web.WebSocketResponse(
-        heartbeat=settings.heartbeat_secs or None,
+        autoping=False,  # pings and pongs are ours: see heartbeat()
         max_msg_size=settings.max_message_bytes,
         compress=False,  # per-message deflate costs CPU per chunk and hides the buffer size
         protocols=_subprotocols(request),
@@ -635,27 +637,67 @@ async def run_socket(request: web.Request, protocol: Protocol) -> web.StreamResp
     sockets = request.app[SOCKETS]
     sockets.add(sock)
     loop = asyncio.get_running_loop()
+    beat = asyncio.create_task(heartbeat(sock)) if settings.heartbeat_secs else None
+    idle = settings.idle_timeout_secs
+    last_frame = loop.time()  # pings and pongs do not count: idle means no requests
     try:
         while not sock.closing:
             try:
-                msg = await ws.receive(timeout=settings.idle_timeout_secs)
+                msg = await ws.receive(timeout=max(0.0, last_frame + idle - loop.time()))
             except TimeoutError:
                 if sock.jobs:
+                    last_frame = loop.time()
                     continue
                 await sock.close(1000, "idle timeout")
                 break
-            if msg.type is WSMsgType.TEXT or msg.type is WSMsgType.BINARY:
-                data = msg.data
-                await _frame(sock, protocol, data, loop)
+            kind = msg.type
+            if kind is WSMsgType.TEXT or kind is WSMsgType.BINARY:
+                sock.heard = last_frame = loop.time()
+                await _frame(sock, protocol, msg.data, loop)
+            elif kind is WSMsgType.PONG:
+                sock.heard = loop.time()
+            elif kind is WSMsgType.PING:
+                sock.heard = loop.time()
+                with contextlib.suppress(ConnectionResetError, RuntimeError):
+                    await ws.pong(msg.data)
             else:  # CLOSE / CLOSING / CLOSED / ERROR (an oversized frame: aiohttp sent 1009)
                 break
     finally:
+        if beat is not None:
+            beat.cancel()
         sockets.discard(sock)
         shutting = sock.draining
         await sock.stop()
         if not ws.closed:
             await sock.close(1001 if shutting else 1000, "server shutting down" if shutting else "")
     return ws
+
+
+async def heartbeat(sock: Socket) -> None:
+    """Ping every ``heartbeat_secs``; a client silent for 1.5 intervals (no pong, no frame) is
+    gone: close it (1011), which cancels its requests.
+
+    Not aiohttp's own ``heartbeat``: once shutdown starts aiohttp reads nothing more from any
+    connection, so no pong can arrive, and its heartbeat would cut streams that may still
+    finish within the shutdown deadline.  While draining this one only stops checking.
+    """
+    interval = sock.settings.heartbeat_secs
+    loop = asyncio.get_running_loop()
+    while not sock.closing:
+        await asyncio.sleep(interval)
+        if sock.draining:
+            continue
+        if loop.time() - sock.heard > 1.5 * interval:
+            sock.shed(1011, "no pong")
+            return
+        try:
+            async with asyncio.timeout(sock.settings.send_timeout_secs):
+                await sock.ws.ping()
+        except TimeoutError:
+            sock.shed(1008, "client is not reading")
+            return
+        except (ConnectionResetError, RuntimeError):
+            return
 
 
 async def _frame(

@@ -462,3 +462,32 @@ async def test_sockets_bypass_the_response_cache(make_ws_gateway) -> None:
             await ws.send(orjson.dumps({"id": rid, "body": body("plain:same")}).decode())
             assert (await until_terminal(ws, {rid}))[rid][-1]["done"] is True
     assert Scripted.calls == ["same", "same"]
+
+
+async def test_a_client_that_answers_pings_stays_one_that_does_not_is_closed(
+    make_ws_gateway,
+) -> None:
+    url = await make_ws_gateway({"heartbeat_secs": 0.1, "idle_timeout_secs": 30})
+    async with connect(url) as ws:  # the websockets client answers pings by itself
+        await asyncio.sleep(0.6)  # six intervals
+        await ws.send(orjson.dumps({"id": "alive", "body": body("plain:alive")}).decode())
+        assert (await until_terminal(ws, {"alive"}))["alive"][-1]["done"] is True
+    # A raw client completes the handshake, then never answers: closed with 1011.
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(
+        f"GET /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nUpgrade: websocket\r\n"
+        "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Sec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101")
+    opcodes: list[int] = []
+    async with asyncio.timeout(5):
+        while not opcodes or opcodes[-1] != 0x8:  # server frames: unmasked, short
+            first, length = await reader.readexactly(2)
+            payload = await reader.readexactly(length & 0x7F)
+            opcodes.append(first & 0x0F)
+    assert 0x9 in opcodes  # it was pinged
+    assert int.from_bytes(payload[:2], "big") == 1011
+    writer.close()

@@ -84,3 +84,23 @@ async def test_a_stream_longer_than_the_deadline_is_cut_with_an_error_frame(
     assert code == 1001
     assert code_exit == 0
     assert took <= 2 + 1, f"exited {took:.2f} s after SIGTERM"
+
+
+async def test_pings_do_not_cut_a_stream_while_the_server_shuts_down(tmp_path: Path) -> None:
+    """aiohttp reads nothing once shutdown starts, so a pong cannot arrive: a heartbeat that
+    waited for one would close a socket whose stream may still finish."""
+    config = {
+        **mock_config(tokens_per_second=10, reply_tokens=25),  # a 2.5 s stream
+        "server": {"shutdown_timeout_secs": 10},
+        "websocket": {"heartbeat_secs": 0.3},
+    }
+    with gateway(tmp_path, config) as (proc, port):
+        ws = await connect(f"ws://127.0.0.1:{port}/v1/chat/completions")
+        await ws.send(chat("beat"))
+        assert "chunk" in orjson.loads(await asyncio.wait_for(ws.recv(), 10))
+        proc.send_signal(signal.SIGTERM)
+        frames, code = await frames_until_closed(ws)
+        code_exit = await asyncio.to_thread(proc.wait, 20)
+    assert frames[-1].get("done") is True, frames[-1]
+    assert code == 1001
+    assert code_exit == 0
