@@ -119,6 +119,8 @@ class Job:
     #: Responses: the lane (``stream_id``) and the response id once known (for cancels).
     lane: str = ""
     response_id: str | None = None
+    #: Its frame was large: validated off the event loop (as body.py does over HTTP).
+    large: bool = False
 
 
 @dataclass(eq=False, slots=True)
@@ -318,7 +320,7 @@ class Protocol:
     def socket_error(self, err: GatewayError) -> bytes:
         raise NotImplementedError
 
-    def on_frame(self, sock: Socket, frame: dict[str, Any]) -> Job | None:
+    def on_frame(self, sock: Socket, frame: dict[str, Any], large: bool) -> Job | None:
         raise NotImplementedError
 
 
@@ -336,12 +338,22 @@ async def _respond(
     return await stream(request, ctx, lease, body, first, chunks, sink=sink)
 
 
+async def validated(
+    validate: Callable[[Any], dict[str, Any]], body: dict[str, Any], large: bool
+) -> dict[str, Any]:
+    """``validate(body)``, on a worker thread for a large frame (marshmallow on a megabyte
+    body would hold the event loop for every other socket and request)."""
+    if large:
+        return await asyncio.get_running_loop().run_in_executor(None, validate, body)
+    return validate(body)
+
+
 async def serve_chat(
-    request: web.Request, ctx: RequestContext, body: dict[str, Any], sink: Frames
+    request: web.Request, ctx: RequestContext, body: dict[str, Any], sink: Frames, large: bool
 ) -> None:
     """One chat request: POST /v1/chat/completions' steps, always streamed."""
     with request.app[TELEMETRY].span("inference.validate"):
-        body = validate_chat(body)
+        body = await validated(validate_chat, body, large)
     body["stream"] = True
     ctx.include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     if request.app[CACHE] is not None:
@@ -364,7 +376,7 @@ async def serve_response(
                         param="background",
                     )
                 body.pop("stream", None)  # implicit over a socket
-                body = validate_responses(body)
+                body = await validated(validate_responses, body, job.large)
             body["stream"] = True
             turn, op = await prepare(request, body, sock.recent)
             job.response_id = turn.rid
@@ -384,7 +396,7 @@ class ChatProtocol(Protocol):
     def socket_error(self, err: GatewayError) -> bytes:
         return orjson.dumps({"id": None, "error": error_body(err)["error"]})
 
-    def on_frame(self, sock: Socket, frame: dict[str, Any]) -> Job | None:
+    def on_frame(self, sock: Socket, frame: dict[str, Any], large: bool) -> Job | None:
         rid = frame.get("id")
         if not isinstance(rid, str) or not _ID.fullmatch(rid):
             raise InvalidRequest(
@@ -406,7 +418,13 @@ class ChatProtocol(Protocol):
             raise InvalidRequest(f"Request id '{rid}' is already in flight", param="id")
         sink = ChatFrames(sock, rid)
         return start(
-            sock, rid, sink, lambda job: partial(serve_chat, sink=sink), body, self.endpoint
+            sock,
+            rid,
+            sink,
+            lambda job: partial(serve_chat, sink=sink, large=job.large),
+            body,
+            self.endpoint,
+            large=large,
         )
 
 
@@ -421,7 +439,7 @@ class ResponsesProtocol(Protocol):
     def socket_error(self, err: GatewayError) -> bytes:
         return orjson.dumps(error_event(err))
 
-    def on_frame(self, sock: Socket, frame: dict[str, Any]) -> Job | None:
+    def on_frame(self, sock: Socket, frame: dict[str, Any], large: bool) -> Job | None:
         kind = frame.pop("type", None)
         lane = frame.pop("stream_id", None)
         if lane is not None and (not isinstance(lane, str) or not _ID.fullmatch(lane)):
@@ -454,6 +472,7 @@ class ResponsesProtocol(Protocol):
             frame,
             self.endpoint,
             lane=lane,
+            large=large,
         )
 
 
@@ -466,6 +485,7 @@ def start(
     endpoint: str,
     *,
     lane: str = "",
+    large: bool = False,
 ) -> Job:
     """Check the socket's limits and start one request as its own task (``runner`` gives what
     runs it, given its job)."""
@@ -477,7 +497,7 @@ def start(
             f"(websocket.max_in_flight); wait for one to finish",
             retry_after=1,
         )
-    job = Job(task=None, sink=sink, lane=lane)  # type: ignore[arg-type]  # set just below
+    job = Job(task=None, sink=sink, lane=lane, large=large)  # type: ignore[arg-type]  # set below
     job.task = asyncio.create_task(run_request(sock, sink, runner(job), body, endpoint))
     sock.jobs[key] = job
     job.task.add_done_callback(lambda _: sock.finished(key, job))
@@ -713,7 +733,7 @@ async def _frame(
             frame = parse(raw)
         if not isinstance(frame, dict):
             raise InvalidRequest("A frame must be a JSON object", code="INVALID_JSON")
-        protocol.on_frame(sock, frame)
+        protocol.on_frame(sock, frame, len(raw) > OFFLOAD_BYTES)
     except GatewayError as err:
         with contextlib.suppress(ConnectionResetError, RuntimeError):
             await sock.send(protocol.socket_error(err))

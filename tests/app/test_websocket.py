@@ -491,3 +491,20 @@ async def test_a_client_that_answers_pings_stays_one_that_does_not_is_closed(
     assert 0x9 in opcodes  # it was pinged
     assert int.from_bytes(payload[:2], "big") == 1011
     writer.close()
+
+
+async def test_a_large_frame_is_validated_and_served(make_ws_gateway) -> None:
+    """Over 64 KB a frame is parsed and validated on a worker thread: same answers."""
+    url = await make_ws_gateway()
+    padding = "x" * 100_000
+    async with connect(url) as ws:
+        big = body("plain:big")
+        big["messages"].insert(0, {"role": "system", "content": padding})
+        await ws.send(orjson.dumps({"id": "big", "body": big}).decode())
+        assert (await until_terminal(ws, {"big"}))["big"][-1]["done"] is True
+        bad = {"model": "m", "messages": [{"role": "nobody", "content": padding}]}
+        await ws.send(orjson.dumps({"id": "bad", "body": bad}).decode())
+        error = (await until_terminal(ws, {"bad"}))["bad"][-1]["error"]
+        assert error["param"].startswith("messages")
+        assert error["type"] == "invalid_request_error"
+    assert Scripted.calls == ["big"]
