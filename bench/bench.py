@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import hashlib
 import http.client
+import importlib
 import importlib.metadata
 import json
 import math
@@ -117,6 +118,9 @@ FEATURE_ARMS = {
 #: Extra request headers of an arm (post.lua sends BENCH_CACHE_CONTROL as Cache-Control).
 ARM_CACHE_CONTROL = {"gateway-cache-miss": "max-age=0"}
 CHAT_ARMS = ("direct", "nginx", "passthrough", "gateway", *FEATURE_ARMS, "gateway-w2", "litellm")
+# WebSocket measures (bench/ws_bench.py) on the gateway arm's streaming process: no own process.
+WS_ARM = "gateway-ws"
+WS_SOCKETS = 1000  # idle sockets opened for the memory-per-socket measure
 CLOSED_LOOP_ONLY = frozenset({"gateway-w2", *FEATURE_ARMS})
 STREAM_ARMS = ("direct", "nginx", "passthrough", "gateway", "litellm")
 RATE_FRACTIONS = (0.25, 0.5, 0.75)
@@ -161,6 +165,9 @@ class Results:
     open_capacity: list[float] = dataclasses.field(default_factory=list)
     first_error: dict[str, str] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
+    #: gateway-ws: TTFT pairs (WebSocket against SSE) per round, and one idle-memory measure.
+    websocket: list[Stats] = dataclasses.field(default_factory=list)
+    ws_memory: Stats = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -956,6 +963,60 @@ def phase_stream(
                     res.first_error.setdefault(f"{arm}, {conns} streams", error)
 
 
+def phase_websocket(cfg: Config, procs: Processes, stream: dict[str, Target], res: Results) -> None:
+    """gateway-ws: TTFT over a WebSocket against SSE, then memory per idle socket."""
+    # bench/ is the script's directory (on sys.path), not a package: imported by name, and
+    # only here (it imports aiohttp; only this arm needs it).
+    ws_bench = importlib.import_module("ws_bench")
+
+    target = stream.get("gateway")
+    if target is None or not alive(procs, stream, "gateway", res.notes):
+        res.notes.append(f"{WS_ARM} skipped: no gateway arm on the streaming upstream")
+        return
+    pairs = max(30, cfg.duration * 10)  # each pair ~2 streams of the upstream's length
+    for r in range(cfg.rounds):
+        say(f"round {r + 1}/{cfg.rounds}: {WS_ARM}: {pairs} TTFT pairs (WebSocket, SSE)")
+        try:
+            res.websocket.append(ws_bench.ttft(target.origin, STREAM_BODY, AUTH, pairs))
+        except Exception as exc:
+            res.first_error.setdefault(WS_ARM, f"{type(exc).__name__}: {exc}")
+            return
+    if target.pid is None:
+        return
+    pid = target.pid
+    say(f"{WS_ARM}: {WS_SOCKETS} idle sockets")
+    try:
+        res.ws_memory = ws_bench.idle_memory(
+            target.origin, AUTH, WS_SOCKETS, lambda: rss_mb(tree_pids(pid))
+        )
+    except Exception as exc:
+        res.first_error.setdefault(f"{WS_ARM} memory", f"{type(exc).__name__}: {exc}")
+
+
+def websocket_table(res: Results) -> str:
+    """TTFT over a WebSocket against SSE (paired per round), and memory per idle socket."""
+    runs = res.websocket
+    rows = [
+        ["TTFT p50, SSE (µs)", spread([r["sse_ttft_p50_us"] for r in runs])],
+        ["TTFT p50, WebSocket (µs)", spread([r["ws_ttft_p50_us"] for r in runs])],
+        [
+            "WebSocket − SSE, paired p50 (µs; budget ≤ +100)",
+            spread([r["delta_p50_us"] for r in runs]),
+        ],
+    ]
+    mem = res.ws_memory
+    if mem:
+        rows += [
+            [
+                f"RSS with {mem['sockets']:.0f} idle sockets (MB; before → open → closed)",
+                f"{mem['rss_before_mb']:.1f} → {mem['rss_open_mb']:.1f} → "
+                f"{mem['rss_after_close_mb']:.1f}",
+            ],
+            ["memory per idle socket (KB)", f"{mem['kb_per_socket']:.1f}"],
+        ]
+    return table("measure|value", rows)
+
+
 # ----------------------------------------------------------------------- report
 
 
@@ -1326,6 +1387,20 @@ def render(cfg: Config, res: Results, gateway_label: str, info: list[tuple[str, 
         "",
         memory_table(res),
     ]
+    if res.websocket or res.ws_memory:
+        parts += [
+            "",
+            f"## WebSocket ({WS_ARM}: the gateway arm's streaming process)",
+            "",
+            (
+                "Pairs of one SSE request and one request on an open chat WebSocket, same "
+                "client (aiohttp), same upstream stream, order alternating; the difference is "
+                "paired per request. Memory: 1,000 chat WebSockets opened and left idle "
+                "(bench/ws_bench.py)."
+            ),
+            "",
+            websocket_table(res),
+        ]
     notes = [*res.notes, *(f"first error, {k}: {v}" for k, v in res.first_error.items())]
     lags = [s["sched_lag_p99_us"] for runs in res.open_loop.values() for s in runs]
     if late := [lag for lag in lags if lag > 1000]:
@@ -1351,7 +1426,7 @@ def parse_args(argv: Sequence[str]) -> Config:
     parser.add_argument(
         "--only",
         help=(
-            f"comma list of {','.join(CHAT_ARMS)}; direct and passthrough always run "
+            f"comma list of {','.join(CHAT_ARMS)},{WS_ARM}; direct and passthrough always run "
             "(and gateway with any feature arm)"
         ),
     )
@@ -1368,11 +1443,12 @@ def parse_args(argv: Sequence[str]) -> Config:
         help="report file (default docs/benchmarks.md; with --quick bench/results/quick.md)",
     )
     args = parser.parse_args(argv)
-    only = {a.strip() for a in (args.only or ",".join(CHAT_ARMS)).split(",") if a.strip()}
-    if unknown := only - set(CHAT_ARMS):
+    every = ",".join((*CHAT_ARMS, WS_ARM))
+    only = {a.strip() for a in (args.only or every).split(",") if a.strip()}
+    if unknown := only - {*CHAT_ARMS, WS_ARM}:
         parser.error(f"unknown arms: {', '.join(sorted(unknown))}")
-    if only & FEATURE_ARMS.keys():
-        only.add("gateway")  # feature arms are reported against it
+    if only & FEATURE_ARMS.keys() or WS_ARM in only:
+        only.add("gateway")  # feature arms are reported against it; gateway-ws runs on it
     if os.environ.get("BENCH_LITELLM") != "1":
         only.discard("litellm")
     rounds = args.rounds or (2 if args.quick else 3)
@@ -1434,6 +1510,8 @@ def main(argv: Sequence[str]) -> int:
             phase_closed_loop(cfg, procs, chat, res)
             phase_open_loop(cfg, procs, binary, chat, res)
             phase_stream(cfg, procs, binary, stream, res)
+            if WS_ARM in cfg.only:
+                phase_websocket(cfg, procs, stream, res)
         except KeyboardInterrupt:
             say("interrupted: stopping servers")
             return 130

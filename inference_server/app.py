@@ -15,7 +15,7 @@ import orjson
 from aiohttp import web
 from loguru import logger
 
-from inference_server import logs, reload, tenancy
+from inference_server import logs, reload, tenancy, websocket
 from inference_server.cache import cache_ctx
 from inference_server.endpoints.store import response_store_ctx
 from inference_server.handlers import setup_routes
@@ -220,6 +220,7 @@ def create_app(settings: Settings, loader: Callable[[], Settings] | None = None)
     tenancy.install(app, settings)  # issue 12: keys, limits, usage, CORS (off: nothing added)
     reload.install(app, loader)  # issue 16: the runtime snapshot, hot reload (after the above)
     setup_routes(app)
+    websocket.install(app)  # issue 15: GET upgrades on /v1/chat/completions and /v1/responses
     app[METRICS].know(
         endpoints=["unmatched", *(r.canonical for r in app.router.resources())],
     )

@@ -477,6 +477,8 @@ def slow_request(ctx: RequestContext, duration_secs: float, threshold_secs: floa
     waited = ctx.first_token_secs if ctx.stream and ctx.first_token_secs is not None else None
     if threshold_secs <= 0 or (waited if waited is not None else duration_secs) < threshold_secs:
         return False
+    if ctx.status == 101:  # a WebSocket's upgrade lasts as long as its socket: never "slow"
+        return False
     stream = ctx.stream_secs or 0.0
     overhead = max(0.0, duration_secs - ctx.upstream_secs - stream)
     fields: dict[str, Any] = {

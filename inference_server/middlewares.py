@@ -81,15 +81,21 @@ async def request_context(request: web.Request, handler: Handler) -> web.StreamR
         status = 499
         raise
     finally:
-        duration = time.perf_counter() - ctx.started
         if ctx.status is None:
             ctx.status = status
-        metrics.request_finished(ctx, duration)
-        log_settings = runtime.settings.logging
-        if log_settings.access_log:
-            logs.access(ctx, request.method, request.path, ctx.status, duration)
-        logs.slow_request(ctx, duration, log_settings.slow_request_secs)
+        record(ctx, request.method, request.path)
         logs.REQUEST_ID.reset(scope_token)
+
+
+def record(ctx: RequestContext, method: str, path: str) -> None:
+    """The end of every request, HTTP or one on a WebSocket: metrics, access line, slow line."""
+    runtime = ctx.runtime
+    duration = time.perf_counter() - ctx.started
+    runtime.metrics.request_finished(ctx, duration)
+    log_settings = runtime.settings.logging
+    if log_settings.access_log:
+        logs.access(ctx, method, path, ctx.status or 500, duration)
+    logs.slow_request(ctx, duration, log_settings.slow_request_secs)
 
 
 async def _traced(

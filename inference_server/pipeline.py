@@ -35,7 +35,7 @@ from inference_server.errors import (
     ProviderConnectionFailed,
     ProviderTimeout,
 )
-from inference_server.keys import BACKGROUND, CTX, METRICS, SETTINGS, TELEMETRY
+from inference_server.keys import BACKGROUND, CTX, METRICS
 from inference_server.providers.base import (
     CallContext,
     ChatChunk,
@@ -52,7 +52,14 @@ from inference_server.routing import (
     Router,
 )
 from inference_server.schemas import validate_chat
-from inference_server.streaming import SSE_HEADERS, aclose_chunks, relay
+from inference_server.streaming import (
+    SSE_HEADERS,
+    Sink,
+    SSESink,
+    aclose_chunks,
+    relay,
+    sse_event,
+)
 from inference_server.telemetry import NO_SPAN
 from inference_server.tenancy import admit
 
@@ -374,35 +381,41 @@ async def stream(
     *,
     cached: Lookup | None = None,
     relay_with: Callable[..., Awaitable[str | None]] = relay,
+    sink: Sink | None = None,
+    encode: Callable[[Any], bytes] = sse_event,
 ) -> web.StreamResponse:
     """Send the 200 + SSE headers now that a first chunk exists, then relay the rest
     (``relay_with``: chat's and completions' ``streaming.relay``, or the Responses events) and
-    hand a chat stream to the response cache when it ends normally."""
+    hand a chat stream to the response cache when it ends normally.  ``encode`` writes one SSE
+    event (the Responses API's are named).  A WebSocket request (websocket.py) passes its own
+    ``sink`` instead: no HTTP response is made."""
     dep = lease.deployment
     ctx.first_token_secs = time.perf_counter() - ctx.started
-    response = web.StreamResponse(status=200, headers=SSE_HEADERS)
-    response.headers["x-request-id"] = ctx.request_id
-    response.headers.update(ctx.routing_headers())
-    try:
-        await response.prepare(request)
-    except BaseException:
-        await aclose_chunks(chunks)
-        raise
+    response: web.StreamResponse = NO_RESPONSE
+    if sink is None:
+        response = web.StreamResponse(status=200, headers=SSE_HEADERS)
+        response.headers["x-request-id"] = ctx.request_id
+        response.headers.update(ctx.routing_headers())
+        try:
+            await response.prepare(request)
+        except BaseException:
+            await aclose_chunks(chunks)
+            raise
+        sink = SSESink(request, response, ctx.runtime.settings.server.error_format, encode)
     ctx.status = 200
-    telemetry = request.app[TELEMETRY]
+    telemetry = ctx.runtime.telemetry
     # Only chat is cached: a stream is handed to the cache's collector when there is one.
     extra = {} if cached is None else {"collector": cached.collector()}
     try:
         with telemetry.span("inference.stream", {"inference.deployment": dep.id}) as span:
             text = await relay_with(
-                request,
-                response,
+                sink,
                 ctx,
                 body,
                 first,
                 chunks,
                 include_usage=ctx.include_usage,
-                error_format=request.app[SETTINGS].server.error_format,
+                scrubber=ctx.runtime.settings.scrubber,  # the request's runtime (issue 16)
                 collect_text=span is not None and telemetry.record_content,
                 **extra,
             )
@@ -419,6 +432,10 @@ async def stream(
         # The deployment broke the stream it had started: a fault.
         lease.broke(ctx.error_code, "the stream broke after it started")
     return response
+
+
+#: What ``stream`` returns for a WebSocket request (its frames went to its sink; never sent).
+NO_RESPONSE: web.StreamResponse = web.Response(status=200)
 
 
 def start_shadow(

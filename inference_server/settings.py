@@ -234,6 +234,41 @@ CORE_SCHEMA: dict[str, Any] = {
             "0 stores none",
         ),
     },
+    # WebSocket (issue 15; websocket.py): chat streams multiplexed on one socket at
+    # GET /v1/chat/completions, the Responses API's WebSocket mode at GET /v1/responses.
+    "websocket": {
+        "enabled": S((bool,), True, description="accept WebSocket upgrades on those paths"),
+        "max_message_bytes": S(
+            (int,),
+            1024 * 1024,
+            gte=1024,
+            lte=64 * 1024 * 1024,
+            description="largest client frame (a larger one closes the socket with 1009)",
+        ),
+        "max_in_flight": S(
+            (int,), 32, gte=1, lte=10_000, description="requests running at once per socket"
+        ),
+        "heartbeat_secs": S(
+            _NUM,
+            30,
+            gte=0,
+            lte=3600,
+            description="ping interval; silent 1.5 intervals: closed, 1011 (0 off)",
+        ),
+        "idle_timeout_secs": S(
+            _NUM, 300, gte=0.1, lte=86400, description="close a socket with nothing in flight"
+        ),
+        "send_timeout_secs": S(
+            _NUM, 10, gte=0.01, lte=3600, description="a frame unread this long: closed (1013)"
+        ),
+        "max_buffered_bytes": S(
+            (int,),
+            1024 * 1024,
+            gte=1024,
+            lte=1024 * 1024 * 1024,
+            description="bytes waiting for a slow reader before its socket is closed (1013)",
+        ),
+    },
     # Access control, rate limits, usage (issue 12; tenancy_config.py reads these).
     "auth": {
         "enabled": S((bool,), False, description="require Authorization: Bearer <key> on /v1/*"),
@@ -384,6 +419,19 @@ class ResponsesSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WebSocketSettings:
+    """``websocket.*`` (websocket.py reads it; the defaults equal CORE_SCHEMA's)."""
+
+    enabled: bool = True
+    max_message_bytes: int = 1024 * 1024
+    max_in_flight: int = 32
+    heartbeat_secs: float = 30.0
+    idle_timeout_secs: float = 300.0
+    send_timeout_secs: float = 10.0
+    max_buffered_bytes: int = 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
 class RetryBudgetSettings:
     ratio: float
     min_retries: int
@@ -432,6 +480,7 @@ class Settings:
     state: StateSettings = field(default_factory=StateSettings)
     cache: CacheSettings = field(default_factory=CacheSettings)
     responses: ResponsesSettings = field(default_factory=ResponsesSettings)
+    websocket: WebSocketSettings = field(default_factory=WebSocketSettings)
     tenancy: TenancySettings = field(default_factory=TenancySettings)
     plugins: Mapping[str, LoadedPlugin] = field(default_factory=dict)
     #: The settings tree as layered, secrets already masked (for ``--print-config``).
@@ -922,6 +971,15 @@ def load_settings(
         responses=ResponsesSettings(
             retention_secs=int(resolved["responses"]["retention_secs"]),
             max_stored=int(resolved["responses"]["max_stored"]),
+        ),
+        websocket=WebSocketSettings(
+            enabled=bool(resolved["websocket"]["enabled"]),
+            max_message_bytes=int(resolved["websocket"]["max_message_bytes"]),
+            max_in_flight=int(resolved["websocket"]["max_in_flight"]),
+            heartbeat_secs=float(resolved["websocket"]["heartbeat_secs"]),
+            idle_timeout_secs=float(resolved["websocket"]["idle_timeout_secs"]),
+            send_timeout_secs=float(resolved["websocket"]["send_timeout_secs"]),
+            max_buffered_bytes=int(resolved["websocket"]["max_buffered_bytes"]),
         ),
         tenancy=tenancy,
         plugins=loaded,

@@ -12,8 +12,8 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 from aiohttp import web
@@ -30,6 +30,7 @@ from inference_server.providers.base import ChatChunk
 
 if TYPE_CHECKING:
     from inference_server.cache import StreamCollector
+    from inference_server.scrub import Scrubber
 
 DONE = b"data: [DONE]\n\n"
 SSE_HEADERS = {
@@ -112,20 +113,86 @@ class UsageTracker:
         )
 
 
+class Sink(Protocol):
+    """Where a relayed stream goes: an HTTP SSE response (:class:`SSESink`) or one request's
+    frames on a WebSocket (websocket.py).  The relays (chat's :func:`relay`, the Responses
+    events) only ever talk to this, so both transports share one relay."""
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        """One chunk (chat) or event (Responses) as it arrives."""
+
+    async def done(self, usage: dict[str, Any]) -> None:
+        """The stream ended normally (chat: after the usage chunk, if any)."""
+
+    async def error(self, err: GatewayError) -> None:
+        """The stream failed after it started: one in-band error (never raises)."""
+
+    def interrupted(self) -> GatewayError | None:
+        """On cancellation: the error to tell a client still listening, or None when the
+        client itself is gone (then nothing is written)."""
+
+    async def end(self) -> None:
+        """After that error: complete the message (HTTP: the chunked body's end)."""
+
+
+class SSESink:
+    """:class:`Sink` over an HTTP ``StreamResponse``: SSE events, ``[DONE]``, an error event."""
+
+    __slots__ = ("encode", "error_format", "request", "response")
+
+    def __init__(
+        self,
+        request: web.Request,
+        response: web.StreamResponse,
+        error_format: str,
+        encode: Callable[[Any], bytes] = sse_event,
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.error_format = error_format
+        #: chat's data-only events, or the Responses API's named ones
+        self.encode = encode
+
+    async def send(self, obj: dict[str, Any]) -> None:
+        await self.response.write(self.encode(obj))
+
+    async def done(self, usage: dict[str, Any]) -> None:
+        await self.response.write(DONE)
+
+    async def error(self, err: GatewayError) -> None:
+        fmt: ErrorFormat = "legacy" if self.error_format == "legacy" else "openai"
+        try:
+            await self.response.write(sse_event(error_body(err, fmt)))
+        except (ConnectionResetError, RuntimeError):
+            return
+
+    def interrupted(self) -> GatewayError | None:
+        # The client left (handler cancellation) or shutdown hit its deadline.
+        transport = self.request.transport
+        if transport is not None and not transport.is_closing():
+            return ServiceUnavailable(
+                "The server is shutting down; the stream was cut at the shutdown deadline"
+            )
+        return None
+
+    async def end(self) -> None:
+        with contextlib.suppress(ConnectionResetError, RuntimeError):
+            await self.response.write_eof()  # a complete HTTP message: the client reads the event
+
+
 async def relay(
-    request: web.Request,
-    response: web.StreamResponse,
+    sink: Sink,
     ctx: RequestContext,
     body: dict[str, Any],
     first: ChatChunk,
     chunks: AsyncIterator[ChatChunk],
     *,
     include_usage: bool,
-    error_format: str,
+    scrubber: Scrubber,
     collect_text: bool = False,
     collector: StreamCollector | None = None,
 ) -> str | None:
-    """Forward ``first`` and the rest of ``chunks``; end with usage + [DONE] or an error event.
+    """Forward ``first`` and the rest of ``chunks``; end with usage + done or an error.
 
     Returns the assembled completion of choice 0 when ``collect_text`` (else None).
     ``collector`` (the response cache's) sees every chunk and is completed only after
@@ -138,7 +205,7 @@ async def relay(
         "created": first.get("created") or int(time.time()),
         "model": first.get("model"),
     }
-    write = response.write
+    send = sink.send
     chunk: ChatChunk | None = first
     try:
         while chunk is not None:
@@ -149,61 +216,47 @@ async def relay(
             if is_usage_only:
                 if include_usage:
                     tracker.usage_chunk_sent = True
-                    await write(sse_event(chunk))
+                    await send(chunk)
             else:
                 if include_usage and "usage" not in chunk:
                     chunk["usage"] = None
-                await write(sse_event(chunk))
+                await send(chunk)
             chunk = await anext(chunks, None)
         usage, estimated = tracker.final_usage(body)
         ctx.usage = usage
         ctx.usage_estimated = estimated
         if include_usage and not tracker.usage_chunk_sent:
-            await write(sse_event({**template, "choices": [], "usage": usage}))
+            await send({**template, "choices": [], "usage": usage})
         if estimated:
             ctx.log.debug("stream usage estimated: {}", usage)
-        await write(DONE)
+        await sink.done(usage)
         if collector is not None:
             await collector.completed(usage)
     except asyncio.CancelledError:
-        # The client left (handler cancellation) or shutdown hit its deadline.  Tell a client
-        # that is still connected why its stream ends; then let the cancellation proceed.
-        if request.transport is not None and not request.transport.is_closing():
-            err = ServiceUnavailable(
-                "The server is shutting down; the stream was cut at the shutdown deadline"
-            )
-            await _write_error(response, err, error_format)
-            with contextlib.suppress(ConnectionResetError, RuntimeError):
-                await response.write_eof()  # a complete HTTP message: the client reads the event
+        # Tell a client that is still listening why its stream ends; then let the
+        # cancellation proceed.
+        err = sink.interrupted()
+        if err is not None:
+            await sink.error(err)
+            await sink.end()
             ctx.error_code = err.code
         else:
             ctx.error_code = "CLIENT_DISCONNECTED"
         raise
     except GatewayError as exc:
-        ctx.runtime.settings.scrubber.scrub_error(exc)  # the request's runtime (issue 16)
+        scrubber.scrub_error(exc)  # the request's runtime's (issue 16)
         ctx.error_code = exc.code
         ctx.log.warning("stream failed after it started: {} ({})", exc.message, exc.code)
-        await _write_error(response, exc, error_format)
+        await sink.error(exc)
     except (ConnectionResetError, web.HTTPException):
         ctx.error_code = "CLIENT_DISCONNECTED"
     except Exception as exc:  # a bug: still end the stream honestly
         ctx.log.exception("unexpected error while streaming")
         ctx.error_code = "INTERNAL_ERROR"
-        await _write_error(
-            response, InternalError(f"Internal error: {type(exc).__name__}"), error_format
-        )
+        await sink.error(InternalError(f"Internal error: {type(exc).__name__}"))
     finally:
         await aclose_chunks(chunks)
     return None if tracker.text is None else "".join(tracker.text)
-
-
-async def _write_error(response: web.StreamResponse, err: GatewayError, error_format: str) -> None:
-    fmt: ErrorFormat = "legacy" if error_format == "legacy" else "openai"
-    body = error_body(err, fmt)
-    try:
-        await response.write(sse_event(body))
-    except (ConnectionResetError, RuntimeError):
-        return
 
 
 async def aclose_chunks(chunks: AsyncIterator[ChatChunk]) -> None:

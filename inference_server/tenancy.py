@@ -51,6 +51,7 @@ from inference_server.state import REDIS, REDIS_HEALTH
 from inference_server.streaming import estimate_prompt_tokens
 from inference_server.tenancy_config import KeySpec, Limit, TenancySettings
 from inference_server.usage import ANONYMOUS, Ledger
+from inference_server.websocket_auth import subprotocol_authorization
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 #: What a failing Redis command raises (the client's own errors, sockets, our timeouts).
@@ -468,7 +469,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         return preflight(request, t.settings.cors_origins)
     if t.settings.auth_enabled:
         try:
-            key = t.keys.authenticate(request.headers.get("Authorization"))
+            key = t.keys.authenticate(
+                request.headers.get("Authorization")
+                or subprotocol_authorization(request.headers)  # issue 15: WebSocket, browsers
+            )
         except Exception:
             t.metrics.admission(None, "invalid_key")
             raise

@@ -13,7 +13,6 @@ only after the upstream produced its first chunk; a failure after that ends the 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 from collections.abc import AsyncIterator
 from typing import Any
@@ -42,14 +41,14 @@ from inference_server.errors import (
     NotFound,
     ProviderBadResponse,
     RequestTooLarge,
-    ServiceUnavailable,
 )
 from inference_server.keys import CTX, SETTINGS, TELEMETRY
 from inference_server.pipeline import Operation, stream
 from inference_server.providers.base import CallContext, Provider
 from inference_server.providers.openai_compat import RESPONSES_TERMINAL
 from inference_server.routing import Lease
-from inference_server.streaming import aclose_chunks
+from inference_server.scrub import Scrubber
+from inference_server.streaming import Sink, aclose_chunks
 
 _ID = re.compile(RESPONSE_ID)
 
@@ -66,7 +65,7 @@ class Turn:
 
     def __init__(
         self, body: dict[str, Any], items: list[dict[str, Any]], missing: str | None,
-        store: ResponseStore,
+        store: ResponseStore, recent: dict[str, Any] | None = None,
     ) -> None:  # fmt: skip
         self.body = body
         #: The whole conversation: the stored one it continues (if found here) + this input.
@@ -74,6 +73,8 @@ class Turn:
         #: A previous_response_id not stored here (a native upstream may know it).
         self.missing = missing
         self.store = store
+        #: A WebSocket's most recent response (websocket.py): chained even with store false.
+        self.recent = recent
         self.rid = new_id("resp")
         #: Whether the attempt that answered went to a native Responses API.
         self.native = False
@@ -142,12 +143,23 @@ class Turn:
     # --- respond ---------------------------------------------------------------------------
 
     async def remember(self, response: dict[str, Any]) -> None:
-        """Store a translated, finished response with its conversation (``store``, default on)."""
-        if self.native or not self.body.get("store", True) or response.get("status") == "failed":
+        """Store a translated, finished response with its conversation (``store``, default on);
+        on a WebSocket it is also the connection's most recent one (kept even unstored)."""
+        stored = self.body.get("store", True)
+        if (
+            self.native
+            or response.get("status") == "failed"
+            or not (stored or self.recent is not None)
+        ):
             return
         output = [item for item in response.get("output") or () if isinstance(item, dict)]
         items = [*self.items, *(_as_input(item) for item in output)]
-        await self.store.put(response["id"], {"response": response, "items": items})
+        record = {"response": response, "items": items}
+        if stored:
+            await self.store.put(response["id"], record)
+        if self.recent is not None:
+            self.recent.clear()  # one per connection: its memory is one conversation at most
+            self.recent[response["id"]] = record
 
     async def respond(
         self,
@@ -156,30 +168,34 @@ class Turn:
         lease: Lease,
         body: dict[str, Any],
         result: Any,
+        sink: Sink | None = None,
     ) -> web.StreamResponse:
+        """Step 6: the JSON answer, or the stream's events (SSE, or a WebSocket's ``sink``)."""
         if isinstance(result, tuple):
             first, events = result
-            return await stream(request, ctx, lease, body, first, events, relay_with=self.relay)
+            return await stream(
+                request, ctx, lease, body, first, events,
+                relay_with=self.relay, sink=sink, encode=sse_named,
+            )  # fmt: skip
         ctx.usage = chat_usage(result.get("usage"))
         await self.remember(result)
         return web.Response(body=orjson.dumps(result), content_type="application/json")
 
     async def relay(
         self,
-        request: web.Request,
-        response: web.StreamResponse,
+        sink: Sink,
         ctx: RequestContext,
         body: dict[str, Any],
         first: dict[str, Any],
         events: AsyncIterator[dict[str, Any]],
         *,
         include_usage: bool,
-        error_format: str,
+        scrubber: Scrubber,
         collect_text: bool = False,
     ) -> str | None:
-        """Write every event as it comes; on a failure after the start, ``error`` and
+        """Send every event as it comes; on a failure after the start, ``error`` and
         ``response.failed`` (the Responses API's own way to end a broken stream)."""
-        write = response.write
+        send = sink.send
         seq = 0
         last: dict[str, Any] = {"id": self.rid, "object": "response", "status": "in_progress"}
         final: dict[str, Any] | None = None
@@ -198,34 +214,32 @@ class Turn:
                         ctx.error_code = "PROVIDER_ERROR"
                 elif kind == "error":
                     ctx.error_code = "PROVIDER_ERROR"
-                await write(sse_named(event))
+                await send(event)
                 event = await anext(events, None)
             if final is not None:
                 ctx.usage = chat_usage(final.get("usage"))
                 await self.remember(final)
         except asyncio.CancelledError:
-            if request.transport is not None and not request.transport.is_closing():
-                err = ServiceUnavailable(
-                    "The server is shutting down; the stream was cut at the shutdown deadline"
-                )
-                await _write_failure(response, seq, last, err)
-                with contextlib.suppress(ConnectionResetError, RuntimeError):
-                    await response.write_eof()
+            err = sink.interrupted()
+            if err is not None:
+                await _write_failure(sink, seq, last, err)
+                await sink.end()
                 ctx.error_code = err.code
             else:
                 ctx.error_code = "CLIENT_DISCONNECTED"
             raise
         except GatewayError as exc:
+            scrubber.scrub_error(exc)
             ctx.error_code = exc.code
             ctx.log.warning("stream failed after it started: {} ({})", exc.message, exc.code)
-            await _write_failure(response, seq, last, exc)
+            await _write_failure(sink, seq, last, exc)
         except (ConnectionResetError, web.HTTPException):
             ctx.error_code = "CLIENT_DISCONNECTED"
         except Exception as exc:  # a bug: still end the stream honestly
             ctx.log.exception("unexpected error while streaming a response")
             ctx.error_code = "INTERNAL_ERROR"
             bug = InternalError(f"Internal error: {type(exc).__name__}")
-            await _write_failure(response, seq, last, bug)
+            await _write_failure(sink, seq, last, bug)
         finally:
             await aclose_chunks(events)
         return output_text(final) if collect_text and final is not None else None
@@ -238,9 +252,7 @@ def _as_input(item: dict[str, Any]) -> dict[str, Any]:
     return {k: item[k] for k in ("type", "call_id", "name", "arguments") if k in item}
 
 
-async def _write_failure(
-    response: web.StreamResponse, seq: int, last: dict[str, Any], err: GatewayError
-) -> None:
+async def _write_failure(sink: Sink, seq: int, last: dict[str, Any], err: GatewayError) -> None:
     failed = {**last, "status": "failed", "error": {"code": err.code, "message": err.message}}
     events = (
         {"type": "error", "sequence_number": seq, "code": err.code, "message": err.message,
@@ -249,7 +261,7 @@ async def _write_failure(
     )  # fmt: skip
     try:
         for event in events:
-            await response.write(sse_named(event))
+            await sink.send(event)
     except (ConnectionResetError, RuntimeError):
         return
 
@@ -257,12 +269,24 @@ async def _write_failure(
 async def responses(request: web.Request) -> web.StreamResponse:
     """POST /v1/responses."""
     app = request.app
-    ctx = request[CTX]
     # 1. admit — authentication (tenancy.access_middleware); limits: in serve(), once the
     #    model is known.
     # 2. validate
     with app[TELEMETRY].span("inference.validate"):
         body = await read_validated(request, validate_responses)
+    turn, op = await prepare(request, body)
+    return await serve(request, body, op, turn.respond, stream=bool(body.get("stream")))
+
+
+async def prepare(
+    request: web.Request, body: dict[str, Any], recent: dict[str, Any] | None = None
+) -> tuple[Turn, Operation]:
+    """A validated Responses body → its :class:`Turn` (the conversation it continues) and the
+    operation to walk; shared by ``POST /v1/responses`` and the WebSocket mode (``recent``:
+    the connection's most recent response, which ``previous_response_id`` may name even when
+    it was not stored, as in OpenAI's WebSocket mode)."""
+    app = request.app
+    ctx = request[CTX]
     ctx.operation = "responses"
     ctx.include_usage = bool(body.get("stream"))  # ask upstreams for stream usage
     store = app[RESPONSE_STORE]
@@ -270,7 +294,9 @@ async def responses(request: web.Request) -> web.StreamResponse:
     previous = body.get("previous_response_id")
     missing = None
     if previous:
-        record = await store.get(previous)
+        record = recent.get(previous) if recent else None
+        if record is None:
+            record = await store.get(previous)
         if record is None:
             missing = previous
         else:
@@ -285,9 +311,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
                     f"{limit}-byte request limit (server.max_body_bytes); start a new one",
                     param="previous_response_id",
                 )
-    turn = Turn(body, items, missing, store)
-    op = Operation("responses", "responses", turn.call, turn.open)
-    return await serve(request, body, op, turn.respond, stream=bool(body.get("stream")))
+    turn = Turn(body, items, missing, store, recent)
+    return turn, Operation("responses", "responses", turn.call, turn.open)
 
 
 def _response_id(request: web.Request) -> str:
