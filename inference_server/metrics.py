@@ -665,6 +665,10 @@ class Metrics:
             bundle = self._bundle(key)
         bundle.inflight.dec()
         bundle.requests.inc()
+        if status_class == "1xx":
+            # A WebSocket upgrade (101): its "duration" is the socket's life, not a request's
+            # (each request on the socket is recorded on its own, websocket.run_request).
+            return
         bundle.duration.observe(duration)
         stream_secs = ctx.stream_secs
         if ctx.attempts:
@@ -706,7 +710,8 @@ class Metrics:
         bundle = _Bundle(labels)
         ep, mdl, rte, prv, dep, strm, sc, err = labels
         bundle.requests = self._child(self.requests, (ep, mdl, rte, prv, dep, sc, err))
-        bundle.duration = self._child(self.request_duration, (ep, mdl, strm, sc))
+        if sc != "1xx":  # an upgrade's socket life is no request duration (_request_finished)
+            bundle.duration = self._child(self.request_duration, (ep, mdl, strm, sc))
         bundle.overhead = self._child(self.overhead, (ep, strm))
         bundle.inflight = self._child(self.in_flight, (ep,))
         if len(self._bundles) >= _MAX_BUNDLES:

@@ -343,3 +343,17 @@ def test_single_worker_needs_no_directory() -> None:
     assert os.path.isdir(directory)
     cleanup()
     assert not os.path.exists(directory)  # a temporary directory we made: removed
+
+
+def test_a_websocket_upgrade_counts_once_without_a_duration() -> None:
+    """A 101 lasts as long as its socket: counted as a request, kept out of the duration and
+    overhead histograms (each request on the socket is recorded on its own)."""
+    m = Known()
+    record(m, finished(status=101, endpoint=CHAT, attempts=0, usage=None), 3600.0)
+    record(m, finished(), 0.2)
+    out = text(m)
+    assert value(out, "inference_requests_total", status_class="1xx") == 1
+    assert value(out, "inference_request_duration_seconds_count", status_class="2xx") == 1
+    durations = series(out, "inference_request_duration_seconds_count")
+    assert [d["status_class"] for d in durations] == ["2xx"]
+    assert value(out, "inference_requests_in_flight", endpoint=CHAT) == 0
