@@ -194,6 +194,29 @@ class BudgetExceeded(GatewayError):
     default_code = "BUDGET_EXCEEDED"
 
 
+# --- WebSocket requests (websocket.py) ---------------------------------------------------------
+
+
+class RequestCancelled(GatewayError):
+    """WebSocket: the client cancelled this request on its socket (and its upstream call)."""
+
+    status = 499
+    type = "invalid_request_error"
+    default_code = "REQUEST_CANCELLED"
+
+
+class OriginNotAllowed(Forbidden):
+    """WebSocket: a browser page's upgrade from an origin not in ``server.cors.allow_origins``."""
+
+    default_code = "ORIGIN_NOT_ALLOWED"
+
+
+class TooManyInFlight(RateLimited):
+    """WebSocket: more requests at once on one socket than ``websocket.max_in_flight``."""
+
+    default_code = "TOO_MANY_IN_FLIGHT"
+
+
 class NoDeploymentAvailable(GatewayError):
     """Every deployment of the route (and its fallbacks) is out and panic routing is off."""
 

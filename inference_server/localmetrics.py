@@ -163,30 +163,34 @@ class _HistogramValue:
             self.counts[i] += 1.0
 
 
-class LocalCounter(_Family):
+class _ValueFamily(_Family):
+    """A family whose children hold one number each (counters, gauges)."""
+
+    exported: type[CounterMetricFamily] | type[GaugeMetricFamily] = GaugeMetricFamily
+
+    def family(self) -> Metric:
+        fam = self.exported(self.name, self.documentation, labels=self.labelnames)
+        for key, child in self.children.items():
+            fam.add_metric(key, child.value)
+        return fam
+
+
+class LocalCounter(_ValueFamily):
     """A counter family (exported as ``<name>_total``)."""
+
+    exported = CounterMetricFamily
 
     def new_child(self) -> _CounterValue:
         return _CounterValue()
 
-    def family(self) -> Metric:
-        fam = CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for key, child in self.children.items():
-            fam.add_metric(key, child.value)
-        return fam
 
-
-class LocalGauge(_Family):
+class LocalGauge(_ValueFamily):
     """A gauge family."""
+
+    exported = GaugeMetricFamily
 
     def new_child(self) -> _GaugeValue:
         return _GaugeValue()
-
-    def family(self) -> Metric:
-        fam = GaugeMetricFamily(self.name, self.documentation, labels=self.labelnames)
-        for key, child in self.children.items():
-            fam.add_metric(key, child.value)
-        return fam
 
 
 class LocalHistogram(_Family):

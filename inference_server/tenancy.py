@@ -548,22 +548,16 @@ _TOKENS_HEADERS: Final = tuple(
 def rate_limit_headers(decision: Decision) -> list[tuple[istr, str]]:
     """The ``x-ratelimit-*`` headers of a decision (the tightest requests and tokens limits)."""
     out: list[tuple[istr, str]] = []
-    dim = decision.requests
-    if dim is not None:
-        limit, remaining, reset = _REQUESTS_HEADERS
-        out += (
-            (limit, str(dim.limit)),
-            (remaining, str(dim.remaining)),
-            (reset, fmt_duration(dim.reset_secs)),
-        )
-    dim = decision.tokens
-    if dim is not None:
-        limit, remaining, reset = _TOKENS_HEADERS
-        out += (
-            (limit, str(dim.limit)),
-            (remaining, str(dim.remaining)),
-            (reset, fmt_duration(dim.reset_secs)),
-        )
+    for (limit, remaining, reset), dim in (
+        (_REQUESTS_HEADERS, decision.requests),
+        (_TOKENS_HEADERS, decision.tokens),
+    ):
+        if dim is not None:
+            out += (
+                (limit, str(dim.limit)),
+                (remaining, str(dim.remaining)),
+                (reset, fmt_duration(dim.reset_secs)),
+            )
     return out
 
 

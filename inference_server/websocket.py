@@ -56,12 +56,13 @@ from inference_server.endpoints import serve
 from inference_server.endpoints.responses import prepare
 from inference_server.endpoints.schemas import validate_responses
 from inference_server.errors import (
-    Forbidden,
     GatewayError,
     InvalidRequest,
     MethodNotAllowed,
-    RateLimited,
+    OriginNotAllowed,
+    RequestCancelled,
     ServiceUnavailable,
+    TooManyInFlight,
     error_body,
 )
 from inference_server.keys import BACKGROUND, CTX, RUNTIME, SETTINGS
@@ -80,26 +81,6 @@ _ID: Final = re.compile(r"[A-Za-z0-9_.:\-]{1,256}")
 CLOSE_GRACE_SECS: Final = 2.0
 #: How long a closing socket waits for its cancelled requests to write their last frame.
 STOP_GRACE_SECS: Final = 5.0
-
-
-class RequestCancelled(GatewayError):
-    """The client cancelled this request on its socket (its upstream call was cancelled)."""
-
-    status = 499
-    type = "invalid_request_error"
-    default_code = "REQUEST_CANCELLED"
-
-
-class OriginNotAllowed(Forbidden):
-    """A browser page's upgrade from an origin not in ``server.cors.allow_origins``."""
-
-    default_code = "ORIGIN_NOT_ALLOWED"
-
-
-class TooManyInFlight(RateLimited):
-    """More requests at once on one socket than ``websocket.max_in_flight``."""
-
-    default_code = "TOO_MANY_IN_FLIGHT"
 
 
 def _shutting_down() -> ServiceUnavailable:
