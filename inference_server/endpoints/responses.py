@@ -102,7 +102,12 @@ class Turn:
     ) -> dict[str, Any]:
         self.native = provider.native_responses
         if self.native:
-            return await provider.respond(self._native_body(sent), call)
+            try:
+                return await provider.respond(self._native_body(sent), call)
+            except GatewayError as exc:
+                if not provider.responses_unavailable(exc):
+                    raise
+                self.native = False  # no /v1/responses upstream after all: translate
         chat = await provider.chat(self._chat_body(sent), call)
         return from_chat(chat, self.body, self.rid)
 
@@ -111,8 +116,36 @@ class Turn:
     ) -> AsyncIterator[dict[str, Any]]:
         self.native = provider.native_responses
         if self.native:
-            return provider.stream_respond(self._native_body(sent), call)
+            return self._native(provider, sent, call)
         return self._translated(provider, self._chat_body(sent), call)
+
+    async def _native(
+        self, provider: Provider, sent: dict[str, Any], call: CallContext
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The upstream's own events; if it turns out to have no Responses API (before any
+        event, so nothing reached the client), the translated stream instead."""
+        events = provider.stream_respond(self._native_body(sent), call)
+        try:
+            try:
+                first = await anext(events, None)
+            except GatewayError as exc:
+                if not provider.responses_unavailable(exc):
+                    raise
+                self.native = False
+                translated = self._translated(provider, self._chat_body(sent), call)
+                try:
+                    async for event in translated:
+                        yield event
+                finally:
+                    await aclose_chunks(translated)
+                return
+            if first is None:
+                return
+            yield first
+            async for event in events:
+                yield event
+        finally:
+            await aclose_chunks(events)
 
     async def _translated(
         self, provider: Provider, chat: dict[str, Any], call: CallContext

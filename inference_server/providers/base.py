@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import aiohttp
 
-from inference_server.errors import InvalidRequest
+from inference_server.errors import GatewayError, InvalidRequest
 from inference_server.scrub import REDACTED, SECRET_NAME, mask_url
 
 #: Bumped when the interface changes incompatibly; the loader rejects other versions.
@@ -227,6 +227,12 @@ class Provider(abc.ABC):
         """The upstream's Responses stream events, ending with ``response.completed`` (or
         ``incomplete`` / ``failed``) (only called when ``native_responses``)."""
         raise operation_not_supported(self.config.name, "the native Responses API")
+
+    def responses_unavailable(self, exc: GatewayError) -> bool:
+        """Whether ``exc`` from the native Responses path means the upstream has no Responses
+        API after all; True: the gateway translates this request (and the plugin decides about
+        later ones, e.g. by clearing ``native_responses``).  Default: never."""
+        return False
 
     def supports(self, operation: Operation) -> bool:
         """Whether this provider serves ``operation`` ("chat", "embeddings", "completions",

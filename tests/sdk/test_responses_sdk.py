@@ -244,3 +244,66 @@ async def test_native_pass_through_with_the_openai_plugin(
     ]
     assert events[-1].response.output_text == "Native hello."
     await sdk.close()
+
+
+def _openai_gateway_settings(
+    make_settings: Any, fake_upstream: FakeUpstream, **options: Any
+) -> Any:
+    provider = {"plugin": "openai", "base_url": fake_upstream.base_url, **options}
+    return make_settings({"providers": {"oa": provider}, "models": {"gpt-x": {"provider": "oa"}}})
+
+
+async def test_an_upstream_without_responses_is_translated_from_then_on(
+    make_settings, make_gateway, fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The openai plugin in front of llama.cpp (no /v1/responses): the first request finds the
+    bare 404 and is answered through chat anyway; later ones go straight to chat."""
+    fake_upstream.has_responses = False
+    client = await make_gateway(_openai_gateway_settings(make_settings, fake_upstream))
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    stream = await sdk.responses.create(model="gpt-x", input="Hi", stream=True)
+    events: list[Any] = [event async for event in stream]
+    assert events[0].type == "response.created"
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.output_text
+    assert fake_upstream.responses_calls == 1
+    assert "messages" in fake_upstream.requests[-1]  # the chat translation reached the upstream
+    resp = await sdk.responses.create(model="gpt-x", input="Hi again")
+    assert resp.output_text
+    assert fake_upstream.responses_calls == 1  # not probed again
+    assert sum("has no /v1/responses" in r.getMessage() for r in caplog.records) == 1
+    await sdk.close()
+
+
+async def test_a_404_with_a_code_is_an_answer_not_a_missing_route(
+    make_settings, make_gateway, fake_upstream: FakeUpstream
+) -> None:
+    fake_upstream.script(
+        Action(
+            "status",
+            status=404,
+            body={"error": {"message": "no such model", "type": "invalid_request_error",
+                            "param": None, "code": "model_not_found"}},
+        )
+    )  # fmt: skip
+    client = await make_gateway(_openai_gateway_settings(make_settings, fake_upstream))
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as err:
+        await sdk.responses.create(model="gpt-x", input="Hi")
+    assert err.value.code == "model_not_found"
+    resp = await sdk.responses.create(model="gpt-x", input="Hi")
+    assert resp.id == "resp_upstream"  # still native
+    assert fake_upstream.responses_calls == 2
+    await sdk.close()
+
+
+async def test_responses_translate_never_asks_the_upstreams_responses_api(
+    make_settings, make_gateway, fake_upstream: FakeUpstream
+) -> None:
+    settings = _openai_gateway_settings(make_settings, fake_upstream, responses="translate")
+    client = await make_gateway(settings)
+    sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
+    resp = await sdk.responses.create(model="gpt-x", input="Hi")
+    assert resp.output_text
+    assert fake_upstream.responses_calls == 0
+    await sdk.close()

@@ -95,6 +95,10 @@ class FakeUpstream:
         self.app.router.add_post("/v1/responses", self._responses)
         #: Answer embeddings like llama-cpp-python without a pooling type: a vector per token.
         self.embedding_per_token = False
+        #: False: POST /v1/responses is a bare 404 (FastAPI's, as llama-cpp-python answers).
+        self.has_responses = True
+        #: How many requests reached POST /v1/responses.
+        self.responses_calls = 0
         self.base_url = ""  # set by the fixture once the server listens
         self.server: Any = None  # the aiohttp TestServer, so a test can stop it
         #: When set, GET /models answers this status with :func:`echo_error` (hostile upstream).
@@ -176,6 +180,9 @@ class FakeUpstream:
 
     async def _responses(self, request: web.Request) -> web.StreamResponse:
         """A native Responses API: "Native hello." (streamed in two deltas, no [DONE])."""
+        self.responses_calls += 1
+        if not self.has_responses:
+            return web.json_response({"detail": "Not Found"}, status=404)
         body = await request.json()
         action = self._next(body, request)
         if action.kind == "status":

@@ -146,6 +146,9 @@ class OpenAIProvider(OpenAICompatibleProvider):
         self.organization = _text_option(options.get("organization"))
         self.project = _text_option(options.get("project"))
         self.stream_usage = bool(options.get("stream_usage", True))
+        #: "auto": native until the upstream shows it has no /v1/responses (then translated).
+        self.responses_mode = str(options.get("responses") or "auto")
+        self.native_responses = self.responses_mode != "translate"
         patterns = options.get("max_completion_tokens_models")
         self.max_completion_tokens_patterns = compile_model_patterns(
             DEFAULT_MAX_COMPLETION_TOKENS_MODELS if patterns is None else patterns,
@@ -264,8 +267,30 @@ class OpenAIProvider(OpenAICompatibleProvider):
             self._scrub(exc)
             raise
 
-    #: OpenAI serves /v1/responses itself: requests pass through (stored upstream).
+    #: OpenAI serves /v1/responses itself: requests pass through (stored upstream).  Many
+    #: OpenAI-compatible servers (llama.cpp, older vLLM) do not: see :meth:`responses_unavailable`.
     native_responses = True
+
+    def responses_unavailable(self, exc: GatewayError) -> bool:
+        """With ``responses: auto``, a bare 404 from ``/v1/responses`` (no OpenAI error code:
+        the server has no such route, e.g. llama.cpp's ``{"detail": "Not Found"}``) switches
+        this provider to the gateway's translation onto chat, for this request and every later
+        one.  A 404 with a code (``model_not_found``) is a real answer and stays one."""
+        if (
+            self.responses_mode != "auto"
+            or not isinstance(exc, ProviderRejected)
+            or exc.http_status != 404
+            or exc.upstream_code
+        ):
+            return False
+        if self.native_responses:
+            self.native_responses = False
+            log.warning(
+                "provider %s has no /v1/responses (404): the Responses API is translated onto "
+                "chat from now on (set responses: translate to skip the probe)",
+                self.config.name,
+            )
+        return True
 
     async def respond(self, request: ResponsesRequest, ctx: CallContext) -> ResponsesResponse:
         try:
@@ -341,6 +366,16 @@ plugin = ProviderPlugin(
             description=(
                 "regular expressions matched at the start of the upstream model id; for those "
                 "models max_tokens is sent as max_completion_tokens (others only after a 400 says so)"
+            ),
+        ),
+        "responses": Setting(
+            (str,),
+            "auto",
+            choices=("auto", "native", "translate"),
+            description=(
+                "the Responses API: native (pass through to the upstream's /v1/responses), "
+                "translate (onto chat, stored by the gateway) or auto (native until the upstream "
+                "answers 404 without an error code, then translate)"
             ),
         ),
         "stream_usage": Setting(
