@@ -825,6 +825,26 @@ class Metrics:
         except Exception:  # noqa: BLE001
             self._failed("breaker_state")
 
+    def forget_breaker(self, deployment: str) -> None:
+        """A deployment a hot reload removed: its breaker-state series go from ``/metrics`` (a
+        gauge of a breaker that no longer exists would keep saying "open" for ever)."""
+        if not self.enabled:
+            return
+        try:
+            dep = self._label("deployment", deployment)
+            if dep == OTHER:
+                return  # shared by every unknown name: not this deployment's alone
+            for state in (*BREAKER_STATES, OTHER):
+                child = self._children.pop((id(self.breaker_states), (dep, state)), None)
+                if self.multiprocess_dir:  # the library cannot remove there: zero it
+                    if child is not None:
+                        child.set(0)
+                    continue
+                with contextlib.suppress(KeyError):
+                    self.breaker_states.remove(dep, state)
+        except Exception:  # noqa: BLE001
+            self._failed("forget_breaker")
+
     def shadow_finished(self, experiment: str, outcome: str, duration_secs: float) -> None:
         """A shadow (mirrored) request ended (``outcome``: "ok" or the error code)."""
         if not self.enabled:

@@ -241,6 +241,10 @@ async def reload(app: web.Application) -> dict[str, Any]:
         new.health.adopt(old.health)
         for dep in new.router.deployments:
             app[METRICS].breaker_state(dep.id, dep.breaker.state)
+        kept = {dep.id for dep in new.router.deployments}
+        for dep in old.router.deployments:
+            if dep.id not in kept:
+                app[METRICS].forget_breaker(dep.id)
         if new.tenancy is not None and new.tenancy is not old.tenancy:
             keys = new.tenancy.keys  # shared with the old snapshot: one reference swap
             keys.static = {k.key_sha256: k for k in new.tenancy.settings.keys}

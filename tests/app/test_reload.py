@@ -251,6 +251,15 @@ async def test_breaker_state_of_unchanged_deployments_survives_a_reload(
     assert (await resp.json())["error"]["code"] == "NO_DEPLOYMENT_AVAILABLE"
     assert len(a.requests) == 1
     assert (await chat(client, "second")).status == 200
+    # The removed deployment's breaker leaves /metrics; the carried one's stays "open".
+    text = await (await client.get("/metrics")).text()
+    states = [
+        line for line in text.splitlines() if line.startswith("inference_circuit_breaker_state{")
+    ]
+    assert not [line for line in states if 'deployment="b/m"' in line], states
+    assert any(
+        'deployment="a/m"' in ln and 'state="open"' in ln and ln.endswith(" 1.0") for ln in states
+    )
 
 
 async def test_a_stream_in_flight_finishes_on_the_runtime_it_started_with(
