@@ -195,7 +195,9 @@ def test_plugin_declares_its_settings_and_default_url() -> None:
         "project",
         "max_completion_tokens_models",
         "stream_usage",
+        "responses",
     }
+    assert plugin.settings["responses"].choices == ("auto", "native", "translate")
 
 
 async def test_warns_when_openai_has_no_key(
