@@ -76,6 +76,9 @@ class Plan:
     packed_argv: bytes = pack((0, 0))
     #: The slot keys alone (what an admitted request holds).
     slot_keys: tuple[str, ...] = ()
+    #: The GCRA state keys alone, in ``gcra`` order (the memory limiter stores new TATs with
+    #: one ``dict.update``).
+    gcra_keys: tuple[str, ...] = ()
 
     #: No limit at all (no GCRA state, no concurrency slot): a plain field, read per request.
     empty: bool = True
@@ -112,6 +115,7 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
         packed_keys=pack(keys),
         packed_argv=pack(spec),
         slot_keys=tuple(k for k, _ in slots),
+        gcra_keys=tuple(g.key for g in gcra),
         empty=not gcra and not slots,
     )
 
@@ -193,55 +197,85 @@ class MemoryLimiter:
         self.inflight: dict[str, int] = {}
 
     def admit(self, plan: Plan, tokens: int, budget_left: int | None = None) -> Decision:
+        """Admit a request costing ``tokens`` (and one request) against every limit of ``plan``.
+
+        Every keyed request runs this, so it is one loop: each limit's new TAT, whether it is
+        late, and (for the admitted case) the tightest remaining per dimension, all at once,
+        the same arithmetic as :func:`headers_for` (which refusals still use, on the old TATs).
+        """
         if budget_left is not None and budget_left <= 0:
             return Decision(ok=False, reason="budget")
         now = self.clock()
         tats = self.tats
+        horizon = now + PERIOD_SECS
         news: list[float] = []
         wait, worst = 0.0, None
+        best_r = best_t = None
+        rem_r = rem_t = 0
+        new_r = new_t = 0.0
         for g in plan.gcra:
             tat = tats.get(g.key, now)
             if tat < now:
                 tat = now
-            new = tat + ((tokens if tokens < g.limit else g.limit) if g.tokens else 1) * g.interval
-            late = new - PERIOD_SECS - now
+            limit = g.limit
+            new = tat + ((tokens if tokens < limit else limit) if g.tokens else 1) * g.interval
+            late = new - horizon
             if late > 1e-9 and late > wait:
                 wait, worst = late, g
             news.append(new)
+            # What is left after this request (new > now: every cost is at least one unit).
+            remaining = int((horizon - new) / g.interval + 1e-6)
+            if remaining > limit:
+                remaining = limit
+            elif remaining < 0:
+                remaining = 0
+            if g.tokens:
+                if best_t is None or remaining < rem_t:
+                    best_t, rem_t, new_t = g, remaining, new
+            elif best_r is None or remaining < rem_r:
+                best_r, rem_r, new_r = g, remaining, new
         if worst is not None:
             decision = Decision(False, "tpm" if worst.tokens else "rpm", wait)
             headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
             return decision
         inflight = self.inflight
-        for key, most in plan.slots:
-            if inflight.get(key, 0) >= most:
-                decision = Decision(False, "max_parallel", 1.0)
-                headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
-                return decision
-        for g, new in zip(plan.gcra, news, strict=True):
-            tats[g.key] = new
-        decision = Decision()
-        if plan.slots:
-            for key, _ in plan.slots:
+        slots = plan.slots
+        if slots:
+            for key, most in slots:
+                if inflight.get(key, 0) >= most:
+                    decision = Decision(False, "max_parallel", 1.0)
+                    headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
+                    return decision
+            for key, _ in slots:
                 inflight[key] = inflight.get(key, 0) + 1
-            decision.slots = plan.slot_keys
-        headers_for(decision, plan, news, now)
-        return decision
+        tats.update(zip(plan.gcra_keys, news, strict=True))
+        return Decision(
+            True,
+            "",
+            0.0,
+            None if best_r is None else Dimension(best_r.limit, rem_r, new_r - now),
+            None if best_t is None else Dimension(best_t.limit, rem_t, new_t - now),
+            False,
+            plan.slot_keys,
+        )
 
     def settle(self, plan: Plan, delta_tokens: int, slots: Sequence[str]) -> None:
         """Move each token TAT by the difference between real and reserved usage; free slots."""
         if delta_tokens:
             now = self.clock()
+            tats = self.tats
             for g in plan.tpm:
-                tat = self.tats.get(g.key)
+                tat = tats.get(g.key)
                 if tat is not None:
-                    self.tats[g.key] = max(now, tat + delta_tokens * g.interval)
+                    tat += delta_tokens * g.interval
+                    tats[g.key] = tat if tat > now else now
+        inflight = self.inflight
         for key in slots:
-            left = self.inflight.get(key, 0) - 1
+            left = inflight.get(key, 0) - 1
             if left > 0:
-                self.inflight[key] = left
+                inflight[key] = left
             else:
-                self.inflight.pop(key, None)
+                inflight.pop(key, None)
 
 
 # --- Redis ----------------------------------------------------------------------------------
