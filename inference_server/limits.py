@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -76,9 +76,12 @@ class Plan:
     packed_argv: bytes = pack((0, 0))
     #: The slot keys alone (what an admitted request holds).
     slot_keys: tuple[str, ...] = ()
-    #: The GCRA state keys alone, in ``gcra`` order (the memory limiter stores new TATs with
-    #: one ``dict.update``).
-    gcra_keys: tuple[str, ...] = ()
+    #: The memory limiter's loops: (state key, emission interval, limit) per rpm limit and
+    #: per tpm limit (plain tuples, unpacked: no attribute reads, no branch on the kind).
+    rpm_rows: tuple[tuple[str, float, int], ...] = ()
+    tpm_rows: tuple[tuple[str, float, int], ...] = ()
+    #: The state keys of ``rpm_rows`` then ``tpm_rows``: the new TATs go in with one update.
+    row_keys: tuple[str, ...] = ()
 
     #: No limit at all (no GCRA state, no concurrency slot): a plain field, read per request.
     empty: bool = True
@@ -115,7 +118,9 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
         packed_keys=pack(keys),
         packed_argv=pack(spec),
         slot_keys=tuple(k for k, _ in slots),
-        gcra_keys=tuple(g.key for g in gcra),
+        rpm_rows=tuple((g.key, g.interval, g.limit) for g in gcra if not g.tokens),
+        tpm_rows=tuple((g.key, g.interval, g.limit) for g in gcra if g.tokens),
+        row_keys=(*(g.key for g in gcra if not g.tokens), *(g.key for g in gcra if g.tokens)),
         empty=not gcra and not slots,
     )
 
@@ -187,95 +192,178 @@ def peek(plan: Plan, tats: Mapping[str, float], now: float) -> Decision | None:
     return decision
 
 
+#: A GCRA cell that no admission has set yet (below every clock reading).
+NEVER = -math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A :class:`Plan` bound to one :class:`MemoryLimiter`'s state cells.
+
+    Each limit's state is a one-element list (a cell) shared by every plan with that limit, so
+    an admission reads and writes ``cell[0]`` instead of looking each key up in a dict (the
+    lookups were most of an admission's cost).  Bound once per compiled plan (a
+    ``tenancy.Gate`` keeps it)."""
+
+    #: (TAT cell, emission interval, limit) per rpm limit, then per tpm limit.
+    rpm: tuple[tuple[list[float], float, int], ...]
+    tpm: tuple[tuple[list[float], float, int], ...]
+    #: The TAT cells of ``rpm`` then ``tpm`` (the order an admission's new TATs come in).
+    cells: tuple[list[float], ...]
+    #: (in-flight count cell, max_parallel) per concurrency limit.
+    slots: tuple[tuple[list[int], int], ...]
+
+
+class TatView(Mapping[str, float]):
+    """The TATs a :class:`MemoryLimiter` holds, by state key (what :func:`peek` reads)."""
+
+    def __init__(self, cells: dict[str, list[float]]) -> None:
+        self.cells = cells
+
+    def __getitem__(self, key: str) -> float:
+        tat = self.cells[key][0]
+        if tat == NEVER:
+            raise KeyError(key)
+        return tat
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, cell in self.cells.items() if cell[0] != NEVER)
+
+    def __len__(self) -> int:
+        return sum(1 for cell in self.cells.values() if cell[0] != NEVER)
+
+
 class MemoryLimiter:
-    """This process's limits.  Tables are keyed by scope names, which come from configuration
+    """This process's limits.  Cells are keyed by scope names, which come from configuration
     and keys (never from a client's string), so they stay bounded."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.tats: dict[str, float] = {}
-        self.inflight: dict[str, int] = {}
+        #: One TAT cell per GCRA state key; one in-flight count cell per concurrency key.
+        self.cells: dict[str, list[float]] = {}
+        self.slot_cells: dict[str, list[int]] = {}
+        self.tats = TatView(self.cells)
 
-    def admit(self, plan: Plan, tokens: int, budget_left: int | None = None) -> Decision:
-        """Admit a request costing ``tokens`` (and one request) against every limit of ``plan``.
+    def bind(self, plan: Plan) -> Bound:
+        """The plan's limits as this limiter's cells (made on first use, then shared)."""
+        cells, slot_cells = self.cells, self.slot_cells
+        rpm = tuple((cells.setdefault(k, [NEVER]), i, n) for k, i, n in plan.rpm_rows)
+        tpm = tuple((cells.setdefault(k, [NEVER]), i, n) for k, i, n in plan.tpm_rows)
+        return Bound(
+            rpm=rpm,
+            tpm=tpm,
+            cells=tuple(cell for cell, _, _ in (*rpm, *tpm)),
+            slots=tuple((slot_cells.setdefault(k, [0]), most) for k, most in plan.slots),
+        )
 
-        Every keyed request runs this, so it is one loop: each limit's new TAT, whether it is
-        late, and (for the admitted case) the tightest remaining per dimension, all at once,
-        the same arithmetic as :func:`headers_for` (which refusals still use, on the old TATs).
+    def admit(
+        self,
+        plan: Plan,
+        tokens: int,
+        budget_left: int | None = None,
+        bound: Bound | None = None,
+    ) -> Decision:
+        """Admit a request costing ``tokens`` (and one request) against every limit of ``plan``
+        (``bound``: the plan's cells, from :meth:`bind`; bound here when not given).
+
+        Every keyed request runs this, so each kind of limit is one tight loop over plain
+        tuples: each limit's new TAT, whether it is late, and the tightest remaining, the same
+        arithmetic as :func:`headers_for`.  A refusal (the rare case) is worked out again by
+        :meth:`late` in the plan's order, on the untouched TATs.
         """
         if budget_left is not None and budget_left <= 0:
             return Decision(ok=False, reason="budget")
+        if bound is None:
+            bound = self.bind(plan)
         now = self.clock()
-        tats = self.tats
         horizon = now + PERIOD_SECS
         news: list[float] = []
-        wait, worst = 0.0, None
-        best_r = best_t = None
-        rem_r = rem_t = 0
-        new_r = new_t = 0.0
+        late = False
+        # The tightest limit per dimension: its limit (-1: none), remaining, new TAT.  The
+        # clamps to [0, limit] of headers_for apply to the tightest only: an admitted
+        # request's remaining is within them already (new > now, late ≤ 1e-9).
+        r_limit, r_rem, r_new = -1, _UNSET, 0.0
+        for cell, interval, limit in bound.rpm:
+            tat = cell[0]
+            new = (tat if tat > now else now) + interval
+            if new - PERIOD_SECS - now > 1e-9:
+                late = True
+            news.append(new)
+            remaining = int((horizon - new) / interval + 1e-6)
+            if remaining < r_rem:
+                r_limit, r_rem, r_new = limit, remaining, new
+        t_limit, t_rem, t_new = -1, _UNSET, 0.0
+        for cell, interval, limit in bound.tpm:
+            tat = cell[0]
+            new = (tat if tat > now else now) + (tokens if tokens < limit else limit) * interval
+            if new - PERIOD_SECS - now > 1e-9:
+                late = True
+            news.append(new)
+            remaining = int((horizon - new) / interval + 1e-6)
+            if remaining < t_rem:
+                t_limit, t_rem, t_new = limit, remaining, new
+        if late:
+            return self.late(plan, tokens, now)
+        slots = bound.slots
+        if slots:
+            for count, most in slots:
+                if count[0] >= most:
+                    return self.refused(plan, "max_parallel", 1.0, now)
+            for count, _ in slots:
+                count[0] += 1
+        for cell, new in zip(bound.cells, news, strict=True):
+            cell[0] = new
+        requests = tokens_dim = None
+        if r_limit >= 0:
+            r_rem = r_limit if r_rem > r_limit else r_rem if r_rem > 0 else 0
+            requests = Dimension(r_limit, r_rem, r_new - now)
+        if t_limit >= 0:
+            t_rem = t_limit if t_rem > t_limit else t_rem if t_rem > 0 else 0
+            tokens_dim = Dimension(t_limit, t_rem, t_new - now)
+        return Decision(True, "", 0.0, requests, tokens_dim, False, plan.slot_keys)
+
+    def late(self, plan: Plan, tokens: int, now: float) -> Decision:
+        """A GCRA refusal: the latest limit (the first, in the plan's order, on a tie) names
+        the reason and the wait."""
+        wait, worst = 0.0, plan.gcra[0]
         for g in plan.gcra:
-            tat = tats.get(g.key, now)
+            tat = self.tats.get(g.key, now)
             if tat < now:
                 tat = now
-            limit = g.limit
-            new = tat + ((tokens if tokens < limit else limit) if g.tokens else 1) * g.interval
-            late = new - horizon
+            new = tat + ((tokens if tokens < g.limit else g.limit) if g.tokens else 1) * g.interval
+            late = new - PERIOD_SECS - now
             if late > 1e-9 and late > wait:
                 wait, worst = late, g
-            news.append(new)
-            # What is left after this request (new > now: every cost is at least one unit).
-            remaining = int((horizon - new) / g.interval + 1e-6)
-            if remaining > limit:
-                remaining = limit
-            elif remaining < 0:
-                remaining = 0
-            if g.tokens:
-                if best_t is None or remaining < rem_t:
-                    best_t, rem_t, new_t = g, remaining, new
-            elif best_r is None or remaining < rem_r:
-                best_r, rem_r, new_r = g, remaining, new
-        if worst is not None:
-            decision = Decision(False, "tpm" if worst.tokens else "rpm", wait)
-            headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
-            return decision
-        inflight = self.inflight
-        slots = plan.slots
-        if slots:
-            for key, most in slots:
-                if inflight.get(key, 0) >= most:
-                    decision = Decision(False, "max_parallel", 1.0)
-                    headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
-                    return decision
-            for key, _ in slots:
-                inflight[key] = inflight.get(key, 0) + 1
-        tats.update(zip(plan.gcra_keys, news, strict=True))
-        return Decision(
-            True,
-            "",
-            0.0,
-            None if best_r is None else Dimension(best_r.limit, rem_r, new_r - now),
-            None if best_t is None else Dimension(best_t.limit, rem_t, new_t - now),
-            False,
-            plan.slot_keys,
-        )
+        return self.refused(plan, "tpm" if worst.tokens else "rpm", wait, now)
 
-    def settle(self, plan: Plan, delta_tokens: int, slots: Sequence[str]) -> None:
-        """Move each token TAT by the difference between real and reserved usage; free slots."""
+    def refused(self, plan: Plan, reason: str, retry_after: float, now: float) -> Decision:
+        """A refusal, with the headers of the limits as they stand (nothing was taken)."""
+        decision = Decision(False, reason, retry_after)
+        headers_for(decision, plan, [self.tats.get(g.key, now) for g in plan.gcra], now)
+        return decision
+
+    def settle(
+        self, plan: Plan, delta_tokens: int, slots: Sequence[str], bound: Bound | None = None
+    ) -> None:
+        """Move each token TAT by the difference between real and reserved usage; free the
+        slots an admission took (``slots``: its :attr:`Decision.slots`)."""
+        if bound is None:
+            bound = self.bind(plan)
         if delta_tokens:
             now = self.clock()
-            tats = self.tats
-            for g in plan.tpm:
-                tat = tats.get(g.key)
-                if tat is not None:
-                    tat += delta_tokens * g.interval
-                    tats[g.key] = tat if tat > now else now
-        inflight = self.inflight
-        for key in slots:
-            left = inflight.get(key, 0) - 1
-            if left > 0:
-                inflight[key] = left
-            else:
-                inflight.pop(key, None)
+            for cell, interval, _ in bound.tpm:
+                tat = cell[0]
+                if tat != NEVER:
+                    tat += delta_tokens * interval
+                    cell[0] = tat if tat > now else now
+        if slots:
+            for count, _ in bound.slots:
+                left = count[0] - 1
+                count[0] = left if left > 0 else 0
+
+
+#: Above any remaining count: the first limit of a loop is the tightest so far.
+_UNSET = 1 << 62
 
 
 # --- Redis ----------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from inference_server.errors import BudgetExceeded, RateLimited, ServiceUnavaila
 from inference_server.keys import CTX, METRICS, SETTINGS
 from inference_server.limits import (
     SETTLE_EVERY_SECS,
+    Bound,
     Decision,
     MemoryLimiter,
     Plan,
@@ -248,6 +249,8 @@ class Gate:
     its compiled limits, its key's budget (this process's share) and its metric children."""
 
     plan: Plan
+    #: The plan on the memory limiter's cells (None with Redis).
+    bound: Bound | None
     key: KeySpec | None
     #: The ledger's name of the key (its id, or ``ANONYMOUS``).
     key_id: str
@@ -304,6 +307,7 @@ class Tenancy:
         budget = key.budget if key is not None else None
         gate = self.plans[cache_key] = Gate(
             plan=plan,
+            bound=self.limiter.bind(plan) if self.redis_limiter is None else None,
             key=key,
             key_id=key.id if key is not None else ANONYMOUS,
             budget_tokens=budget.tokens // self.share if budget is not None else None,
@@ -399,7 +403,7 @@ class Admission:
         if gate.free:
             return
         if t.redis_limiter is None:
-            t.limiter.settle(gate.plan, delta, self.slots)
+            t.limiter.settle(gate.plan, delta, self.slots, gate.bound)
         elif delta or self.slots:
             # Queued: one script call every few ms carries every request's settlement.
             t.redis_limiter.settle(gate.plan, delta, self.slots, self.member)
@@ -448,7 +452,7 @@ async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any])
         left = None
         if gate.budget_tokens is not None:
             left = gate.budget_tokens - t.ledger.spent_now(gate.key_id, gate.budget_period or "")
-        decision = t.limiter.admit(gate.plan, reserved, left)
+        decision = t.limiter.admit(gate.plan, reserved, left, gate.bound)
     else:
         member = f"{os.getpid()}:{next(_members)}"
         decision = await _admit_redis(t, t.redis_limiter, gate.plan, reserved, key, member)
@@ -616,23 +620,23 @@ def rate_limit_headers(decision: Decision) -> list[tuple[istr, str]]:
     out: list[tuple[istr, str]] = []
     dim = decision.requests
     if dim is not None:
-        limit, remaining, reset = _REQUESTS_HEADERS
-        secs = dim.reset_secs
+        limit, remaining, secs = dim.limit, dim.remaining, dim.reset_secs
+        name_limit, name_remaining, name_reset = _REQUESTS_HEADERS
         ms = math.ceil(secs * 1000) if secs < 1 else -1
         out += (
-            (limit, str(dim.limit)),
-            (remaining, str(dim.remaining)),
-            (reset, fmt_duration(secs) if ms < 0 else f"{ms}ms"),
+            (name_limit, str(limit)),
+            (name_remaining, str(remaining)),
+            (name_reset, fmt_duration(secs) if ms < 0 else f"{ms}ms"),
         )
     dim = decision.tokens
     if dim is not None:
-        limit, remaining, reset = _TOKENS_HEADERS
-        secs = dim.reset_secs
+        limit, remaining, secs = dim.limit, dim.remaining, dim.reset_secs
+        name_limit, name_remaining, name_reset = _TOKENS_HEADERS
         ms = math.ceil(secs * 1000) if secs < 1 else -1
         out += (
-            (limit, str(dim.limit)),
-            (remaining, str(dim.remaining)),
-            (reset, fmt_duration(secs) if ms < 0 else f"{ms}ms"),
+            (name_limit, str(limit)),
+            (name_remaining, str(remaining)),
+            (name_reset, fmt_duration(secs) if ms < 0 else f"{ms}ms"),
         )
     return out
 
