@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import math
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
+from math import ceil
 from typing import Any, Final, NoReturn
 
 from aiohttp import web
@@ -610,33 +610,52 @@ _REQUESTS_HEADERS: Final = tuple(
 _TOKENS_HEADERS: Final = tuple(
     istr(f"x-ratelimit-{what}-tokens") for what in ("limit", "remaining", "reset")
 )
+_REQ_LIMIT, _REQ_REMAINING, _REQ_RESET = _REQUESTS_HEADERS
+_TOK_LIMIT, _TOK_REMAINING, _TOK_RESET = _TOKENS_HEADERS
+#: "0ms" … "1000ms": the usual reset (under a second, ``fmt_duration``'s form) by index.
+_MS_TEXT: Final = tuple(f"{ms}ms" for ms in range(1001))
+#: The ``*-limit-*`` header per limit value (limits come from settings and keys): the same
+#: tuple every time, not a number formatted per response.
+_REQUEST_LIMITS: dict[int, tuple[istr, str]] = {}
+_TOKEN_LIMITS: dict[int, tuple[istr, str]] = {}
+MAX_LIMIT_HEADERS = 10_000
+
+
+def _limit_header(cache: dict[int, tuple[istr, str]], name: istr, limit: int) -> tuple[istr, str]:
+    header = (name, f"{limit}")
+    if len(cache) < MAX_LIMIT_HEADERS:
+        cache[limit] = header
+    return header
 
 
 def rate_limit_headers(decision: Decision) -> list[tuple[istr, str]]:
     """The ``x-ratelimit-*`` headers of a decision (the tightest requests and tokens limits).
 
-    Every keyed response builds these, so the usual reset (under a second:
-    ``limits.fmt_duration``'s "12ms") is formatted inline."""
+    Every keyed response builds these (about a quarter of what a key costs a request), so
+    the limit headers are cached per value, a reset under a second is looked up, and numbers
+    are formatted with f-strings (no ``str`` call)."""
     out: list[tuple[istr, str]] = []
     dim = decision.requests
     if dim is not None:
-        limit, remaining, secs = dim.limit, dim.remaining, dim.reset_secs
-        name_limit, name_remaining, name_reset = _REQUESTS_HEADERS
-        ms = math.ceil(secs * 1000) if secs < 1 else -1
+        secs = dim.reset_secs
         out += (
-            (name_limit, str(limit)),
-            (name_remaining, str(remaining)),
-            (name_reset, fmt_duration(secs) if ms < 0 else f"{ms}ms"),
+            _REQUEST_LIMITS.get(dim.limit) or _limit_header(_REQUEST_LIMITS, _REQ_LIMIT, dim.limit),
+            (_REQ_REMAINING, f"{dim.remaining}"),
+            (
+                _REQ_RESET,
+                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
+            ),
         )
     dim = decision.tokens
     if dim is not None:
-        limit, remaining, secs = dim.limit, dim.remaining, dim.reset_secs
-        name_limit, name_remaining, name_reset = _TOKENS_HEADERS
-        ms = math.ceil(secs * 1000) if secs < 1 else -1
+        secs = dim.reset_secs
         out += (
-            (name_limit, str(limit)),
-            (name_remaining, str(remaining)),
-            (name_reset, fmt_duration(secs) if ms < 0 else f"{ms}ms"),
+            _TOKEN_LIMITS.get(dim.limit) or _limit_header(_TOKEN_LIMITS, _TOK_LIMIT, dim.limit),
+            (_TOK_REMAINING, f"{dim.remaining}"),
+            (
+                _TOK_RESET,
+                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
+            ),
         )
     return out
 
