@@ -277,64 +277,85 @@ class MemoryLimiter:
             bound = self.bind(plan)
         now = self.clock()
         horizon = now + PERIOD_SECS
-        news: list[float] = []
-        late = False
-        # The tightest limit per dimension: its limit (-1: none), remaining, new TAT.  The
-        # clamps to [0, limit] of headers_for apply to the tightest only: an admitted
-        # request's remaining is within them already (new > now, late ≤ 1e-9).
+        # Each new TAT is written at once (the old ones kept, to put back on a refusal).
+        olds: list[float] = []
+        # Any limit within EDGE_SECS of its period: the exact, plan-order path decides.
+        edge = False
+        # The tightest limit per dimension: its limit (-1: none), remaining, new TAT.
+        # ``slack`` ≥ EDGE_SECS here, so the floor of ``remaining`` is headers_for's int();
+        # its clamp to [0, limit] cannot bind (new > now, limits ≤ MAX_LIMIT) and is applied
+        # to the tightest only, as a guard.
         r_limit, r_rem, r_new = -1, _UNSET, 0.0
         for cell, interval, limit in bound.rpm:
             tat = cell[0]
-            new = (tat if tat > now else now) + interval
-            if new - PERIOD_SECS - now > 1e-9:
-                late = True
-            news.append(new)
-            remaining = int((horizon - new) / interval + 1e-6)
+            olds.append(tat)
+            new = cell[0] = (tat if tat > now else now) + interval
+            slack = horizon - new
+            if slack < EDGE_SECS:
+                edge = True
+            remaining = (slack / interval + 1e-6) // 1.0
             if remaining < r_rem:
                 r_limit, r_rem, r_new = limit, remaining, new
         t_limit, t_rem, t_new = -1, _UNSET, 0.0
         for cell, interval, limit in bound.tpm:
             tat = cell[0]
-            new = (tat if tat > now else now) + (tokens if tokens < limit else limit) * interval
-            if new - PERIOD_SECS - now > 1e-9:
-                late = True
-            news.append(new)
-            remaining = int((horizon - new) / interval + 1e-6)
+            olds.append(tat)
+            new = cell[0] = (tat if tat > now else now) + (
+                tokens if tokens < limit else limit
+            ) * interval
+            slack = horizon - new
+            if slack < EDGE_SECS:
+                edge = True
+            remaining = (slack / interval + 1e-6) // 1.0
             if remaining < t_rem:
                 t_limit, t_rem, t_new = limit, remaining, new
-        if late:
-            return self.late(plan, tokens, now)
-        slots = bound.slots
-        if slots:
-            for count, most in slots:
+        if not edge:
+            for count, most in bound.slots:
                 if count[0] >= most:
-                    return self.refused(plan, "max_parallel", 1.0, now)
-            for count, _ in slots:
-                count[0] += 1
-        for cell, new in zip(bound.cells, news, strict=True):
-            cell[0] = new
+                    edge = True
+                    break
+        if edge:
+            for cell, old in zip(bound.cells, olds, strict=True):
+                cell[0] = old
+            return self.exact(plan, tokens, now, bound)
+        for count, _ in bound.slots:
+            count[0] += 1
         requests = tokens_dim = None
         if r_limit >= 0:
-            r_rem = r_limit if r_rem > r_limit else r_rem if r_rem > 0 else 0
-            requests = Dimension(r_limit, r_rem, r_new - now)
+            n = int(r_rem)
+            requests = Dimension(r_limit, r_limit if n > r_limit else n, r_new - now)
         if t_limit >= 0:
-            t_rem = t_limit if t_rem > t_limit else t_rem if t_rem > 0 else 0
-            tokens_dim = Dimension(t_limit, t_rem, t_new - now)
+            n = int(t_rem)
+            tokens_dim = Dimension(t_limit, t_limit if n > t_limit else n, t_new - now)
         return Decision(True, "", 0.0, requests, tokens_dim, False, plan.slot_keys)
 
-    def late(self, plan: Plan, tokens: int, now: float) -> Decision:
-        """A GCRA refusal: the latest limit (the first, in the plan's order, on a tie) names
-        the reason and the wait."""
-        wait, worst = 0.0, plan.gcra[0]
+    def exact(self, plan: Plan, tokens: int, now: float, bound: Bound) -> Decision:
+        """An admission near a limit's edge (or at a full concurrency limit), limit by limit
+        in the plan's order: the reference the fast path of :meth:`admit` agrees with."""
+        tats = self.tats
+        news: list[float] = []
+        wait, worst = 0.0, None
         for g in plan.gcra:
-            tat = self.tats.get(g.key, now)
+            tat = tats.get(g.key, now)
             if tat < now:
                 tat = now
             new = tat + ((tokens if tokens < g.limit else g.limit) if g.tokens else 1) * g.interval
             late = new - PERIOD_SECS - now
             if late > 1e-9 and late > wait:
                 wait, worst = late, g
-        return self.refused(plan, "tpm" if worst.tokens else "rpm", wait, now)
+            news.append(new)
+        if worst is not None:
+            return self.refused(plan, "tpm" if worst.tokens else "rpm", wait, now)
+        for count, most in bound.slots:
+            if count[0] >= most:
+                return self.refused(plan, "max_parallel", 1.0, now)
+        for g, new in zip(plan.gcra, news, strict=True):
+            self.cells[g.key][0] = new
+        for count, _ in bound.slots:
+            count[0] += 1
+        decision = Decision(slots=plan.slot_keys)
+        headers_for(decision, plan, news, now)
+        return decision
 
     def refused(self, plan: Plan, reason: str, retry_after: float, now: float) -> Decision:
         """A refusal, with the headers of the limits as they stand (nothing was taken)."""
@@ -363,7 +384,10 @@ class MemoryLimiter:
 
 
 #: Above any remaining count: the first limit of a loop is the tightest so far.
-_UNSET = 1 << 62
+_UNSET = float(1 << 62)
+#: A limit whose new TAT comes this close to (or past) one period ahead sends the admission
+#: down the exact path (:meth:`MemoryLimiter.exact`): only a limit about to refuse gets there.
+EDGE_SECS = 1e-6
 
 
 # --- Redis ----------------------------------------------------------------------------------
