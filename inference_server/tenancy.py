@@ -600,7 +600,33 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
         decision = current_limits(ctx, t)  # issue 12: every keyed response has them
         if decision is None:
             return
-    response.headers.extend(rate_limit_headers(decision))
+    # The x-ratelimit-* headers of the tightest requests and tokens limits.  About a quarter
+    # of what a key costs a request was building these, so the limit headers are cached per
+    # value, a reset under a second is looked up, numbers are formatted with f-strings.
+    out: list[tuple[istr, str]] = []
+    dim = decision.requests
+    if dim is not None:
+        secs = dim.reset_secs
+        out += (
+            _REQUEST_LIMITS.get(dim.limit) or _limit_header(_REQUEST_LIMITS, _REQ_LIMIT, dim.limit),
+            (_REQ_REMAINING, f"{dim.remaining}"),
+            (
+                _REQ_RESET,
+                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
+            ),
+        )
+    dim = decision.tokens
+    if dim is not None:
+        secs = dim.reset_secs
+        out += (
+            _TOKEN_LIMITS.get(dim.limit) or _limit_header(_TOKEN_LIMITS, _TOK_LIMIT, dim.limit),
+            (_TOK_REMAINING, f"{dim.remaining}"),
+            (
+                _TOK_RESET,
+                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
+            ),
+        )
+    response.headers.extend(out)
 
 
 #: OpenAI's rate-limit header names, made case-insensitive strings once (not per response).
@@ -626,38 +652,6 @@ def _limit_header(cache: dict[int, tuple[istr, str]], name: istr, limit: int) ->
     if len(cache) < MAX_LIMIT_HEADERS:
         cache[limit] = header
     return header
-
-
-def rate_limit_headers(decision: Decision) -> list[tuple[istr, str]]:
-    """The ``x-ratelimit-*`` headers of a decision (the tightest requests and tokens limits).
-
-    Every keyed response builds these (about a quarter of what a key costs a request), so
-    the limit headers are cached per value, a reset under a second is looked up, and numbers
-    are formatted with f-strings (no ``str`` call)."""
-    out: list[tuple[istr, str]] = []
-    dim = decision.requests
-    if dim is not None:
-        secs = dim.reset_secs
-        out += (
-            _REQUEST_LIMITS.get(dim.limit) or _limit_header(_REQUEST_LIMITS, _REQ_LIMIT, dim.limit),
-            (_REQ_REMAINING, f"{dim.remaining}"),
-            (
-                _REQ_RESET,
-                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
-            ),
-        )
-    dim = decision.tokens
-    if dim is not None:
-        secs = dim.reset_secs
-        out += (
-            _TOKEN_LIMITS.get(dim.limit) or _limit_header(_TOKEN_LIMITS, _TOK_LIMIT, dim.limit),
-            (_TOK_REMAINING, f"{dim.remaining}"),
-            (
-                _TOK_RESET,
-                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
-            ),
-        )
-    return out
 
 
 def current_limits(ctx: RequestContext | None, t: Tenancy) -> Decision | None:

@@ -114,8 +114,11 @@ class Ledger:
         now = time.time()
         if not self._day_starts <= now < self._day_ends:
             self._roll(now)
-        name = model[:MAX_MODEL_CHARS] if model else ANONYMOUS
-        row = (key_id, name, self._day[1])
+        if not model:
+            model = ANONYMOUS
+        elif len(model) > MAX_MODEL_CHARS:
+            model = model[:MAX_MODEL_CHARS]
+        row = (key_id, model, self._day[1])
         counts = self.pending.get(row)
         if counts is None:
             if len(self.pending) >= MAX_PENDING:
