@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import orjson
@@ -76,6 +76,12 @@ class Plan:
     packed_argv: bytes = pack((0, 0))
     #: The slot keys alone (what an admitted request holds).
     slot_keys: tuple[str, ...] = ()
+    #: The memory limiter's loops: (state key, emission interval, limit) per rpm limit and
+    #: per tpm limit (plain tuples, unpacked: no attribute reads, no branch on the kind).
+    rpm_rows: tuple[tuple[str, float, int], ...] = ()
+    tpm_rows: tuple[tuple[str, float, int], ...] = ()
+    #: The state keys of ``rpm_rows`` then ``tpm_rows``: the new TATs go in with one update.
+    row_keys: tuple[str, ...] = ()
 
     #: No limit at all (no GCRA state, no concurrency slot): a plain field, read per request.
     empty: bool = True
@@ -112,6 +118,9 @@ def compile_plan(scopes: Sequence[Scope]) -> Plan:
         packed_keys=pack(keys),
         packed_argv=pack(spec),
         slot_keys=tuple(k for k, _ in slots),
+        rpm_rows=tuple((g.key, g.interval, g.limit) for g in gcra if not g.tokens),
+        tpm_rows=tuple((g.key, g.interval, g.limit) for g in gcra if g.tokens),
+        row_keys=(*(g.key for g in gcra if not g.tokens), *(g.key for g in gcra if g.tokens)),
         empty=not gcra and not slots,
     )
 
@@ -183,19 +192,146 @@ def peek(plan: Plan, tats: Mapping[str, float], now: float) -> Decision | None:
     return decision
 
 
+#: A GCRA cell that no admission has set yet (below every clock reading).
+NEVER = -math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Bound:
+    """A :class:`Plan` bound to one :class:`MemoryLimiter`'s state cells.
+
+    Each limit's state is a one-element list (a cell) shared by every plan with that limit, so
+    an admission reads and writes ``cell[0]`` instead of looking each key up in a dict (the
+    lookups were most of an admission's cost).  Bound once per compiled plan (a
+    ``tenancy.Gate`` keeps it)."""
+
+    #: (TAT cell, emission interval, limit) per rpm limit, then per tpm limit.
+    rpm: tuple[tuple[list[float], float, int], ...]
+    tpm: tuple[tuple[list[float], float, int], ...]
+    #: The TAT cells of ``rpm`` then ``tpm`` (the order an admission's new TATs come in).
+    cells: tuple[list[float], ...]
+    #: (in-flight count cell, max_parallel) per concurrency limit.
+    slots: tuple[tuple[list[int], int], ...]
+
+
+class TatView(Mapping[str, float]):
+    """The TATs a :class:`MemoryLimiter` holds, by state key (what :func:`peek` reads)."""
+
+    def __init__(self, cells: dict[str, list[float]]) -> None:
+        self.cells = cells
+
+    def __getitem__(self, key: str) -> float:
+        tat = self.cells[key][0]
+        if tat == NEVER:
+            raise KeyError(key)
+        return tat
+
+    def __iter__(self) -> Iterator[str]:
+        return (key for key, cell in self.cells.items() if cell[0] != NEVER)
+
+    def __len__(self) -> int:
+        return sum(1 for cell in self.cells.values() if cell[0] != NEVER)
+
+
 class MemoryLimiter:
-    """This process's limits.  Tables are keyed by scope names, which come from configuration
+    """This process's limits.  Cells are keyed by scope names, which come from configuration
     and keys (never from a client's string), so they stay bounded."""
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
-        self.tats: dict[str, float] = {}
-        self.inflight: dict[str, int] = {}
+        #: One TAT cell per GCRA state key; one in-flight count cell per concurrency key.
+        self.cells: dict[str, list[float]] = {}
+        self.slot_cells: dict[str, list[int]] = {}
+        self.tats = TatView(self.cells)
 
-    def admit(self, plan: Plan, tokens: int, budget_left: int | None = None) -> Decision:
+    def bind(self, plan: Plan) -> Bound:
+        """The plan's limits as this limiter's cells (made on first use, then shared)."""
+        cells, slot_cells = self.cells, self.slot_cells
+        rpm = tuple((cells.setdefault(k, [NEVER]), i, n) for k, i, n in plan.rpm_rows)
+        tpm = tuple((cells.setdefault(k, [NEVER]), i, n) for k, i, n in plan.tpm_rows)
+        return Bound(
+            rpm=rpm,
+            tpm=tpm,
+            cells=tuple(cell for cell, _, _ in (*rpm, *tpm)),
+            slots=tuple((slot_cells.setdefault(k, [0]), most) for k, most in plan.slots),
+        )
+
+    def admit(
+        self,
+        plan: Plan,
+        tokens: int,
+        budget_left: int | None = None,
+        bound: Bound | None = None,
+    ) -> Decision:
+        """Admit a request costing ``tokens`` (and one request) against every limit of ``plan``
+        (``bound``: the plan's cells, from :meth:`bind`; bound here when not given).
+
+        Every keyed request runs this, so each kind of limit is one tight loop over plain
+        tuples: each limit's new TAT, whether it is late, and the tightest remaining, the same
+        arithmetic as :func:`headers_for`.  A refusal (the rare case) is worked out again by
+        :meth:`late` in the plan's order, on the untouched TATs.
+        """
         if budget_left is not None and budget_left <= 0:
             return Decision(ok=False, reason="budget")
+        if bound is None:
+            bound = self.bind(plan)
         now = self.clock()
+        horizon = now + PERIOD_SECS
+        # Each new TAT is written at once (the old ones kept, to put back on a refusal).
+        olds: list[float] = []
+        # Any limit within EDGE_SECS of its period: the exact, plan-order path decides.
+        edge = False
+        # The tightest limit per dimension: its limit (-1: none), remaining, new TAT.
+        # ``slack`` ≥ EDGE_SECS here, so the floor of ``remaining`` is headers_for's int();
+        # its clamp to [0, limit] cannot bind (new > now, limits ≤ MAX_LIMIT) and is applied
+        # to the tightest only, as a guard.
+        r_limit, r_rem, r_new = -1, _UNSET, 0.0
+        for cell, interval, limit in bound.rpm:
+            tat = cell[0]
+            olds.append(tat)
+            new = cell[0] = (tat if tat > now else now) + interval
+            slack = horizon - new
+            if slack < EDGE_SECS:
+                edge = True
+            remaining = (slack / interval + 1e-6) // 1.0
+            if remaining < r_rem:
+                r_limit, r_rem, r_new = limit, remaining, new
+        t_limit, t_rem, t_new = -1, _UNSET, 0.0
+        for cell, interval, limit in bound.tpm:
+            tat = cell[0]
+            olds.append(tat)
+            new = cell[0] = (tat if tat > now else now) + (
+                tokens if tokens < limit else limit
+            ) * interval
+            slack = horizon - new
+            if slack < EDGE_SECS:
+                edge = True
+            remaining = (slack / interval + 1e-6) // 1.0
+            if remaining < t_rem:
+                t_limit, t_rem, t_new = limit, remaining, new
+        if not edge:
+            for count, most in bound.slots:
+                if count[0] >= most:
+                    edge = True
+                    break
+        if edge:
+            for cell, old in zip(bound.cells, olds, strict=True):
+                cell[0] = old
+            return self.exact(plan, tokens, now, bound)
+        for count, _ in bound.slots:
+            count[0] += 1
+        requests = tokens_dim = None
+        if r_limit >= 0:
+            n = int(r_rem)
+            requests = Dimension(r_limit, r_limit if n > r_limit else n, r_new - now)
+        if t_limit >= 0:
+            n = int(t_rem)
+            tokens_dim = Dimension(t_limit, t_limit if n > t_limit else n, t_new - now)
+        return Decision(True, "", 0.0, requests, tokens_dim, False, plan.slot_keys)
+
+    def exact(self, plan: Plan, tokens: int, now: float, bound: Bound) -> Decision:
+        """An admission near a limit's edge (or at a full concurrency limit), limit by limit
+        in the plan's order: the reference the fast path of :meth:`admit` agrees with."""
         tats = self.tats
         news: list[float] = []
         wait, worst = 0.0, None
@@ -209,39 +345,49 @@ class MemoryLimiter:
                 wait, worst = late, g
             news.append(new)
         if worst is not None:
-            decision = Decision(False, "tpm" if worst.tokens else "rpm", wait)
-            headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
-            return decision
-        inflight = self.inflight
-        for key, most in plan.slots:
-            if inflight.get(key, 0) >= most:
-                decision = Decision(False, "max_parallel", 1.0)
-                headers_for(decision, plan, [tats.get(g.key, now) for g in plan.gcra], now)
-                return decision
+            return self.refused(plan, "tpm" if worst.tokens else "rpm", wait, now)
+        for count, most in bound.slots:
+            if count[0] >= most:
+                return self.refused(plan, "max_parallel", 1.0, now)
         for g, new in zip(plan.gcra, news, strict=True):
-            tats[g.key] = new
-        decision = Decision()
-        if plan.slots:
-            for key, _ in plan.slots:
-                inflight[key] = inflight.get(key, 0) + 1
-            decision.slots = plan.slot_keys
+            self.cells[g.key][0] = new
+        for count, _ in bound.slots:
+            count[0] += 1
+        decision = Decision(slots=plan.slot_keys)
         headers_for(decision, plan, news, now)
         return decision
 
-    def settle(self, plan: Plan, delta_tokens: int, slots: Sequence[str]) -> None:
-        """Move each token TAT by the difference between real and reserved usage; free slots."""
+    def refused(self, plan: Plan, reason: str, retry_after: float, now: float) -> Decision:
+        """A refusal, with the headers of the limits as they stand (nothing was taken)."""
+        decision = Decision(False, reason, retry_after)
+        headers_for(decision, plan, [self.tats.get(g.key, now) for g in plan.gcra], now)
+        return decision
+
+    def settle(
+        self, plan: Plan, delta_tokens: int, slots: Sequence[str], bound: Bound | None = None
+    ) -> None:
+        """Move each token TAT by the difference between real and reserved usage; free the
+        slots an admission took (``slots``: its :attr:`Decision.slots`)."""
+        if bound is None:
+            bound = self.bind(plan)
         if delta_tokens:
             now = self.clock()
-            for g in plan.tpm:
-                tat = self.tats.get(g.key)
-                if tat is not None:
-                    self.tats[g.key] = max(now, tat + delta_tokens * g.interval)
-        for key in slots:
-            left = self.inflight.get(key, 0) - 1
-            if left > 0:
-                self.inflight[key] = left
-            else:
-                self.inflight.pop(key, None)
+            for cell, interval, _ in bound.tpm:
+                tat = cell[0]
+                if tat != NEVER:
+                    tat += delta_tokens * interval
+                    cell[0] = tat if tat > now else now
+        if slots:
+            for count, _ in bound.slots:
+                left = count[0] - 1
+                count[0] = left if left > 0 else 0
+
+
+#: Above any remaining count: the first limit of a loop is the tightest so far.
+_UNSET = float(1 << 62)
+#: A limit whose new TAT comes this close to (or past) one period ahead sends the admission
+#: down the exact path (:meth:`MemoryLimiter.exact`): only a limit about to refuse gets there.
+EDGE_SECS = 1e-6
 
 
 # --- Redis ----------------------------------------------------------------------------------

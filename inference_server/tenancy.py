@@ -22,7 +22,8 @@ import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Final
+from math import ceil
+from typing import Any, Final, NoReturn
 
 from aiohttp import web
 from loguru import logger
@@ -35,6 +36,7 @@ from inference_server.errors import BudgetExceeded, RateLimited, ServiceUnavaila
 from inference_server.keys import CTX, METRICS, SETTINGS
 from inference_server.limits import (
     SETTLE_EVERY_SECS,
+    Bound,
     Decision,
     MemoryLimiter,
     Plan,
@@ -242,6 +244,25 @@ class KeyChildren:
 
 
 @dataclass(slots=True)
+class Gate:
+    """What the admission of one (key, model) pair needs, resolved once (not per request):
+    its compiled limits, its key's budget (this process's share) and its metric children."""
+
+    plan: Plan
+    #: The plan on the memory limiter's cells (None with Redis).
+    bound: Bound | None
+    key: KeySpec | None
+    #: The ledger's name of the key (its id, or ``ANONYMOUS``).
+    key_id: str
+    #: The key's budget in tokens, divided by the worker share (None: no budget).
+    budget_tokens: int | None
+    budget_period: str | None
+    children: KeyChildren | None
+    #: No limit and no budget: the admission only counts the request.
+    free: bool
+
+
+@dataclass(slots=True)
 class Tenancy:
     """Everything the tenancy hooks need, one per app (i.e. per worker process)."""
 
@@ -256,24 +277,49 @@ class Tenancy:
     on_error: str
     failed: Callable[[str, BaseException], None]
     app: web.Application
-    #: Compiled plans per (key id, limited model or ""): bounded by keys × configured models.
-    plans: dict[tuple[str, str], Plan] = field(default_factory=dict)
+    #: Compiled gates per (key id, limited model or ""): bounded by keys × configured models.
+    plans: dict[tuple[str, str], Gate] = field(default_factory=dict)
+    #: Unused (each :class:`Gate` holds its key); kept because reload.py replaces it.
     plan_owner: dict[tuple[str, str], KeySpec] = field(default_factory=dict)
+    #: ``settings.active``, read once (a property of the settings, on every request).
+    active: bool = field(init=False, default=False)
+
+    def __post_init__(self) -> None:
+        self.active = self.settings.active
+
+    def gate(self, key: KeySpec | None, model: str) -> Gate:
+        """The limits, budget and metric children of this key and model, compiled on first
+        use (a key's limits changed through the admin API make a new KeySpec, whose gate is
+        compiled again)."""
+        cache_key = (
+            key.id if key is not None else "",
+            model if model in self.settings.model_limits else "",
+        )
+        gate = self.plans.get(cache_key)
+        if gate is None or gate.key is not key:
+            gate = self.compile_gate(key, cache_key)
+        return gate
+
+    def compile_gate(self, key: KeySpec | None, cache_key: tuple[str, str]) -> Gate:
+        if len(self.plans) >= MAX_PLANS:
+            self.plans.clear()
+        plan = compile_plan(self.scopes(key, cache_key[1]))
+        budget = key.budget if key is not None else None
+        gate = self.plans[cache_key] = Gate(
+            plan=plan,
+            bound=self.limiter.bind(plan) if self.redis_limiter is None else None,
+            key=key,
+            key_id=key.id if key is not None else ANONYMOUS,
+            budget_tokens=budget.tokens // self.share if budget is not None else None,
+            budget_period=budget.period if budget is not None else None,
+            children=self.metrics.for_key(key.name if key is not None else None),
+            free=plan.empty and budget is None,
+        )
+        return gate
 
     def plan(self, key: KeySpec | None, model: str) -> Plan:
-        """The limits of this key and model, compiled on first use (a key's limits changed
-        through the admin API make a new KeySpec, whose plan is compiled again)."""
-        limited = model if model in self.settings.model_limits else ""
-        cache_key = (key.id if key is not None else "", limited)
-        plan = self.plans.get(cache_key)
-        if plan is None or (key is not None and self.plan_owner.get(cache_key) is not key):
-            if len(self.plans) >= MAX_PLANS:
-                self.plans.clear()
-                self.plan_owner.clear()
-            plan = self.plans[cache_key] = compile_plan(self.scopes(key, limited))
-            if key is not None:
-                self.plan_owner[cache_key] = key
-        return plan
+        """The limits of this key and model (see :meth:`gate`)."""
+        return self.gate(key, model).plan
 
     def scopes(self, key: KeySpec | None, model: str) -> list[Scope]:
         t = self.settings
@@ -300,64 +346,67 @@ TENANCY = web.AppKey("tenancy", Tenancy)
 class Admission:
     """One admitted request's reservation; :meth:`settle` once, when the response ended."""
 
-    __slots__ = ("children", "key", "member", "model", "plan", "reserved", "slots", "tenancy")
+    __slots__ = ("gate", "member", "model", "reserved", "slots", "tenancy")
 
     def __init__(
         self,
         tenancy: Tenancy | None = None,
-        key: KeySpec | None = None,
+        gate: Gate | None = None,
         model: str = "",
-        plan: Plan | None = None,
         reserved: int = 0,
         slots: tuple[str, ...] = (),
         member: str = "",
-        children: KeyChildren | None = None,
     ) -> None:
         self.tenancy = tenancy
-        self.key = key
+        #: The key's limits, budget and metric children (resolved once per key and model).
+        self.gate = gate
         self.model = model
-        self.plan = plan
         self.reserved = reserved
         self.slots = slots
         self.member = member
-        #: The key's metric children, looked up once at admission.
-        self.children = children
 
     def settle(self, ctx: RequestContext) -> None:
         """Settle the token reservation to the real usage, free concurrency slots, record usage.
 
         Usage known: the reservation moves to it.  No usage and nothing delivered (an error
         before the answer): refunded.  A stream cut without usage keeps the reservation.
+        Every keyed request ends here, so the usage is read once, inline, for the ledger,
+        the key's token metrics and the settlement.
         """
         t = self.tenancy
-        if t is None:
+        gate = self.gate
+        if t is None or gate is None:
             return
-        usage = ctx.usage if type(ctx.usage) is dict else None
-        key = self.key
-        budget = key.budget if key is not None else None
-        total = t.ledger.record(
-            key.id if key is not None else ANONYMOUS,
-            self.model,
-            usage,
-            ctx.usage_estimated,
-            budget.period if budget is not None else None,
-        )
-        if usage is not None:
-            delta = total - self.reserved
-            if self.children is not None:
-                self.children.tokens(usage)
-        elif ctx.status is None or ctx.status >= 400:
-            delta = -self.reserved
+        usage = ctx.usage
+        if type(usage) is dict and usage:
+            prompt = usage.get("prompt_tokens")
+            if type(prompt) is not int or prompt < 0:  # bool is not int here
+                prompt = 0
+            completion = usage.get("completion_tokens")
+            if type(completion) is not int or completion < 0:
+                completion = 0
+            delta = prompt + completion - self.reserved
+            children = gate.children
+            if children is not None:
+                children.pending_prompt += prompt
+                children.pending_completion += completion
         else:
-            delta = 0
-        plan = self.plan
-        if plan is None:
+            prompt = completion = 0
+            # {}: usage known, and nothing was used; no usage: refunded unless delivered
+            if type(usage) is dict or ctx.status is None or ctx.status >= 400:
+                delta = -self.reserved
+            else:
+                delta = 0
+        t.ledger.add(
+            gate.key_id, self.model, prompt, completion, ctx.usage_estimated, gate.budget_period
+        )
+        if gate.free:
             return
         if t.redis_limiter is None:
-            t.limiter.settle(plan, delta, self.slots)
+            t.limiter.settle(gate.plan, delta, self.slots, gate.bound)
         elif delta or self.slots:
             # Queued: one script call every few ms carries every request's settlement.
-            t.redis_limiter.settle(plan, delta, self.slots, self.member)
+            t.redis_limiter.settle(gate.plan, delta, self.slots, self.member)
 
 
 #: Returned when tenancy is off: settling it does nothing.
@@ -365,64 +414,78 @@ NO_ADMISSION = Admission()
 _members = itertools.count()
 
 
-def _reserve(body: dict[str, Any], default_max_tokens: int) -> int:
-    """The token estimate reserved at admission: prompt estimate + the completion's bound."""
-    out = body.get("max_completion_tokens") or body.get("max_tokens")
-    if not isinstance(out, int) or isinstance(out, bool) or out <= 0:
-        out = default_max_tokens
-    return estimate_prompt_tokens(body) + out
-
-
 async def admit(request: web.Request, ctx: RequestContext, body: dict[str, Any]) -> Admission:
-    """The admit step: model permission, budget, rate limits (raises 403 / 429 / 503)."""
+    """The admit step: model permission, budget, rate limits (raises 403 / 429 / 503).
+
+    Every keyed request runs this: what depends only on the key and the model comes from its
+    cached :class:`Gate`, and the small helpers are inlined (each Python call costs more than
+    the arithmetic it does here).
+    """
     t = ctx.runtime.tenancy  # the request's runtime snapshot (issue 16: reloadable)
-    if t is None or not t.settings.active:  # off, or CORS only
+    if t is None or not t.active:  # off, or CORS only
         return NO_ADMISSION
     key: KeySpec | None = ctx.api_key
     model = ctx.model or ""
-    name = key.name if key is not None else None
-    if key is not None:
+    if key is not None and key.models:
         try:
             check_model(key, model)
         except Exception:
-            t.metrics.admission(name, "model_not_allowed")
+            t.metrics.admission(key.name, "model_not_allowed")
             raise
-    plan = t.plan(key, model)
-    budget = key.budget if key is not None else None
-    if plan.empty and budget is None:
-        return Admission(t, key, model, children=t.metrics.admitted(name, None))
-    reserved = _reserve(body, t.settings.default_max_tokens)
+    gate = t.plans.get(
+        (key.id if key is not None else "", model if model in t.settings.model_limits else "")
+    )
+    if gate is None or gate.key is not key:
+        gate = t.gate(key, model)
+    children = gate.children
+    if gate.free:
+        if children is not None:
+            children.admitted.inc()
+        return Admission(t, gate, model)
+    # The reservation: the prompt estimate plus the completion's bound.
+    out = body.get("max_completion_tokens") or body.get("max_tokens")
+    if type(out) is not int or out <= 0:  # bool is not int here
+        out = t.settings.default_max_tokens
+    reserved = estimate_prompt_tokens(body) + out
     member = ""  # Redis: this request's slot member (unique across processes)
     if t.redis_limiter is None:
         left = None
-        if budget is not None and key is not None:
-            left = budget.tokens // t.share - t.ledger.spent_now(key.id, budget.period)
-        decision = t.limiter.admit(plan, reserved, left)
+        if gate.budget_tokens is not None:
+            left = gate.budget_tokens - t.ledger.spent_now(gate.key_id, gate.budget_period or "")
+        decision = t.limiter.admit(gate.plan, reserved, left, gate.bound)
     else:
         member = f"{os.getpid()}:{next(_members)}"
-        decision = await _admit_redis(t, t.redis_limiter, plan, reserved, key, member)
+        decision = await _admit_redis(t, t.redis_limiter, gate.plan, reserved, key, member)
     ctx.rate = decision
     if not decision.ok:
-        t.metrics.admission(name, decision.reason)
-        t.metrics.decision(name, decision)
-        if decision.reason == "budget" and budget is not None:
-            raise BudgetExceeded(
-                f"The API key '{name}' spent its budget of {budget.tokens} tokens this "
-                f"{budget.period} (UTC)",
-            )
-        err = RateLimited(
-            f"Rate limit reached ({decision.reason}): retry in {decision.retry_after:.2f}s",
-            retry_after=decision.retry_after,
-        )
-        err.client_retry = True
-        raise err
+        refused(t, key, decision)
     if decision.unchecked:
+        name = key.name if key is not None else None
         t.metrics.admission(name, "unchecked")
         t.metrics.decision(name, decision)
-        children = t.metrics.for_key(name)
-    else:
-        children = t.metrics.admitted(name, decision)
-    return Admission(t, key, model, plan, reserved, decision.slots, member, children)
+    elif children is not None:
+        children.admitted.inc()
+        children.last = decision
+    return Admission(t, gate, model, reserved, decision.slots, member)
+
+
+def refused(t: Tenancy, key: KeySpec | None, decision: Decision) -> NoReturn:
+    """Count a refusal and raise its error: 429 ``BUDGET_EXCEEDED`` or ``RATE_LIMITED``."""
+    name = key.name if key is not None else None
+    t.metrics.admission(name, decision.reason)
+    t.metrics.decision(name, decision)
+    budget = key.budget if key is not None else None
+    if decision.reason == "budget" and budget is not None:
+        raise BudgetExceeded(
+            f"The API key '{name}' spent its budget of {budget.tokens} tokens this "
+            f"{budget.period} (UTC)",
+        )
+    err = RateLimited(
+        f"Rate limit reached ({decision.reason}): retry in {decision.retry_after:.2f}s",
+        retry_after=decision.retry_after,
+    )
+    err.client_retry = True
+    raise err
 
 
 async def _admit_redis(
@@ -455,28 +518,30 @@ async def _admit_redis(
 # --- HTTP hooks -------------------------------------------------------------------------------
 
 
-def _is_api(path: str) -> bool:
-    return path.startswith("/v1/")
+#: The paths the tenancy hooks act on (a prefix test, inline: the hooks run on every request).
+API_PREFIX: Final = "/v1/"
 
 
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """CORS preflight and authentication for /v1/* (installed only when configured)."""
-    if not _is_api(request.path):
+    if not request.path.startswith(API_PREFIX):
         return await handler(request)
-    t = request[CTX].runtime.tenancy or request.app[TENANCY]  # issue 16: reloadable
-    if request.method == "OPTIONS" and t.settings.cors_origins:
-        return preflight(request, t.settings.cors_origins)
-    if t.settings.auth_enabled:
+    ctx = request[CTX]  # request_context (outermost) made it
+    t = ctx.runtime.tenancy or request.app[TENANCY]  # issue 16: reloadable
+    settings = t.settings
+    if request.method == "OPTIONS" and settings.cors_origins:
+        return preflight(request, settings.cors_origins)
+    if settings.auth_enabled:
+        headers = request.headers
         try:
             key = t.keys.authenticate(
-                request.headers.get("Authorization")
-                or subprotocol_authorization(request.headers)  # issue 15: WebSocket, browsers
+                headers.get("Authorization")
+                or subprotocol_authorization(headers)  # issue 15: WebSocket, browsers
             )
         except Exception:
             t.metrics.admission(None, "invalid_key")
             raise
-        ctx = request[CTX]  # request_context (outermost) made it
         ctx.api_key, ctx.key_name = key, key.name
     return await handler(request)
 
@@ -515,9 +580,12 @@ def preflight(request: web.Request, origins: tuple[str, ...]) -> web.Response:
 
 async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
     """Rate-limit and CORS headers on every /v1/* response (errors and streams too)."""
-    if not _is_api(request.path):
+    if not request.path.startswith(API_PREFIX):
         return
-    ctx = request.get(CTX)  # None only for a protocol error no middleware saw
+    try:
+        ctx: RequestContext | None = request[CTX]
+    except KeyError:  # only for a protocol error no middleware saw
+        ctx = None
     t = (ctx.runtime.tenancy if ctx is not None else None) or request.app[TENANCY]
     if t.settings.cors_origins:
         origin = _allowed_origin(request.headers.get("Origin"), t.settings.cors_origins)
@@ -527,13 +595,38 @@ async def on_prepare(request: web.Request, response: web.StreamResponse) -> None
             headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
             if origin != "*":
                 headers["Vary"] = "Origin"
-    ctx = request.get(CTX)  # None only for a protocol error no middleware saw
     decision = ctx.rate if ctx is not None else None
     if decision is None or (decision.requests is None and decision.tokens is None):
         decision = current_limits(ctx, t)  # issue 12: every keyed response has them
         if decision is None:
             return
-    response.headers.extend(rate_limit_headers(decision))
+    # The x-ratelimit-* headers of the tightest requests and tokens limits.  About a quarter
+    # of what a key costs a request was building these, so the limit headers are cached per
+    # value, a reset under a second is looked up, numbers are formatted with f-strings.
+    out: list[tuple[istr, str]] = []
+    dim = decision.requests
+    if dim is not None:
+        secs = dim.reset_secs
+        out += (
+            _REQUEST_LIMITS.get(dim.limit) or _limit_header(_REQUEST_LIMITS, _REQ_LIMIT, dim.limit),
+            (_REQ_REMAINING, f"{dim.remaining}"),
+            (
+                _REQ_RESET,
+                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
+            ),
+        )
+    dim = decision.tokens
+    if dim is not None:
+        secs = dim.reset_secs
+        out += (
+            _TOKEN_LIMITS.get(dim.limit) or _limit_header(_TOKEN_LIMITS, _TOK_LIMIT, dim.limit),
+            (_TOK_REMAINING, f"{dim.remaining}"),
+            (
+                _TOK_RESET,
+                _MS_TEXT[ceil(secs * 1000.0)] if 0.0 <= secs < 1.0 else fmt_duration(secs),
+            ),
+        )
+    response.headers.extend(out)
 
 
 #: OpenAI's rate-limit header names, made case-insensitive strings once (not per response).
@@ -543,22 +636,22 @@ _REQUESTS_HEADERS: Final = tuple(
 _TOKENS_HEADERS: Final = tuple(
     istr(f"x-ratelimit-{what}-tokens") for what in ("limit", "remaining", "reset")
 )
+_REQ_LIMIT, _REQ_REMAINING, _REQ_RESET = _REQUESTS_HEADERS
+_TOK_LIMIT, _TOK_REMAINING, _TOK_RESET = _TOKENS_HEADERS
+#: "0ms" … "1000ms": the usual reset (under a second, ``fmt_duration``'s form) by index.
+_MS_TEXT: Final = tuple(f"{ms}ms" for ms in range(1001))
+#: The ``*-limit-*`` header per limit value (limits come from settings and keys): the same
+#: tuple every time, not a number formatted per response.
+_REQUEST_LIMITS: dict[int, tuple[istr, str]] = {}
+_TOKEN_LIMITS: dict[int, tuple[istr, str]] = {}
+MAX_LIMIT_HEADERS = 10_000
 
 
-def rate_limit_headers(decision: Decision) -> list[tuple[istr, str]]:
-    """The ``x-ratelimit-*`` headers of a decision (the tightest requests and tokens limits)."""
-    out: list[tuple[istr, str]] = []
-    for (limit, remaining, reset), dim in (
-        (_REQUESTS_HEADERS, decision.requests),
-        (_TOKENS_HEADERS, decision.tokens),
-    ):
-        if dim is not None:
-            out += (
-                (limit, str(dim.limit)),
-                (remaining, str(dim.remaining)),
-                (reset, fmt_duration(dim.reset_secs)),
-            )
-    return out
+def _limit_header(cache: dict[int, tuple[istr, str]], name: istr, limit: int) -> tuple[istr, str]:
+    header = (name, f"{limit}")
+    if len(cache) < MAX_LIMIT_HEADERS:
+        cache[limit] = header
+    return header
 
 
 def current_limits(ctx: RequestContext | None, t: Tenancy) -> Decision | None:

@@ -52,20 +52,32 @@ class Ledger:
         self.spent: dict[str, int] = {}
         #: (UTC day number, "YYYY-MM-DD"): strftime once a day, not per request.
         self._day: tuple[int, str] = (-1, "")
+        #: The Unix times at which ``_day`` starts and ends: the request path compares floats.
+        self._day_starts = self._day_ends = 0.0
         #: Spend keys of today's periods per (key id, period): formatted once a day.
         self._spent_keys: dict[tuple[str, str], str] = {}
 
     def today(self) -> str:
-        number = int(time.time() // 86400)
+        now = time.time()
+        if not self._day_starts <= now < self._day_ends:
+            self._roll(now)
+        return self._day[1]
+
+    def _roll(self, now: float) -> None:
+        """A new UTC day (or the first call): today's string, and the spend keys start over."""
+        number = int(now // 86400)
         if number != self._day[0]:
             self._day = (number, today())
             self._spent_keys = {}
-        return self._day[1]
+        self._day_starts, self._day_ends = number * 86400.0, (number + 1) * 86400.0
 
     def spent_key(self, key_id: str, period: str) -> str:
-        day = self.today()
+        now = time.time()
+        if not self._day_starts <= now < self._day_ends:
+            self._roll(now)
         skey = self._spent_keys.get((key_id, period))
         if skey is None:
+            day = self._day[1]
             skey = f"{PREFIX}spent:{key_id}:{day if period == 'day' else day[:7]}"
             if len(self._spent_keys) < MAX_PENDING:  # key ids: configured or admin-made
                 self._spent_keys[(key_id, period)] = skey
@@ -85,8 +97,28 @@ class Ledger:
             completion = _int(usage.get("completion_tokens"))
         else:
             prompt = completion = 0
-        name = model[:MAX_MODEL_CHARS] if model else ANONYMOUS
-        row = (key_id, name, self.today())
+        self.add(key_id, model, prompt, completion, estimated, budget_period)
+        return prompt + completion
+
+    def add(
+        self,
+        key_id: str,
+        model: str | None,
+        prompt: int,
+        completion: int,
+        estimated: bool,
+        budget_period: str | None,
+    ) -> None:
+        """Add one request's token counts (already checked: ints ≥ 0).  Every keyed request
+        settles through here, so the day and the spend key are looked up inline."""
+        now = time.time()
+        if not self._day_starts <= now < self._day_ends:
+            self._roll(now)
+        if not model:
+            model = ANONYMOUS
+        elif len(model) > MAX_MODEL_CHARS:
+            model = model[:MAX_MODEL_CHARS]
+        row = (key_id, model, self._day[1])
         counts = self.pending.get(row)
         if counts is None:
             if len(self.pending) >= MAX_PENDING:
@@ -95,16 +127,24 @@ class Ledger:
         counts[0] += prompt
         counts[1] += completion
         counts[2] += 1
-        counts[3] += 1 if estimated else 0
+        if estimated:
+            counts[3] += 1
         total = prompt + completion
         if budget_period is not None and total:
-            skey = self.spent_key(key_id, budget_period)
-            self.pending_spend[skey] = self.pending_spend.get(skey, 0) + total
-        return total
+            skey = self._spent_keys.get((key_id, budget_period))
+            if skey is None:
+                skey = self.spent_key(key_id, budget_period)
+            pending = self.pending_spend
+            pending[skey] = pending.get(skey, 0) + total
 
     def spent_now(self, key_id: str, period: str) -> int:
         """Memory backend: the key's spend this period (flushed and pending)."""
-        skey = self.spent_key(key_id, period)
+        now = time.time()
+        if not self._day_starts <= now < self._day_ends:
+            self._roll(now)
+        skey = self._spent_keys.get((key_id, period))
+        if skey is None:
+            skey = self.spent_key(key_id, period)
         return self.spent.get(skey, 0) + self.pending_spend.get(skey, 0)
 
     async def flush(self) -> None:

@@ -200,6 +200,60 @@ def test_the_tightest_limit_names_the_reason_and_the_headers() -> None:
     assert second.retry_after == pytest.approx(12.0)  # 200 tokens short at 1000/min
 
 
+@pytest.mark.parametrize("seed", range(40))
+def test_fast_admission_agrees_with_the_exact_path(
+    seed: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memory limiter's fast path (cells, two loops, clamps on the tightest only) and its
+    exact plan-order path give the same decisions, headers and TATs on random workloads."""
+    import random
+
+    from inference_server import limits
+
+    rnd = random.Random(seed)
+    scopes = [
+        Scope(
+            name,
+            Limit(
+                rnd.choice([None, 1, 2, 5, 100, 10**9]),
+                rnd.choice([None, 10, 500, 1000, 10**6, 10**9]),
+                rnd.choice([None, 1, 2, 3]),
+            ),
+        )
+        for name in ("global", "model:m", "key:k")
+        if rnd.random() < 0.8
+    ]
+    now = [rnd.choice([0.0, 1000.0, 1e6])]
+    plan = compile_plan(scopes)
+    fast, exact = MemoryLimiter(clock=lambda: now[0]), MemoryLimiter(clock=lambda: now[0])
+    fast_bound, exact_bound = fast.bind(plan), exact.bind(plan)
+    held: list[tuple[tuple[str, ...], int]] = []
+
+    def seen(d: limits.Decision) -> tuple[Any, ...]:
+        dims = [(x.limit, x.remaining, x.reset_secs) if x else None for x in (d.requests, d.tokens)]
+        return (d.ok, d.reason, d.retry_after, *dims, d.slots)
+
+    for _ in range(150):
+        op = rnd.random()
+        if op < 0.6:
+            tokens, budget = rnd.choice([1, 8, 300, 600, 5000]), rnd.choice([None, None, 5, 0])
+            got = fast.admit(plan, tokens, budget, fast_bound)
+            with monkeypatch.context() as m:
+                m.setattr(limits, "EDGE_SECS", float("inf"))  # every admission: exact path
+                want = exact.admit(plan, tokens, budget, exact_bound)
+            assert seen(got) == seen(want)
+            if got.ok:
+                held.append((got.slots, tokens))
+        elif op < 0.85 and held:
+            slots, tokens = held.pop(rnd.randrange(len(held)))
+            delta = rnd.choice([0, -tokens, 5, -3])
+            fast.settle(plan, delta, slots, fast_bound)
+            exact.settle(plan, delta, slots, exact_bound)
+        else:
+            now[0] += rnd.choice([0.001, 0.5, 5, 30, 61])
+        assert dict(fast.tats) == dict(exact.tats)
+
+
 def test_reset_format_is_openais() -> None:
     assert fmt_duration(0.012) == "12ms"
     assert fmt_duration(1.0) == "1s"
