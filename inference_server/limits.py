@@ -86,9 +86,6 @@ class Plan:
     #: No limit at all (no GCRA state, no concurrency slot): a plain field, read per request.
     empty: bool = True
 
-    def __bool__(self) -> bool:
-        return not self.empty
-
 
 def compile_plan(scopes: Sequence[Scope]) -> Plan:
     gcra: list[Gcra] = []

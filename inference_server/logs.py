@@ -12,7 +12,7 @@ Why it looks like this:
 * Correlation happens in one loguru *patcher*, run for every record at the call site (so in the
   request's task and context): ``request_id`` comes from the bound logger (``ctx.log``) or, for
   code that logs through the global ``logger`` (breakers, retries, plugins), from the request scope
-  set by the middleware (:func:`request_scope`); ``trace_id`` / ``span_id`` come from the current
+  set by the middleware (``REQUEST_ID``; :func:`request_scope` elsewhere); ``trace_id`` / ``span_id`` come from the current
   OpenTelemetry span, or from the ids the middleware recorded on the request context once the
   server span has ended (``ctx.set_trace``).  With tracing off the lookup finds no span and
   costs well under a µs.

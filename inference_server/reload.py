@@ -335,7 +335,7 @@ def _tenancy(old: Tenancy, settings: Settings) -> Tenancy:
     virtual keys (counters of unchanged scopes go on; compiled plans are rebuilt)."""
     t = settings.tenancy
     old.metrics.know(k.name for k in t.keys)
-    return dataclasses.replace(old, settings=t, plans={}, plan_owner={})
+    return dataclasses.replace(old, settings=t, plans={})
 
 
 def needs_restart(old: Settings, new: Settings, *, tenancy: bool) -> list[str]:

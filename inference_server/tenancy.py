@@ -173,16 +173,6 @@ class TenantMetrics:
             return
         self._child(self.admissions, (self.label(key), outcome)).inc()
 
-    def admitted(self, key: str | None, decision: Decision | None) -> KeyChildren | None:
-        """An admission that passed; the key's children (one lookup for the admission's
-        records and, at settlement, its tokens)."""
-        children = self.for_key(key)
-        if children is not None:
-            children.admitted.inc()
-            if decision is not None:
-                children.last = decision
-        return children
-
     def decision(self, key: str | None, decision: Decision) -> None:
         children = self.for_key(key)
         if children is not None:
@@ -279,8 +269,6 @@ class Tenancy:
     app: web.Application
     #: Compiled gates per (key id, limited model or ""): bounded by keys × configured models.
     plans: dict[tuple[str, str], Gate] = field(default_factory=dict)
-    #: Unused (each :class:`Gate` holds its key); kept because reload.py replaces it.
-    plan_owner: dict[tuple[str, str], KeySpec] = field(default_factory=dict)
     #: ``settings.active``, read once (a property of the settings, on every request).
     active: bool = field(init=False, default=False)
 

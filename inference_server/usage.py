@@ -1,6 +1,6 @@
 """The usage ledger: prompt and completion tokens per key, model and UTC day, and budget spend.
 
-``record`` is a few dict operations on the request path; a background task flushes what
+``add`` is a few dict operations on the request path; a background task flushes what
 accumulated every ``usage.flush_secs`` (memory: into this process's tables; Redis: one pipelined
 batch of ``HINCRBY``/``INCRBY``).  So a budget is checked against spend that is at most one
 flush interval old: a key may overshoot its budget by what it spends within one interval
@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from loguru import logger
@@ -82,23 +82,6 @@ class Ledger:
             if len(self._spent_keys) < MAX_PENDING:  # key ids: configured or admin-made
                 self._spent_keys[(key_id, period)] = skey
         return skey
-
-    def record(
-        self,
-        key_id: str,
-        model: str | None,
-        usage: Mapping[str, Any] | None,
-        estimated: bool,
-        budget_period: str | None,
-    ) -> int:
-        """Add one request's usage; returns its total tokens."""
-        if usage:
-            prompt = _int(usage.get("prompt_tokens"))
-            completion = _int(usage.get("completion_tokens"))
-        else:
-            prompt = completion = 0
-        self.add(key_id, model, prompt, completion, estimated, budget_period)
-        return prompt + completion
 
     def add(
         self,
@@ -249,10 +232,6 @@ def _days(start: dt.date, end: dt.date) -> Iterator[str]:
         yield day.isoformat()
         day += dt.timedelta(days=1)
         n += 1
-
-
-def _int(v: Any) -> int:
-    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else 0
 
 
 def _text(v: Any) -> str:

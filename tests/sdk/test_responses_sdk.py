@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support.fake_upstream import Action, FakeUpstream
+from tests.support.fake_upstream import Action, FakeUpstream, openai_plugin_settings
 
 TOOLS: list[Any] = [
     {
@@ -217,13 +217,7 @@ async def test_translated_stream_cut_ends_with_error_and_failed(
 async def test_native_pass_through_with_the_openai_plugin(
     make_settings, make_gateway, fake_upstream: FakeUpstream
 ) -> None:
-    settings = make_settings(
-        {
-            "providers": {"oa": {"plugin": "openai", "base_url": fake_upstream.base_url}},
-            "models": {"gpt-x": {"provider": "oa"}},
-        }
-    )
-    client = await make_gateway(settings)
+    client = await make_gateway(openai_plugin_settings(make_settings, fake_upstream))
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
     resp = await sdk.responses.create(
         model="gpt-x", input="Hi", previous_response_id="resp_upstream_old"
@@ -246,20 +240,13 @@ async def test_native_pass_through_with_the_openai_plugin(
     await sdk.close()
 
 
-def _openai_gateway_settings(
-    make_settings: Any, fake_upstream: FakeUpstream, **options: Any
-) -> Any:
-    provider = {"plugin": "openai", "base_url": fake_upstream.base_url, **options}
-    return make_settings({"providers": {"oa": provider}, "models": {"gpt-x": {"provider": "oa"}}})
-
-
 async def test_an_upstream_without_responses_is_translated_from_then_on(
     make_settings, make_gateway, fake_upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The openai plugin in front of llama.cpp (no /v1/responses): the first request finds the
     bare 404 and is answered through chat anyway; later ones go straight to chat."""
     fake_upstream.has_responses = False
-    client = await make_gateway(_openai_gateway_settings(make_settings, fake_upstream))
+    client = await make_gateway(openai_plugin_settings(make_settings, fake_upstream))
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
     stream = await sdk.responses.create(model="gpt-x", input="Hi", stream=True)
     events: list[Any] = [event async for event in stream]
@@ -286,7 +273,7 @@ async def test_a_404_with_a_code_is_an_answer_not_a_missing_route(
                             "param": None, "code": "model_not_found"}},
         )
     )  # fmt: skip
-    client = await make_gateway(_openai_gateway_settings(make_settings, fake_upstream))
+    client = await make_gateway(openai_plugin_settings(make_settings, fake_upstream))
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
     with pytest.raises(openai.NotFoundError) as err:
         await sdk.responses.create(model="gpt-x", input="Hi")
@@ -300,7 +287,7 @@ async def test_a_404_with_a_code_is_an_answer_not_a_missing_route(
 async def test_responses_translate_never_asks_the_upstreams_responses_api(
     make_settings, make_gateway, fake_upstream: FakeUpstream
 ) -> None:
-    settings = _openai_gateway_settings(make_settings, fake_upstream, responses="translate")
+    settings = openai_plugin_settings(make_settings, fake_upstream, responses="translate")
     client = await make_gateway(settings)
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
     resp = await sdk.responses.create(model="gpt-x", input="Hi")

@@ -11,7 +11,7 @@ from typing import Any
 import openai
 import pytest
 
-from tests.support.fake_upstream import FakeUpstream
+from tests.support.fake_upstream import FakeUpstream, openai_plugin_settings
 
 TERMINAL = {"response.completed", "response.incomplete", "response.failed", "error"}
 
@@ -156,13 +156,7 @@ async def test_lanes_echo_their_stream_id_and_cancel_stops_a_response(
 async def test_native_upstream_over_the_socket(
     make_settings, make_gateway, fake_upstream: FakeUpstream
 ) -> None:
-    settings = make_settings(
-        {
-            "providers": {"oa": {"plugin": "openai", "base_url": fake_upstream.base_url}},
-            "models": {"gpt-x": {"provider": "oa"}},
-        }
-    )
-    client = await make_gateway(settings)
+    client = await make_gateway(openai_plugin_settings(make_settings, fake_upstream))
     sdk = openai.AsyncOpenAI(base_url=str(client.make_url("/v1")), api_key="x", max_retries=0)
     async with sdk.responses.connect() as conn:
         await conn.response.create(model="gpt-x", input="Hi", previous_response_id="resp_old")

@@ -366,3 +366,10 @@ class PortUpstream:
         if self.fake is not None:
             self.past_requests += len(self.fake.requests)
             self.fake = None
+
+
+def openai_plugin_settings(make_settings: Any, upstream: FakeUpstream, **options: Any) -> Any:
+    """Settings with one ``openai``-plugin provider ``oa`` at ``upstream`` serving ``gpt-x``
+    (``options``: the provider's plugin options, e.g. ``responses="translate"``)."""
+    provider = {"plugin": "openai", "base_url": upstream.base_url, **options}
+    return make_settings({"providers": {"oa": provider}, "models": {"gpt-x": {"provider": "oa"}}})
